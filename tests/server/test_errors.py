@@ -1,0 +1,110 @@
+"""Bad input gets a clear OpenAI-style 4xx JSON error, never a 500, and the server keeps serving."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+USER = [{"role": "user", "content": "hi"}]
+
+BAD_CHAT_REQUESTS = [
+    pytest.param(b"{not json", "not valid JSON", None, id="malformed-json"),
+    pytest.param(b"[1, 2]", "Invalid", None, id="body-not-an-object"),
+    pytest.param({"max_tokens": 5}, "Missing required parameter: 'messages'", "messages", id="missing-messages"),
+    pytest.param({"messages": []}, "at least 1 item", "messages", id="empty-messages"),
+    pytest.param({"messages": "hi"}, "messages", "messages", id="messages-wrong-type"),
+    pytest.param({"messages": [{"role": "wizard", "content": "x"}]}, "role", "messages.0.role", id="unknown-role"),
+    pytest.param({"messages": [{"role": "user"}]}, "content", "messages.0.content", id="message-without-content"),
+    pytest.param({"messages": USER, "max_tokens": 0}, "max_tokens", "max_tokens", id="max-tokens-zero"),
+    pytest.param({"messages": USER, "max_tokens": -3}, "max_tokens", "max_tokens", id="max-tokens-negative"),
+    pytest.param({"messages": USER, "max_tokens": "12"}, "valid integer", "max_tokens", id="max-tokens-string"),
+    pytest.param({"messages": USER, "max_tokens": 10**7}, "maximum context length", "messages", id="max-tokens-beyond-window"),
+    pytest.param({"messages": USER, "temperature": 3.5}, "temperature", "temperature", id="temperature-too-high"),
+    pytest.param(b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "finite", "temperature", id="temperature-nan"),
+    pytest.param({"messages": USER, "top_p": 0}, "top_p", "top_p", id="top-p-zero"),
+    pytest.param({"messages": USER, "n": 2}, "n > 1", None, id="n-greater-than-one"),
+    pytest.param({"messages": USER, "stop": [""]}, "stop", "stop", id="empty-stop-string"),
+    pytest.param({"messages": USER, "stop": ["x"] * 17}, "stop", "stop", id="too-many-stops"),
+    pytest.param({"messages": USER, "stream": "yes"}, "stream", "stream", id="stream-not-bool"),
+    pytest.param({"messages": USER, "frobnicate": 1}, "Unrecognized request argument supplied: 'frobnicate'", "frobnicate", id="unknown-field"),
+    pytest.param({"messages": USER, "tools": [{"type": "function"}]}, "tools are not supported", None, id="tools"),
+    pytest.param({"messages": USER, "stream_options": {"include_usage": True}}, "only allowed when stream", None, id="stream-options-without-stream"),
+    pytest.param({"messages": USER, "min_tokens": 9, "max_tokens": 3}, "min_tokens", "min_tokens", id="min-above-max"),
+    pytest.param({"messages": [{"role": "user", "content": "word " * 5000}]}, "maximum context length", "messages", id="prompt-over-window"),
+    pytest.param({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages", None, id="image-part"),
+]
+
+
+def _error_of(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    return error
+
+
+@pytest.mark.parametrize(("body", "says", "param"), BAD_CHAT_REQUESTS)
+async def test_bad_chat_request_gets_clear_400(client: httpx.AsyncClient, body, says, param):
+    if isinstance(body, bytes):
+        response = await client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    else:
+        response = await client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = _error_of(response)
+    assert error["type"] == "invalid_request_error"
+    assert says in error["message"]
+    if param is not None:
+        assert error["param"] == param
+    # and the server still serves normally afterwards
+    ok = await client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"prompt": ["a", "b"]},
+        {"prompt": 5},
+        {"prompt": ""},
+        {"prompt": "hi", "echo": True},
+        {"prompt": "hi", "best_of": 3},
+        {"prompt": "hi", "logprobs": 5},
+        {"prompt": "hi", "presence_penalty": 0.5},
+    ],
+)
+async def test_bad_completion_request_gets_400(client: httpx.AsyncClient, body):
+    response = await client.post("/v1/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert _error_of(response)["type"] == "invalid_request_error"
+
+
+async def test_streamed_request_is_validated_before_the_stream_starts(client: httpx.AsyncClient):
+    body = {"messages": [{"role": "user", "content": "word " * 5000}], "stream": True}
+    response = await client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400
+    assert _error_of(response)["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize(
+    "params", [{}, {"prompt": "hi", "max_tokens": "many"}, {"prompt": "hi", "max_tokens": 0}]
+)
+async def test_bad_stream_query_gets_400(client: httpx.AsyncClient, params):
+    response = await client.get("/stream", params=params)
+    assert response.status_code == 400
+    assert _error_of(response)["type"] == "invalid_request_error"
+
+
+async def test_bad_generate_body_gets_400(client: httpx.AsyncClient):
+    response = await client.post("/generate", json={"prompt": ["not", "a", "string"]})
+    assert response.status_code == 400
+    assert _error_of(response)["param"] == "prompt"
+
+
+async def test_unknown_route_and_wrong_method_are_openai_shaped(client: httpx.AsyncClient):
+    missing = await client.get("/v1/nothing")
+    assert missing.status_code == 404
+    _error_of(missing)
+    wrong_method = await client.get("/v1/chat/completions")
+    assert wrong_method.status_code == 405
+    _error_of(wrong_method)

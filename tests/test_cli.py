@@ -1,0 +1,50 @@
+"""Flags and TOKENMILL_* environment variables map onto Settings; --help tells the truth."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tokenmill.cli import build_parser, main, settings_from_args
+from tokenmill.config import Settings
+
+
+def settings(argv: list[str]) -> Settings:
+    return settings_from_args(build_parser().parse_args(["serve", *argv]))
+
+
+def test_defaults():
+    s = settings([])
+    assert (s.host, s.port, s.engine, s.mode, s.replicas) == ("127.0.0.1", 8000, "llamacpp", "async", 1)
+
+
+def test_every_setting_has_a_flag():
+    help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
+    for name in Settings.model_fields:
+        assert "--" + name.replace("_", "-") in help_text
+        assert f"TOKENMILL_{name.upper()}" in help_text.replace("\n", "").replace(" ", "")
+
+
+def test_environment_sets_and_flag_overrides(monkeypatch):
+    monkeypatch.setenv("TOKENMILL_PORT", "9001")
+    monkeypatch.setenv("TOKENMILL_ENGINE", "simulated")
+    monkeypatch.setenv("TOKENMILL_SIM_ITL_MS", "3.5")
+    s = settings(["--port", "9002"])
+    assert (s.port, s.engine, s.sim_itl_ms) == (9002, "simulated", 3.5)
+
+
+def test_invalid_value_exits_2_with_a_message(capsys):
+    assert main(["serve", "--port", "99999"]) == 2
+    assert "port" in capsys.readouterr().err
+
+
+def test_unknown_choice_is_refused_by_the_parser():
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--mode", "turbo"])
+
+
+def test_python_dash_m_entry_point_works():
+    result = subprocess.run([sys.executable, "-m", "tokenmill", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and "tokenmill" in result.stdout

@@ -1,0 +1,82 @@
+"""Command line: parse flags into Settings, then start the server. No logic of its own.
+
+Flags are generated from the Settings fields, so `--help`, defaults and environment variables
+cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import typing
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+import tokenmill
+from tokenmill.config import Settings
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = f"TOKENMILL_{name.upper()}"
+        default = "none" if field.default is None else field.default
+        help_text = f"{field.description} [default: {default}; env: {env}]"
+        kwargs: dict = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
+        choices = _literal_choices(field.annotation)
+        if field.annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif choices:
+            kwargs["choices"] = choices
+        parser.add_argument(flag, **kwargs)
+
+
+def _literal_choices(annotation) -> list[str] | None:
+    if typing.get_origin(annotation) is typing.Literal:
+        return [str(v) for v in typing.get_args(annotation)]
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenmill", description=tokenmill.__doc__)
+    parser.add_argument("--version", action="version", version=f"tokenmill {tokenmill.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="start the OpenAI-compatible server",
+        description="Start the OpenAI-compatible server. Every flag can also be set as an environment variable.",
+    )
+    _add_settings_flags(serve)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
+    return Settings(**overrides)
+
+
+def serve(settings: Settings) -> int:
+    import uvicorn
+
+    from tokenmill.server import create_app
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as error:
+        for problem in error.errors():
+            where = ".".join(str(p) for p in problem["loc"])
+            print(f"tokenmill: invalid setting {where}: {problem['msg']}", file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        return serve(settings)
+    return 2

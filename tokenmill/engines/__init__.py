@@ -1,0 +1,37 @@
+"""Model backends. `build_engine` is the only place that knows which class backs which name."""
+
+from __future__ import annotations
+
+from tokenmill.config import Settings
+from tokenmill.engines.base import Chunk, StepEngine, Tokenizer
+
+__all__ = ["Chunk", "StepEngine", "Tokenizer", "build_engine", "served_model_name"]
+
+
+def build_engine(settings: Settings) -> StepEngine:
+    if settings.engine == "simulated":
+        from tokenmill.engines.simulated import SimulatedEngine
+
+        return SimulatedEngine(
+            context_window=settings.context_window,
+            ttft_ms=settings.sim_ttft_ms,
+            itl_ms=settings.sim_itl_ms,
+            batch_cost=settings.sim_batch_cost,
+            gil=settings.sim_gil,
+            mean_reply_tokens=settings.sim_reply_tokens,
+        )
+    if settings.engine == "llamacpp":
+        from tokenmill.engines.llamacpp import LlamaCppEngine
+
+        return LlamaCppEngine.from_settings(settings)
+    raise ValueError(f"unknown engine {settings.engine!r}")
+
+
+def served_model_name(settings: Settings) -> str:
+    if settings.served_model_name:
+        return settings.served_model_name
+    if settings.engine == "simulated":
+        return "simulated"
+    from tokenmill.engines.model_files import default_model_name, resolve_model_path
+
+    return default_model_name(resolve_model_path(settings.model))

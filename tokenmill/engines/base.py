@@ -1,0 +1,62 @@
+"""The protocols every token-level model backend implements.
+
+One protocol serves every serving pattern: `step()` runs one forward pass over a list of chunks,
+each chunk feeding some of one sequence's not-yet-computed tokens. The replica patterns call it
+with a single chunk (see `replica.generate`); the batching scheduler calls it with many. Engines
+do no HTTP and no asyncio: `step()` is a plain blocking call, so it runs in a thread or process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from tokenmill.generation import ChatMessage
+
+if TYPE_CHECKING:
+    from tokenmill.engines.sequence import Sequence
+
+
+class Tokenizer(Protocol):
+    @property
+    def context_window(self) -> int: ...
+
+    def render_chat(self, messages: Seq[ChatMessage]) -> str:
+        """Apply the model's own chat template, ending with the assistant's turn opened."""
+
+    def encode(self, text: str) -> list[int]:
+        """Prompt text -> token ids, with whatever special tokens the model expects up front."""
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes of one token (may be part of a multi-byte UTF-8 character)."""
+
+    def is_end_of_generation(self, token_id: int) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Feed `num_tokens` of `seq`'s pending tokens; sample a next token if that reaches its end."""
+
+    seq: Sequence
+    num_tokens: int
+
+    @property
+    def completes_sequence_input(self) -> bool:
+        return self.num_tokens == self.seq.num_pending
+
+
+class StepEngine(Protocol):
+    tokenizer: Tokenizer
+    max_chunk_tokens: int  # the most tokens one chunk may carry
+
+    def add_sequence(self, seq: Sequence) -> None:
+        """Set up per-sequence state (sampler, cache slot) before its first step."""
+
+    def step(self, chunks: Seq[Chunk]) -> list[int | None]:
+        """One forward pass. Returns, per chunk, the sampled next token, or None for a partial prefill."""
+
+    def remove_sequence(self, seq: Sequence) -> None:
+        """Free everything `seq` held (its KV cells, its sampler). Safe to call twice."""
+
+    def close(self) -> None: ...

@@ -1,0 +1,125 @@
+"""One state object per sequence, flowing through admission, scheduling, every step and output.
+
+`Sequence` is pure bookkeeping: it turns sampled token ids into client-facing events (incremental
+UTF-8 decoding, stop strings, length limits, usage). It never touches a model.
+"""
+
+from __future__ import annotations
+
+import codecs
+import itertools
+from enum import Enum
+
+from tokenmill.engines.base import Tokenizer
+from tokenmill.engines.stopping import StopMatcher
+from tokenmill.errors import ContextLengthExceeded, InvalidRequest
+from tokenmill.generation import (
+    FinishReason,
+    Finished,
+    GenerationRequest,
+    TextDelta,
+    TokenEvent,
+    Usage,
+)
+from tokenmill.sampling import SamplingParams
+
+_sequence_ids = itertools.count()
+
+
+class SequenceStatus(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+    ABORTED = "aborted"
+
+
+class Sequence:
+    def __init__(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        max_new_tokens: int,
+        tokenizer: Tokenizer,
+    ):
+        self.seq_id = next(_sequence_ids)
+        self.request_id = request_id
+        self.params = params
+        self.max_new_tokens = max_new_tokens
+        self.token_ids = list(prompt_ids)
+        self.num_prompt_tokens = len(prompt_ids)
+        self.num_computed = 0  # tokens already fed through the model (held in its KV cache)
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: FinishReason | None = None
+        self._tokenizer = tokenizer
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stop = StopMatcher(params.stop)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens known but not yet fed to the model: the prompt at first, then the last sample."""
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def kv_tokens_needed(self) -> int:
+        """The most KV cells this sequence can ever occupy."""
+        return self.num_prompt_tokens + self.max_new_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in (SequenceStatus.FINISHED, SequenceStatus.ABORTED)
+
+    def append_token(self, token_id: int) -> list[TokenEvent]:
+        """Record a sampled token; return what the client should see because of it."""
+        self.token_ids.append(token_id)
+        if self._tokenizer.is_end_of_generation(token_id) and not self.params.ignore_eos:
+            return self._finish("stop")
+        text = self._stop.feed(self._decoder.decode(self._tokenizer.token_bytes(token_id)))
+        events: list[TokenEvent] = [TextDelta(text)] if text else []
+        if self._stop.stopped:
+            events.extend(self._finish("stop"))
+        elif self.num_generated >= self.max_new_tokens:
+            events.extend(self._finish("length"))
+        return events
+
+    def abort(self) -> None:
+        if not self.is_finished:
+            self.status = SequenceStatus.ABORTED
+
+    def _finish(self, reason: FinishReason) -> list[TokenEvent]:
+        tail = "" if self._stop.stopped else self._stop.feed(self._decoder.decode(b"", final=True))
+        tail += self._stop.flush()
+        self.status = SequenceStatus.FINISHED
+        self.finish_reason = reason
+        usage = Usage(prompt_tokens=self.num_prompt_tokens, completion_tokens=self.num_generated)
+        events: list[TokenEvent] = [TextDelta(tail)] if tail else []
+        events.append(Finished(reason=reason, usage=usage))
+        return events
+
+
+def prepare_sequence(request: GenerationRequest, tokenizer: Tokenizer) -> Sequence:
+    """Render, tokenize and size-check a request; raises InvalidRequest before any model work."""
+    if request.messages is not None:
+        text = tokenizer.render_chat(request.messages)
+    else:
+        assert request.prompt is not None
+        text = request.prompt
+    prompt_ids = tokenizer.encode(text)
+    if not prompt_ids:
+        raise InvalidRequest("the prompt is empty", param="prompt" if request.prompt is not None else "messages")
+    window = tokenizer.context_window
+    room = window - len(prompt_ids)
+    requested = request.params.max_tokens
+    if room < 1 or (requested is not None and requested > room):
+        asked = f" and {requested} for the completion" if requested is not None else ""
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {window} tokens; the request has "
+            f"{len(prompt_ids)} tokens in the prompt{asked}. Shorten the prompt or lower max_tokens.",
+            param="messages" if request.messages is not None else "prompt",
+        )
+    max_new = requested if requested is not None else room
+    return Sequence(request.request_id, prompt_ids, request.params, max_new, tokenizer)

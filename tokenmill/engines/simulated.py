@@ -1,0 +1,169 @@
+"""A simulated model: deterministic text and a realistic cost model, for tests and pattern studies.
+
+Like httpx's MockTransport stands in for a network, this engine stands in for a model: it speaks
+the same `StepEngine` protocol, so every serving pattern runs unchanged on it.
+
+- Text is drawn from a fixed vocabulary by a per-sequence RNG: greedy requests depend only on the
+  prompt, sampled ones on prompt + seed, unseeded sampled ones are random (as with a real model).
+- A few multi-byte characters are split across two tokens, so the UTF-8 path is always exercised.
+- Cost model: a step that prefills k prompts costs `ttft_ms * (1 + batch_cost * (k - 1))`, and
+  decoding b sequences costs `itl_ms * (1 + batch_cost * (b - 1))`; the two add up.
+- `gil="release"` waits in `time.sleep` (like a native library or I/O: other threads run);
+  `gil="hold"` spins in pure Python (CPU-bound, competing for the GIL).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from typing import Literal
+
+from tokenmill.engines.base import Chunk
+from tokenmill.engines.sequence import Sequence
+from tokenmill.generation import ChatMessage
+
+GilMode = Literal["release", "hold"]
+
+_WORDS = (
+    "the a model token stream server batch request queue latency throughput engine serves "
+    "answers quickly slowly every step of one each and or but then when while because so "
+    "tokens flow through layers cache memory core thread process loop event worker replica "
+    "prompt reply text data time fast steady bounded graceful drain timeout retry backoff"
+).split()
+# Multi-byte words, each split mid-character into two tokens.
+_SPLIT_WORDS = (" café", " naïve", " 東京", " Ünïcode", " 🚀")
+_PROMPT_TOKEN = re.compile(r"\s*\S+|\s+")
+
+
+def _build_vocab() -> tuple[list[bytes], dict[int, int]]:
+    vocab = [f" {w}".encode() for w in _WORDS] + [b".", b",", b"\n"]
+    continuation: dict[int, int] = {}
+    for word in _SPLIT_WORDS:
+        raw = word.encode()
+        cut = len(raw) - 1 if raw[-1] >= 0x80 else len(raw) - 2  # always inside a character
+        while cut > 1 and (raw[cut] & 0xC0) != 0x80:
+            cut -= 1
+        vocab.append(raw[:cut])
+        continuation[len(vocab) - 1] = len(vocab)
+        vocab.append(raw[cut:])
+    return vocab, continuation
+
+
+_VOCAB, _CONTINUATION = _build_vocab()
+_SECOND_HALVES = set(_CONTINUATION.values())
+_FIRST_CHOICES = [i for i in range(len(_VOCAB)) if i not in _SECOND_HALVES]
+EOS_ID = len(_VOCAB)
+
+
+class SimulatedTokenizer:
+    def __init__(self, context_window: int):
+        self._context_window = context_window
+
+    @property
+    def context_window(self) -> int:
+        return self._context_window
+
+    def render_chat(self, messages: Seq[ChatMessage]) -> str:
+        turns = "".join(f"<|{m.role}|>\n{m.content}\n" for m in messages)
+        return turns + "<|assistant|>\n"
+
+    def encode(self, text: str) -> list[int]:
+        pieces = _PROMPT_TOKEN.findall(text)
+        return [_stable_hash(p.encode("utf-8", "surrogatepass")) % EOS_ID for p in pieces]
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return b"" if token_id == EOS_ID else _VOCAB[token_id]
+
+    def is_end_of_generation(self, token_id: int) -> bool:
+        return token_id == EOS_ID
+
+
+@dataclass
+class _SimState:
+    rng: random.Random
+    natural_length: int
+    forced: list[int] = field(default_factory=list)
+
+
+class SimulatedEngine:
+    max_chunk_tokens = 512
+
+    def __init__(
+        self,
+        *,
+        context_window: int = 4096,
+        ttft_ms: float = 50.0,
+        itl_ms: float = 20.0,
+        batch_cost: float = 0.1,
+        gil: GilMode = "release",
+        mean_reply_tokens: int = 48,
+    ):
+        self.tokenizer = SimulatedTokenizer(context_window)
+        self._ttft_s = ttft_ms / 1000
+        self._itl_s = itl_ms / 1000
+        self._batch_cost = batch_cost
+        self._gil = gil
+        self._mean_reply = mean_reply_tokens
+        self._states: dict[int, _SimState] = {}
+
+    def add_sequence(self, seq: Sequence) -> None:
+        rng = random.Random(self._seed_material(seq))
+        natural = max(1, int(rng.gauss(self._mean_reply, self._mean_reply / 3)))
+        self._states[seq.seq_id] = _SimState(rng=rng, natural_length=natural)
+
+    def remove_sequence(self, seq: Sequence) -> None:
+        self._states.pop(seq.seq_id, None)
+
+    def step(self, chunks: Seq[Chunk]) -> list[int | None]:
+        started = time.perf_counter()
+        prefills = sum(1 for c in chunks if c.seq.num_computed < c.seq.num_prompt_tokens)
+        decodes = len(chunks) - prefills
+        self._burn(started, self._cost(prefills, self._ttft_s) + self._cost(decodes, self._itl_s))
+        return [self._next_token(c.seq) if c.completes_sequence_input else None for c in chunks]
+
+    def close(self) -> None:
+        self._states.clear()
+
+    def _cost(self, rows: int, unit_s: float) -> float:
+        return 0.0 if rows == 0 else unit_s * (1 + self._batch_cost * (rows - 1))
+
+    def _burn(self, started: float, seconds: float) -> None:
+        if self._gil == "release":
+            remaining = seconds - (time.perf_counter() - started)
+            if remaining > 0:
+                time.sleep(remaining)
+        else:
+            deadline = started + seconds
+            while time.perf_counter() < deadline:
+                pass
+
+    def _next_token(self, seq: Sequence) -> int:
+        state = self._states[seq.seq_id]
+        if state.forced:
+            return state.forced.pop()
+        generated = seq.num_generated
+        may_end = generated >= seq.params.min_tokens and not seq.params.ignore_eos
+        if may_end and generated >= state.natural_length:
+            return EOS_ID
+        token = state.rng.choice(_FIRST_CHOICES)
+        if token in _CONTINUATION:
+            state.forced.append(_CONTINUATION[token])
+        return token
+
+    @staticmethod
+    def _seed_material(seq: Sequence) -> bytes:
+        prompt = _stable_hash(repr(seq.token_ids[: seq.num_prompt_tokens]).encode())
+        if seq.params.greedy:
+            return f"greedy:{prompt}".encode()
+        if seq.params.seed is not None:
+            return f"seed:{seq.params.seed}:{prompt}".encode()
+        return os.urandom(16)
+
+
+def _stable_hash(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")

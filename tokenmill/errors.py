@@ -1,0 +1,71 @@
+"""The one exception hierarchy of tokenmill.
+
+    TokenmillError                  base; carries an OpenAI-style message, param and code
+    ├── InvalidRequest              the request itself is wrong (bad field, bad value)
+    │   └── ContextLengthExceeded   prompt (+ max_tokens) does not fit the model's window
+    ├── ModelNotFound               the request names a model this server does not serve
+    ├── Overloaded                  no capacity now; retry later (carries retry_after seconds)
+    ├── DeadlineExceeded            a timeout fired before the generation ended
+    └── EngineFailure               the model backend failed while generating
+
+Errors carry no HTTP status: the server maps each class to a status in exactly one place
+(`tokenmill.server.errors`), so engines and runners stay free of HTTP.
+"""
+
+from __future__ import annotations
+
+
+class TokenmillError(Exception):
+    """Base class; `code` is a short machine-readable reason, `param` the offending field."""
+
+    error_type = "server_error"
+    default_code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+
+    def __reduce__(self):
+        # Keep errors picklable with their keyword fields (they cross process boundaries).
+        return (_rebuild_error, (type(self), self.message, self.param, self.code, self.__dict__))
+
+
+def _rebuild_error(cls, message, param, code, state):
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(state)
+    return error
+
+
+class InvalidRequest(TokenmillError):
+    error_type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    default_code = "context_length_exceeded"
+
+
+class ModelNotFound(TokenmillError):
+    error_type = "invalid_request_error"
+    default_code = "model_not_found"
+
+
+class Overloaded(TokenmillError):
+    error_type = "server_overloaded"
+    default_code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, code: str | None = None):
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+
+class DeadlineExceeded(TokenmillError):
+    error_type = "timeout_error"
+    default_code = "timeout"
+
+
+class EngineFailure(TokenmillError):
+    error_type = "server_error"
+    default_code = "engine_failure"

@@ -1,0 +1,20 @@
+"""Serving patterns behind one interface. `build_runner` maps `--mode` to a runner."""
+
+from __future__ import annotations
+
+import functools
+
+from tokenmill.config import Settings
+from tokenmill.engines import build_engine, served_model_name
+from tokenmill.runners.base import RequestHandle, Runner
+
+__all__ = ["RequestHandle", "Runner", "build_runner"]
+
+
+def build_runner(settings: Settings) -> Runner:
+    name = served_model_name(settings)
+    if settings.mode == "async":
+        from tokenmill.runners.executor import ExecutorRunner
+
+        return ExecutorRunner(functools.partial(build_engine, settings), settings.replicas, name)
+    raise ValueError(f"unknown mode {settings.mode!r}")

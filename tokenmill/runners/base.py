@@ -1,0 +1,84 @@
+"""The interface every serving pattern implements, and the handle a submitted request returns.
+
+    runner.submit(request) -> RequestHandle      (raises InvalidRequest before any model work)
+    async for event in handle: ...               (TextDelta ... Finished; raises TokenmillError)
+    handle.abort()                               (client gone / deadline: stop generating, free capacity)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+from tokenmill.errors import EngineFailure, TokenmillError
+from tokenmill.generation import Finished, GenerationRequest, TokenEvent
+
+
+class RequestHandle:
+    """Async iterator over one request's events. Producers call `put*` on the event loop thread."""
+
+    def __init__(self, request_id: str, prompt_tokens: int, on_abort: Callable[[], None]):
+        self.request_id = request_id
+        self.prompt_tokens = prompt_tokens
+        self._on_abort = on_abort
+        self._events: asyncio.Queue[TokenEvent | TokenmillError] = asyncio.Queue()
+        self._done = False
+        self.aborted = False
+
+    # -- consumer side
+    def __aiter__(self) -> RequestHandle:
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        if self._done:
+            raise StopAsyncIteration
+        item = await self._events.get()
+        if isinstance(item, TokenmillError):
+            self._done = True
+            raise item
+        if isinstance(item, Finished):
+            self._done = True
+        return item
+
+    def abort(self) -> None:
+        """Stop the generation if it is still running; idempotent, safe after completion."""
+        if not self._done and not self.aborted:
+            self.aborted = True
+            self._on_abort()
+
+    @property
+    def finished(self) -> bool:
+        return self._done
+
+    # -- producer side (event loop thread only)
+    def put(self, event: TokenEvent) -> None:
+        self._events.put_nowait(event)
+
+    def fail(self, error: BaseException) -> None:
+        if not isinstance(error, TokenmillError):
+            error = EngineFailure(f"generation failed: {type(error).__name__}: {error}")
+        self._events.put_nowait(error)
+
+
+class Runner(ABC):
+    """A serving pattern: how admitted requests reach the model."""
+
+    model_name: str
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Load models and start workers; returns when ready to serve."""
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Stop workers and release models."""
+
+    @abstractmethod
+    async def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Validate against the model (tokenize, size-check) and start generating."""
+
+    @property
+    @abstractmethod
+    def in_flight(self) -> int:
+        """Requests submitted and not yet finished."""

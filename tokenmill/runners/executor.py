@@ -1,0 +1,101 @@
+"""`async` mode: the event loop hands each request to a thread pool of exactly `replicas` workers.
+
+Each worker owns one engine instance for the duration of a request and runs it to the end with
+blocking calls; tokens travel back to the loop with `call_soon_threadsafe`, so the loop never
+blocks. Whether two workers really run at once depends on the engine releasing the GIL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from tokenmill.engines.base import StepEngine
+from tokenmill.engines.replica import generate
+from tokenmill.engines.sequence import Sequence, prepare_sequence
+from tokenmill.generation import Finished, GenerationRequest
+from tokenmill.runners.base import RequestHandle, Runner
+
+log = logging.getLogger(__name__)
+
+
+class ExecutorRunner(Runner):
+    def __init__(self, engine_factory: Callable[[], StepEngine], replicas: int, model_name: str):
+        self.model_name = model_name
+        self._engine_factory = engine_factory
+        self._replicas = replicas
+        self._pool = ThreadPoolExecutor(max_workers=replicas, thread_name_prefix="tokenmill-replica")
+        self._engines: list[StepEngine] = []
+        self._idle: queue.SimpleQueue[StepEngine] = queue.SimpleQueue()
+        self._in_flight = 0
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        loads = [loop.run_in_executor(self._pool, self._engine_factory) for _ in range(self._replicas)]
+        self._engines = list(await asyncio.gather(*loads))
+        for engine in self._engines:
+            self._idle.put(engine)
+
+    async def stop(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self._pool.shutdown, True)
+        for engine in self._engines:
+            engine.close()
+        self._engines.clear()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def tokenizer(self):
+        return self._engines[0].tokenizer
+
+    async def submit(self, request: GenerationRequest) -> RequestHandle:
+        seq = prepare_sequence(request, self.tokenizer)
+        cancelled = threading.Event()
+        handle = RequestHandle(request.request_id, seq.num_prompt_tokens, on_abort=cancelled.set)
+        loop = asyncio.get_running_loop()
+        self._in_flight += 1
+        loop.run_in_executor(self._pool, self._run, seq, handle, cancelled, loop)
+        return handle
+
+    def _run(
+        self,
+        seq: Sequence,
+        handle: RequestHandle,
+        cancelled: threading.Event,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        engine = self._idle.get()
+        outcome: Finished | Exception | None = None  # None: aborted, the consumer has left
+        try:
+            for event in generate(engine, seq, cancelled.is_set):
+                if isinstance(event, Finished):
+                    outcome = event
+                else:
+                    _deliver(loop, handle.put, event)
+        except Exception as error:  # every admitted request ends with an event, whatever failed
+            log.exception("generation failed for %s", seq.request_id)
+            outcome = error
+        finally:
+            self._idle.put(engine)  # free the replica before anyone hears the request ended
+            _deliver(loop, self._settle, handle, outcome)
+
+    def _settle(self, handle: RequestHandle, outcome: Finished | Exception | None) -> None:
+        """On the loop: the request no longer holds a replica; tell its consumer how it ended."""
+        self._in_flight -= 1
+        if isinstance(outcome, Finished):
+            handle.put(outcome)
+        elif outcome is not None:
+            handle.fail(outcome)
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, callback, *args) -> None:
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:  # the loop has closed: nobody is listening any more
+        pass

@@ -1,0 +1,99 @@
+"""The one place where errors become HTTP: statuses, OpenAI-style bodies, exception handlers."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tokenmill.errors import (
+    DeadlineExceeded,
+    EngineFailure,
+    InvalidRequest,
+    ModelNotFound,
+    Overloaded,
+    TokenmillError,
+)
+from tokenmill.protocol import ErrorDetail, ErrorResponse
+
+log = logging.getLogger(__name__)
+
+_STATUS: dict[type[TokenmillError], int] = {
+    InvalidRequest: 400,
+    ModelNotFound: 404,
+    Overloaded: 503,
+    DeadlineExceeded: 504,
+    EngineFailure: 500,
+}
+
+
+def status_for(error: TokenmillError) -> int:
+    for cls in type(error).__mro__:
+        if cls in _STATUS:
+            return _STATUS[cls]
+    return 500
+
+
+def error_body(error: TokenmillError) -> dict:
+    detail = ErrorDetail(message=error.message, type=error.error_type, param=error.param, code=error.code)
+    return ErrorResponse(error=detail).model_dump()
+
+
+def error_response(error: TokenmillError) -> JSONResponse:
+    headers = {}
+    if isinstance(error, Overloaded):
+        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
+    return JSONResponse(error_body(error), status_code=status_for(error), headers=headers)
+
+
+def _plain_error(status: int, message: str, error_type: str, code: str | None = None) -> JSONResponse:
+    detail = ErrorDetail(message=message, type=error_type, code=code)
+    return JSONResponse(ErrorResponse(error=detail).model_dump(), status_code=status)
+
+
+def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """A sentence a person understands, and the offending parameter, from pydantic's error list."""
+    first = exc.errors()[0]
+    location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query")]
+    # pydantic reports union members as extra path parts ('str', 'list[...]'): drop them.
+    location = [part for part in location if not any(ch in part for ch in "[]") and part not in ("str", "int", "float", "bool", "list")]
+    param = ".".join(location) or None
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        return "The request body is not valid JSON.", None
+    if kind == "missing" and param:
+        return f"Missing required parameter: '{param}'.", param
+    if kind == "extra_forbidden" and param:
+        return f"Unrecognized request argument supplied: '{param}'.", param
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if param:
+        return f"Invalid value for '{param}': {message}.", param
+    return f"Invalid request: {message}.", None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(TokenmillError)
+    async def _tokenmill_error(_: Request, exc: TokenmillError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = validation_message(exc)
+        return error_response(InvalidRequest(message, param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        response = _plain_error(exc.status_code, str(exc.detail), error_type)
+        for name, value in (exc.headers or {}).items():
+            response.headers[name] = value
+        return response
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return _plain_error(500, "The server had an internal error.", "server_error", "internal_error")
