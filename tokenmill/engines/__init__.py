@@ -22,8 +22,13 @@ def build_engine(settings: Settings) -> StepEngine:
         )
     if settings.engine == "llamacpp":
         from tokenmill.engines.llamacpp import LlamaCppEngine
+        from tokenmill.engines.model_files import resolve_model_path
 
-        return LlamaCppEngine.from_settings(settings)
+        return LlamaCppEngine(
+            resolve_model_path(settings.model),
+            context_window=settings.context_window,
+            threads=settings.threads_per_replica(),
+        )
     raise ValueError(f"unknown engine {settings.engine!r}")
 
 

@@ -108,6 +108,13 @@ def prepare_sequence(request: GenerationRequest, tokenizer: Tokenizer) -> Sequen
     else:
         assert request.prompt is not None
         text = request.prompt
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest(
+            "the prompt contains invalid Unicode (a lone surrogate)",
+            param="prompt" if request.prompt is not None else "messages",
+        ) from None
     prompt_ids = tokenizer.encode(text)
     if not prompt_ids:
         raise InvalidRequest("the prompt is empty", param="prompt" if request.prompt is not None else "messages")

@@ -1,0 +1,194 @@
+"""The llama.cpp engine, on llama-cpp-python's low-level API.
+
+One context holds up to `n_seq_max` sequences in a unified KV cache; each sequence gets a slot
+(its llama.cpp sequence id) and its own sampler chain, so seeds are per request even when batched.
+`step()` packs every chunk into one `llama_batch` and runs one `llama_decode`; ctypes releases the
+GIL for the duration, so the event loop and other replicas keep running.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import os
+from collections.abc import Sequence as Seq
+from pathlib import Path
+
+import llama_cpp
+
+from tokenmill.engines.base import Chunk
+from tokenmill.engines.chat_template import ChatTemplate
+from tokenmill.engines.sequence import Sequence
+from tokenmill.errors import EngineFailure
+from tokenmill.generation import ChatMessage
+
+log = logging.getLogger(__name__)
+_LLAMA_LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level: 2 info, 3 warn, 4 error
+
+
+@llama_cpp.llama_log_callback
+def _forward_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    # llama.cpp is chatty at load time; keep its warnings and errors, in our logs.
+    if level in _LLAMA_LOG_LEVELS and text:
+        log.log(_LLAMA_LOG_LEVELS[level], "llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
+
+
+llama_cpp.llama_log_set(_forward_llama_log, ctypes.c_void_p(0))
+llama_cpp.llama_backend_init()
+
+
+class LlamaCppTokenizer:
+    def __init__(self, model, vocab, context_window: int):
+        self._vocab = vocab
+        self._context_window = context_window
+        self._pieces: dict[int, bytes] = {}
+        self._add_bos = llama_cpp.llama_vocab_get_add_bos(vocab)
+        bos = self._piece(llama_cpp.llama_vocab_bos(vocab), special=True).decode("utf-8", "replace")
+        eos = self._piece(llama_cpp.llama_vocab_eos(vocab), special=True).decode("utf-8", "replace")
+        source = llama_cpp.llama_model_chat_template(model, None)
+        self._bos_text = bos
+        self._template = ChatTemplate(source.decode() if source else None, bos_token=bos, eos_token=eos)
+        self.eog_ids = [t for t in range(llama_cpp.llama_vocab_n_tokens(vocab)) if llama_cpp.llama_vocab_is_eog(vocab, t)]
+
+    @property
+    def context_window(self) -> int:
+        return self._context_window
+
+    def render_chat(self, messages: Seq[ChatMessage]) -> str:
+        text = self._template.render(messages)
+        if self._add_bos and self._bos_text and text.startswith(self._bos_text):
+            text = text[len(self._bos_text) :]  # encode() adds it; never send it twice
+        return text
+
+    def encode(self, text: str) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        while True:
+            tokens = (llama_cpp.llama_token * capacity)()
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, capacity, True, True)
+            if n >= 0:
+                return list(tokens[:n])
+            capacity = -n
+
+    def token_bytes(self, token_id: int) -> bytes:
+        piece = self._pieces.get(token_id)
+        if piece is None:
+            piece = self._pieces[token_id] = self._piece(token_id, special=False)
+        return piece
+
+    def is_end_of_generation(self, token_id: int) -> bool:
+        return llama_cpp.llama_vocab_is_eog(self._vocab, token_id)
+
+    def _piece(self, token_id: int, special: bool) -> bytes:
+        buffer = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token_id, buffer, len(buffer), 0, special)
+        if n < 0:
+            buffer = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token_id, buffer, len(buffer), 0, special)
+        return buffer.raw[:n]
+
+
+class LlamaCppEngine:
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        context_window: int = 4096,
+        max_sequences: int = 1,
+        kv_tokens: int | None = None,
+        threads: int | None = None,
+        max_step_tokens: int = 512,
+    ):
+        threads = threads or os.cpu_count() or 1
+        self._model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), llama_cpp.llama_model_default_params())
+        if not self._model:
+            raise EngineFailure(f"llama.cpp could not load the model file {model_path}")
+        window = min(context_window, llama_cpp.llama_model_n_ctx_train(self._model))
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = kv_tokens or window
+        params.n_batch = params.n_ubatch = max_step_tokens
+        params.n_seq_max = max_sequences
+        params.n_threads = params.n_threads_batch = threads
+        params.kv_unified = True  # one shared KV budget, however it is split between sequences
+        params.no_perf = True
+        self._ctx = llama_cpp.llama_init_from_model(self._model, params)
+        if not self._ctx:
+            llama_cpp.llama_model_free(self._model)
+            raise EngineFailure("llama.cpp could not create a context (KV cache too large for memory?)")
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.tokenizer = LlamaCppTokenizer(self._model, vocab, window)
+        self.max_chunk_tokens = max_step_tokens
+        self.kv_capacity = params.n_ctx
+        self._batch = llama_cpp.llama_batch_init(max_step_tokens, 0, 1)
+        self._free_slots = list(range(max_sequences - 1, -1, -1))
+        self._slots: dict[int, int] = {}
+        self._samplers: dict[int, llama_cpp.llama_sampler_p] = {}
+
+    def add_sequence(self, seq: Sequence) -> None:
+        if not self._free_slots:
+            raise EngineFailure("no free sequence slot in the llama.cpp context")
+        self._slots[seq.seq_id] = self._free_slots.pop()
+        self._samplers[seq.seq_id] = _sampler_chain(seq)
+
+    def remove_sequence(self, seq: Sequence) -> None:
+        slot = self._slots.pop(seq.seq_id, None)
+        if slot is not None:
+            llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
+            self._free_slots.append(slot)
+        sampler = self._samplers.pop(seq.seq_id, None)
+        if sampler is not None:
+            llama_cpp.llama_sampler_free(sampler)
+
+    def step(self, chunks: Seq[Chunk]) -> list[int | None]:
+        batch, n = self._batch, 0
+        if sum(c.num_tokens for c in chunks) > self.max_chunk_tokens:
+            raise ValueError("a step may carry at most max_chunk_tokens tokens")
+        sample_rows: list[int | None] = []
+        for chunk in chunks:
+            seq, slot, start = chunk.seq, self._slots[chunk.seq.seq_id], chunk.seq.num_computed
+            for offset, token in enumerate(seq.token_ids[start : start + chunk.num_tokens]):
+                batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, start + offset, 1
+                batch.seq_id[n][0], batch.logits[n] = slot, False
+                n += 1
+            batch.logits[n - 1] = chunk.completes_sequence_input
+            sample_rows.append(n - 1 if chunk.completes_sequence_input else None)
+        batch.n_tokens = n
+        status = llama_cpp.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise EngineFailure(f"llama_decode failed (status {status})")
+        return [None if row is None else self._sample(chunk.seq, row) for chunk, row in zip(chunks, sample_rows)]
+
+    def _sample(self, seq: Sequence, row: int) -> int:
+        if seq.params.ignore_eos or seq.num_generated < seq.params.min_tokens:
+            logits = llama_cpp.llama_get_logits_ith(self._ctx, row)
+            for token in self.tokenizer.eog_ids:
+                logits[token] = -math.inf
+        return llama_cpp.llama_sampler_sample(self._samplers[seq.seq_id], self._ctx, row)
+
+    def close(self) -> None:
+        for sampler in self._samplers.values():
+            llama_cpp.llama_sampler_free(sampler)
+        self._samplers.clear()
+        if self._ctx:
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self._ctx)
+            llama_cpp.llama_model_free(self._model)
+            self._ctx = self._model = None
+
+
+def _sampler_chain(seq: Sequence) -> llama_cpp.llama_sampler_p:
+    params = seq.params
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    if params.greedy:
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+        return chain
+    if params.top_k > 0:
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(params.top_k))
+    if params.top_p < 1.0:
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(params.temperature))
+    seed = llama_cpp.LLAMA_DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF
+    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed))
+    return chain
