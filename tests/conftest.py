@@ -33,9 +33,10 @@ async def asgi_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
             yield client
 
 
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with asgi_client(sim_settings()) as c:
+@pytest.fixture(params=["async", "batch"])
+async def client(request) -> AsyncIterator[httpx.AsyncClient]:
+    """The API suite runs once per serving pattern: every mode must behave the same."""
+    async with asgi_client(sim_settings(mode=request.param)) as c:
         yield c
 
 

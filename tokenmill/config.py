@@ -9,11 +9,11 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EngineName = Literal["llamacpp", "simulated"]
-ModeName = Literal["async"]
+ModeName = Literal["async", "batch"]
 
 
 class Settings(BaseSettings):
@@ -26,7 +26,9 @@ class Settings(BaseSettings):
     # -- what serves
     engine: EngineName = Field("llamacpp", description="Model backend.")
     mode: ModeName = Field(
-        "async", description="Serving pattern: async = event loop + a thread pool of --replicas engines."
+        "async",
+        description="Serving pattern: async = event loop + a thread pool of --replicas engines; "
+        "batch = continuous batching, one engine stepping every running request together.",
     )
     model: str | None = Field(
         None,
@@ -44,6 +46,18 @@ class Settings(BaseSettings):
         4096, ge=16, description="Tokens of context per sequence (prompt + completion)."
     )
 
+    # -- continuous batching (--mode batch)
+    max_batch: int = Field(32, ge=1, le=1024, description="Batch mode: most sequences decoding together.")
+    kv_tokens: int = Field(
+        16384,
+        ge=16,
+        description="Batch mode: KV cache cells shared by all running sequences. A request is admitted only "
+        "when its prompt + max_tokens fits in what is free.",
+    )
+    max_step_tokens: int = Field(
+        512, ge=1, description="Batch mode: most tokens fed to the model in one step (prefill is chunked to fit)."
+    )
+
     # -- simulated engine (tests and serving-pattern studies)
     sim_ttft_ms: float = Field(50.0, ge=0, description="Simulated engine: time to prefill a prompt.")
     sim_itl_ms: float = Field(20.0, ge=0, description="Simulated engine: time per decode step of one sequence.")
@@ -58,6 +72,12 @@ class Settings(BaseSettings):
 
     # -- operations
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
+
+    @model_validator(mode="after")
+    def _step_fits_batch(self) -> Settings:
+        if self.mode == "batch" and self.max_step_tokens < self.max_batch:
+            raise ValueError("max_step_tokens must be at least max_batch (one decode row per sequence)")
+        return self
 
     def threads_per_replica(self) -> int:
         if self.threads is not None:

@@ -24,6 +24,17 @@ def build_engine(settings: Settings) -> StepEngine:
         from tokenmill.engines.llamacpp import LlamaCppEngine
         from tokenmill.engines.model_files import resolve_model_path
 
+        if settings.mode == "batch":
+            return LlamaCppEngine(
+                resolve_model_path(settings.model),
+                context_window=settings.context_window,
+                max_sequences=settings.max_batch,
+                # Headroom over the scheduler's budget: the cache never runs out of cells, even when
+                # a step's tokens cannot be placed next to each other.
+                kv_tokens=settings.kv_tokens + settings.max_step_tokens,
+                threads=settings.threads_per_replica(),
+                max_step_tokens=settings.max_step_tokens,
+            )
         return LlamaCppEngine(
             resolve_model_path(settings.model),
             context_window=settings.context_window,

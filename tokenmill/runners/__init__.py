@@ -17,4 +17,12 @@ def build_runner(settings: Settings) -> Runner:
         from tokenmill.runners.executor import ExecutorRunner
 
         return ExecutorRunner(functools.partial(build_engine, settings), settings.replicas, name)
+    if settings.mode == "batch":
+        from tokenmill.runners.batching import BatchingRunner
+        from tokenmill.runners.scheduler import SchedulerConfig
+
+        config = SchedulerConfig(
+            max_batch=settings.max_batch, kv_tokens=settings.kv_tokens, max_step_tokens=settings.max_step_tokens
+        )
+        return BatchingRunner(functools.partial(build_engine, settings), config, name)
     raise ValueError(f"unknown mode {settings.mode!r}")

@@ -1,0 +1,113 @@
+"""The continuous-batching scheduler as plain objects: admission, budgets, chunking, release."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokenmill.engines.sequence import Sequence, SequenceStatus
+from tokenmill.generation import Finished
+from tokenmill.runners.scheduler import Scheduler, SchedulerConfig
+from tokenmill.sampling import SamplingParams
+
+
+class OneByteTokens:
+    context_window = 10_000
+
+    def token_bytes(self, token_id):
+        return b"x"
+
+    def is_end_of_generation(self, token_id):
+        return token_id == 0
+
+
+def seq(prompt_len: int = 4, max_new: int = 4) -> Sequence:
+    return Sequence("r", [1] * prompt_len, SamplingParams(max_tokens=max_new), max_new, OneByteTokens())
+
+
+def run_step(scheduler: Scheduler, token: int = 7):
+    plan = scheduler.schedule()
+    tokens = [token if c.completes_sequence_input else None for c in plan.chunks]
+    return plan, scheduler.postprocess(plan.chunks, tokens)
+
+
+def test_admits_up_to_max_batch_and_the_rest_waits():
+    s = Scheduler(SchedulerConfig(max_batch=2, kv_tokens=1000, max_step_tokens=64))
+    a, b, c = seq(), seq(), seq()
+    for x in (a, b, c):
+        s.add(x)
+    plan = s.schedule()
+    assert plan.admitted == [a, b]
+    assert list(s.waiting) == [c] and c.status is SequenceStatus.WAITING
+
+
+def test_admission_reserves_prompt_plus_max_tokens_of_kv():
+    s = Scheduler(SchedulerConfig(max_batch=8, kv_tokens=20, max_step_tokens=64))
+    a, b = seq(prompt_len=6, max_new=6), seq(prompt_len=6, max_new=6)  # 12 each
+    s.add(a)
+    s.add(b)
+    assert s.schedule().admitted == [a]
+    assert s.kv_reserved == 12
+    assert list(s.waiting) == [b]
+
+
+def test_a_sequence_that_can_never_fit_is_refused():
+    s = Scheduler(SchedulerConfig(max_batch=8, kv_tokens=10, max_step_tokens=64))
+    big = seq(prompt_len=8, max_new=8)
+    assert not s.fits_at_all(big)
+    with pytest.raises(ValueError):
+        s.add(big)
+
+
+def test_decode_rows_come_first_and_long_prompts_are_chunked():
+    s = Scheduler(SchedulerConfig(max_batch=4, kv_tokens=10_000, max_step_tokens=16))
+    short = seq(prompt_len=4, max_new=10)
+    s.add(short)
+    run_step(s)  # short prefilled, sampled its first token
+    long = seq(prompt_len=40, max_new=4)
+    s.add(long)
+    plan, _ = run_step(s)
+    assert [(c.seq, c.num_tokens) for c in plan.chunks] == [(short, 1), (long, 15)]
+    plan, _ = run_step(s)
+    assert [(c.seq, c.num_tokens) for c in plan.chunks] == [(short, 1), (long, 15)]
+    plan, outcome = run_step(s)
+    assert [(c.seq, c.num_tokens) for c in plan.chunks] == [(short, 1), (long, 10)]
+    assert long.num_generated == 1  # its prefill completed this step and sampled a token
+
+
+def test_finished_sequences_leave_the_batch_the_same_step_and_free_kv():
+    s = Scheduler(SchedulerConfig(max_batch=1, kv_tokens=100, max_step_tokens=64))
+    a, b = seq(max_new=2), seq(max_new=2)
+    s.add(a)
+    s.add(b)
+    run_step(s)
+    _, outcome = run_step(s)
+    assert outcome.finished == [a]
+    assert isinstance(outcome.events[-1][1][-1], Finished)
+    assert s.running == [] and s.kv_reserved == 0
+    plan, _ = run_step(s)
+    assert plan.admitted == [b]  # the freed place is used at the very next step
+
+
+def test_abort_of_running_and_waiting_sequences():
+    s = Scheduler(SchedulerConfig(max_batch=1, kv_tokens=100, max_step_tokens=64))
+    a, b = seq(), seq()
+    s.add(a)
+    s.add(b)
+    s.schedule()
+    assert s.abort(a) is True and s.kv_reserved == 0 and a.status is SequenceStatus.ABORTED
+    assert s.abort(b) is False and not s.waiting
+    assert not s.has_work
+
+
+def test_engine_failure_releases_every_running_sequence():
+    s = Scheduler(SchedulerConfig(max_batch=4, kv_tokens=100, max_step_tokens=64))
+    for _ in range(3):
+        s.add(seq())
+    s.schedule()
+    failed = s.fail_all_running()
+    assert len(failed) == 3 and s.kv_reserved == 0 and not s.running
+
+
+def test_step_budget_must_cover_one_decode_row_per_sequence():
+    with pytest.raises(ValueError):
+        SchedulerConfig(max_batch=8, kv_tokens=100, max_step_tokens=4)

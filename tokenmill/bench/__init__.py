@@ -1,0 +1,1 @@
+"""Benchmarks: HTTP load generation against any OpenAI-compatible server, and in-process baselines."""

@@ -1,0 +1,131 @@
+"""Continuous-batching scheduler: pure bookkeeping, no I/O, no model calls, no asyncio.
+
+Each step: admit waiting sequences (FIFO) while the batch has room and their *whole* KV need
+(prompt + max_tokens) fits the budget, so the cache can never overflow mid-generation; then plan
+one decode row for every sequence that is generating, and spend what is left of the step's token
+budget on prefill chunks. Decode rows go first, so a long prompt joining the batch delays the
+others' next token by one (bounded) chunk, never by its whole prefill.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from tokenmill.engines.base import Chunk
+from tokenmill.engines.sequence import Sequence, SequenceStatus
+from tokenmill.generation import TokenEvent
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_batch: int  # sequences running at once
+    kv_tokens: int  # KV cells shared by all running sequences
+    max_step_tokens: int  # tokens one step may feed to the model
+
+    def __post_init__(self) -> None:
+        if self.max_step_tokens < self.max_batch:
+            raise ValueError("max_step_tokens must be at least max_batch (one decode row per sequence)")
+
+
+@dataclass(slots=True)
+class StepPlan:
+    admitted: list[Sequence] = field(default_factory=list)  # the engine must add_sequence() these first
+    chunks: list[Chunk] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class StepOutcome:
+    events: list[tuple[Sequence, list[TokenEvent]]]
+    finished: list[Sequence]  # the engine must remove_sequence() these
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig):
+        self.config = config
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.kv_reserved = 0
+
+    # -- queries
+    def fits_at_all(self, seq: Sequence) -> bool:
+        return seq.kv_tokens_needed <= self.config.kv_tokens
+
+    def can_admit(self, seq: Sequence) -> bool:
+        return (
+            len(self.running) < self.config.max_batch
+            and self.kv_reserved + seq.kv_tokens_needed <= self.config.kv_tokens
+        )
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- transitions
+    def add(self, seq: Sequence) -> None:
+        if not self.fits_at_all(seq):
+            raise ValueError("sequence can never fit the KV budget; refuse it before adding")
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
+        while self.waiting and self.can_admit(self.waiting[0]):
+            seq = self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.kv_reserved += seq.kv_tokens_needed
+            self.running.append(seq)
+            plan.admitted.append(seq)
+        budget = self.config.max_step_tokens
+        prefilling = []
+        for seq in self.running:
+            if seq.num_pending == 1:
+                plan.chunks.append(Chunk(seq, 1))
+                budget -= 1
+            else:
+                prefilling.append(seq)
+        for seq in prefilling:  # in admission order: the oldest prompt finishes first
+            if budget <= 0:
+                break
+            take = min(seq.num_pending, budget)
+            plan.chunks.append(Chunk(seq, take))
+            budget -= take
+        return plan
+
+    def postprocess(self, chunks: list[Chunk], tokens: list[int | None]) -> StepOutcome:
+        events: list[tuple[Sequence, list[TokenEvent]]] = []
+        finished: list[Sequence] = []
+        for chunk, token in zip(chunks, tokens):
+            seq = chunk.seq
+            seq.num_computed += chunk.num_tokens
+            if token is None:
+                continue
+            events.append((seq, seq.append_token(token)))
+            if seq.is_finished:
+                self._release(seq)
+                finished.append(seq)
+        return StepOutcome(events=events, finished=finished)
+
+    def abort(self, seq: Sequence) -> bool:
+        """Drop `seq` wherever it is; True if it was running (the engine holds state for it)."""
+        seq.abort()
+        if seq in self.running:
+            self._release(seq)
+            return True
+        try:
+            self.waiting.remove(seq)
+        except ValueError:
+            pass
+        return False
+
+    def fail_all_running(self) -> list[Sequence]:
+        """After an engine failure: every running sequence is lost; return them for cleanup."""
+        failed = list(self.running)
+        for seq in failed:
+            seq.abort()
+            self._release(seq)
+        return failed
+
+    def _release(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv_reserved -= seq.kv_tokens_needed
