@@ -49,6 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start the OpenAI-compatible server. Every flag can also be set as an environment variable.",
     )
     _add_settings_flags(serve)
+    bench = commands.add_parser(
+        "bench",
+        help="load-test an OpenAI-compatible server, or tokenmill in several serving modes",
+        description="Closed-loop streaming load with a seeded prompt set; reports throughput, TTFT, "
+        "inter-token and end-to-end latency percentiles.",
+    )
+    from tokenmill.bench.command import add_arguments
+
+    add_arguments(bench)
     return parser
 
 
@@ -70,6 +79,10 @@ def serve(settings: Settings) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        from tokenmill.bench.command import run
+
+        return run(args)
     try:
         settings = settings_from_args(args)
     except ValidationError as error:

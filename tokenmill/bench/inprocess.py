@@ -1,34 +1,32 @@
-"""In-process throughput baselines for the llama.cpp engine (no HTTP).
+"""In-process baselines for the llama.cpp engine: what the layers under HTTP cost.
 
-Three ways to produce the same tokens from the same prompts, measured back to back:
-- `bare`: a minimal llama_decode loop over all sequences at once: the kernel ceiling.
-- `scheduler`: tokenmill's BatchingRunner driven directly (scheduler + engine thread + events).
-- `llama`: llama_cpp.Llama.create_completion, one request after another (the plain library).
-This module is the one bench piece that loads a model itself; it exists to price the layers.
+The same workload as the HTTP bench (same prompts through the model's chat template, same
+sampling, same closed loop) measured three ways, each in its own process by the caller:
+- `bare`: a minimal llama_decode loop over all sequences at once, greedy: the kernel ceiling.
+- `runner`: tokenmill's runner (scheduler + engine thread + events) driven without HTTP.
+- `llama`: llama_cpp.Llama.create_completion, one request after another: the plain library.
+This is the one bench module that loads a model itself; it exists to price the layers.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import time
 from dataclasses import dataclass
 
-import llama_cpp
-
+from tokenmill.bench.stats import RequestRecord, summarize
+from tokenmill.bench.workload import Workload
 from tokenmill.config import Settings
 from tokenmill.engines.model_files import resolve_model_path
-from tokenmill.generation import Finished, GenerationRequest
+from tokenmill.generation import ChatMessage, Finished, GenerationRequest, TextDelta
 from tokenmill.runners import build_runner
 from tokenmill.sampling import SamplingParams
-
-PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
 @dataclass(frozen=True)
 class Measurement:
     name: str
-    sequences: int
+    concurrency: int
     tokens: int
     seconds: float
 
@@ -37,91 +35,157 @@ class Measurement:
         return self.tokens / self.seconds
 
 
-def bare_decode_loop(model_path: str, sequences: int, max_tokens: int, threads: int) -> Measurement:
-    model = llama_cpp.llama_model_load_from_file(model_path.encode(), llama_cpp.llama_model_default_params())
-    params = llama_cpp.llama_context_default_params()
-    params.n_ctx, params.n_batch, params.n_ubatch = 8192, 512, 512
-    params.n_seq_max, params.kv_unified, params.no_perf = sequences, True, True
-    params.n_threads = params.n_threads_batch = threads
-    ctx = llama_cpp.llama_init_from_model(model, params)
-    vocab = llama_cpp.llama_model_get_vocab(model)
-    prompt = (llama_cpp.llama_token * 256)()
-    n_prompt = llama_cpp.llama_tokenize(vocab, PROMPT.encode(), len(PROMPT.encode()), prompt, 256, True, True)
-    sampler = llama_cpp.llama_sampler_init_greedy()
-    batch = llama_cpp.llama_batch_init(max(512, sequences * n_prompt), 0, 1)
-
-    def fill(rows: list[tuple[int, int, int, bool]]) -> None:
-        for i, (token, pos, seq, logits) in enumerate(rows):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
-            batch.seq_id[i][0], batch.logits[i] = seq, logits
-        batch.n_tokens = len(rows)
-
-    started = time.perf_counter()
-    rows = [(prompt[j], j, s, j == n_prompt - 1) for s in range(sequences) for j in range(n_prompt)]
-    last = []
-    for start in range(0, len(rows), 512):  # prefill in n_batch slices
-        part = rows[start : start + 512]
-        fill(part)
-        llama_cpp.llama_decode(ctx, batch)
-        last.extend(start + i for i, r in enumerate(part) if r[3])
-    # the prefill's sampling rows index into the last decode only when it held them; resample simply
-    tokens = [llama_cpp.llama_sampler_sample(sampler, ctx, -1) for _ in range(sequences)]
-    for step in range(1, max_tokens):
-        fill([(tokens[s], n_prompt + step - 1, s, True) for s in range(sequences)])
-        llama_cpp.llama_decode(ctx, batch)
-        tokens = [llama_cpp.llama_sampler_sample(sampler, ctx, s) for s in range(sequences)]
-    elapsed = time.perf_counter() - started
-    llama_cpp.llama_batch_free(batch)
-    llama_cpp.llama_sampler_free(sampler)
-    llama_cpp.llama_free(ctx)
-    llama_cpp.llama_model_free(model)
-    return Measurement("bare llama_decode loop", sequences, sequences * max_tokens, elapsed)
+def to_generation_request(body: dict, index: int) -> GenerationRequest:
+    params = SamplingParams(
+        max_tokens=body["max_tokens"], temperature=body["temperature"], seed=body["seed"], ignore_eos=body["ignore_eos"]
+    )
+    messages = tuple(ChatMessage(m["role"], m["content"]) for m in body["messages"])
+    return GenerationRequest(request_id=f"bench-{index}", params=params, messages=messages)
 
 
-def scheduler_in_process(settings: Settings, sequences: int, max_tokens: int) -> Measurement:
+def runner_closed_loop(settings: Settings, workload: Workload, concurrency: int, requests: int) -> Measurement:
+    async def one(runner, index: int, started_at: float) -> RequestRecord:
+        record = RequestRecord(started=time.perf_counter() - started_at)
+        handle = await runner.submit(to_generation_request(workload.request_body(index, "m"), index))
+        async for event in handle:
+            if isinstance(event, Finished):
+                record.output_tokens, record.status = event.usage.completion_tokens, "ok"
+        return record
+
     async def run() -> Measurement:
         runner = build_runner(settings)
         await runner.start()
         try:
-            params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+            await asyncio.gather(*(one(runner, -1 - i, 0.0) for i in range(min(2, concurrency))))  # warm-up
+            records: list[RequestRecord] = []
+            next_index = 0
             started = time.perf_counter()
-            handles = [await runner.submit(GenerationRequest(str(i), params, prompt=PROMPT)) for i in range(sequences)]
 
-            async def finish(handle) -> int:
-                return next(e.usage.completion_tokens for e in [x async for x in handle] if isinstance(e, Finished))
+            async def client() -> None:
+                nonlocal next_index
+                while next_index < requests:
+                    index, next_index = next_index, next_index + 1
+                    records.append(await one(runner, index, started))
 
-            produced = sum(await asyncio.gather(*(finish(h) for h in handles)))
-            return Measurement(f"tokenmill {settings.mode} runner", sequences, produced, time.perf_counter() - started)
+            await asyncio.gather(*(client() for _ in range(concurrency)))
+            seconds = time.perf_counter() - started
+            produced = summarize(records, seconds).output_tokens_per_s * seconds
+            return Measurement(f"tokenmill {settings.mode} runner, in-process", concurrency, round(produced), seconds)
         finally:
             await runner.stop()
 
     return asyncio.run(run())
 
 
-def llama_create_completion(model_path: str, requests: int, max_tokens: int, threads: int) -> Measurement:
-    llm = llama_cpp.Llama(model_path, n_ctx=2048, n_threads=threads, flash_attn=True, verbose=False)
-    llm.create_completion(PROMPT, max_tokens=4)  # warm-up
+def bare_decode_loop(settings: Settings, workload: Workload, concurrency: int, requests: int) -> Measurement:
+    """All sequences of a wave in lockstep: one llama_decode per step, greedy, nothing else."""
+    import llama_cpp
+
+    from tokenmill.engines.llamacpp import LlamaCppEngine  # noqa: F401  (quiets llama.cpp's logs)
+
+    model = llama_cpp.llama_model_load_from_file(str(resolve_model_path(settings.model)).encode(), llama_cpp.llama_model_default_params())
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = settings.kv_tokens + settings.max_step_tokens
+    params.n_batch = params.n_ubatch = settings.max_step_tokens
+    params.n_seq_max, params.kv_unified, params.no_perf = concurrency, True, True
+    params.n_threads = params.n_threads_batch = settings.threads_per_replica()
+    ctx = llama_cpp.llama_init_from_model(model, params)
+    from tokenmill.engines.llamacpp import LlamaCppTokenizer
+
+    tokenizer = LlamaCppTokenizer(model, llama_cpp.llama_model_get_vocab(model), settings.context_window)
+    sampler = llama_cpp.llama_sampler_init_greedy()
+    batch = llama_cpp.llama_batch_init(settings.max_step_tokens, 0, 1)
+    memory = llama_cpp.llama_get_memory(ctx)
+
+    def decode(rows: list[tuple[int, int, int, bool]]) -> list[int]:
+        for i, (token, pos, seq, logits) in enumerate(rows):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
+            batch.seq_id[i][0], batch.logits[i] = seq, logits
+        batch.n_tokens = len(rows)
+        llama_cpp.llama_decode(ctx, batch)
+        return [i for i, row in enumerate(rows) if row[3]]
+
     started = time.perf_counter()
     produced = 0
-    for _ in range(requests):
-        out = llm.create_completion(PROMPT, max_tokens=max_tokens, temperature=0, logit_bias={2: -1e9, 0: -1e9})
+    for wave_start in range(0, requests, concurrency):
+        wave = range(wave_start, min(requests, wave_start + concurrency))
+        prompts = [tokenizer.encode(tokenizer.render_chat(to_generation_request(workload.request_body(i, "m"), i).messages)) for i in wave]
+        last_tokens = []
+        for slot, prompt in enumerate(prompts):  # prefill, chunked to the step budget
+            for start in range(0, len(prompt), settings.max_step_tokens):
+                part = prompt[start : start + settings.max_step_tokens]
+                rows = [(t, start + j, slot, start + j == len(prompt) - 1) for j, t in enumerate(part)]
+                sample_rows = decode(rows)
+            last_tokens.append(llama_cpp.llama_sampler_sample(sampler, ctx, sample_rows[-1]))
+        for step in range(1, workload.max_tokens):
+            rows = [(last_tokens[s], len(prompts[s]) + step - 1, s, True) for s in range(len(prompts))]
+            decode(rows)
+            last_tokens = [llama_cpp.llama_sampler_sample(sampler, ctx, s) for s in range(len(prompts))]
+        produced += len(prompts) * workload.max_tokens
+        llama_cpp.llama_memory_clear(memory, True)
+    seconds = time.perf_counter() - started
+    llama_cpp.llama_batch_free(batch)
+    llama_cpp.llama_sampler_free(sampler)
+    llama_cpp.llama_free(ctx)
+    llama_cpp.llama_model_free(model)
+    return Measurement("bare llama_decode loop (kernel ceiling)", concurrency, produced, seconds)
+
+
+def llama_library_loop(settings: Settings, workload: Workload, requests: int) -> Measurement:
+    """llama_cpp.Llama.create_completion on the same rendered prompts, one at a time."""
+    import llama_cpp
+
+    from tokenmill.engines.llamacpp import LlamaCppTokenizer
+
+    llm = llama_cpp.Llama(
+        str(resolve_model_path(settings.model)), n_ctx=settings.context_window, n_threads=settings.threads_per_replica(),
+        flash_attn=True, verbose=False,
+    )
+    tokenizer = LlamaCppTokenizer(llm.model, llama_cpp.llama_model_get_vocab(llm.model), settings.context_window)
+    eog_bias = {t: -1e9 for t in tokenizer.eog_ids}  # ignore_eos, as in the workload
+
+    def prompt(i: int) -> str:
+        return tokenizer.render_chat(to_generation_request(workload.request_body(i, "m"), i).messages)
+
+    llm.create_completion(prompt(-1), max_tokens=4)  # warm-up
+    started = time.perf_counter()
+    produced = 0
+    for i in range(requests):
+        body = workload.request_body(i, "m")
+        out = llm.create_completion(
+            prompt(i), max_tokens=workload.max_tokens, temperature=body["temperature"], seed=body["seed"],
+            top_k=0, top_p=1.0, min_p=0.0, logit_bias=eog_bias,
+        )
         produced += out["usage"]["completion_tokens"]
-    elapsed = time.perf_counter() - started
+    seconds = time.perf_counter() - started
     llm.close()
-    return Measurement("llama_cpp.Llama.create_completion", 1, produced, elapsed)
+    return Measurement("llama_cpp.Llama.create_completion loop", 1, produced, seconds)
 
 
-def run_all(sequences: int, max_tokens: int, threads: int, model: str | None = None) -> list[Measurement]:
-    path = str(resolve_model_path(model))
-    batch = Settings(mode="batch", model=model, max_batch=max(sequences, 1), kv_tokens=8192, threads=threads)
-    single = Settings(mode="batch", model=model, max_batch=1, kv_tokens=2048, threads=threads)
-    return [
-        bare_decode_loop(path, sequences, max_tokens, threads),
-        scheduler_in_process(batch, sequences, max_tokens),
-        llama_create_completion(path, 3, max_tokens, threads),
-        scheduler_in_process(single, 3, max_tokens),
-    ]
+def main(argv: list[str] | None = None) -> None:
+    """`python -m tokenmill.bench.inprocess KIND CONCURRENCY REQUESTS MAX_TOKENS [serve flags]`: one
+    measurement in a fresh process (engines left behind by another measurement would skew it),
+    printed as one JSON line."""
+    import json
+    import sys
+
+    from tokenmill.cli import build_parser, settings_from_args
+
+    kind, concurrency, requests, max_tokens, *serve_flags = argv if argv is not None else sys.argv[1:]
+    concurrency, requests = int(concurrency), int(requests)
+    settings = settings_from_args(build_parser().parse_args(["serve", *serve_flags]))
+    workload = Workload(max_tokens=int(max_tokens))
+    batch = settings.model_copy(update={"mode": "batch", "max_batch": max(settings.max_batch, concurrency)})
+    measure = {
+        "bare": lambda: bare_decode_loop(batch, workload, concurrency, requests),
+        "batch": lambda: runner_closed_loop(batch, workload, concurrency, requests),
+        "async": lambda: runner_closed_loop(settings.model_copy(update={"mode": "async"}), workload, concurrency, requests),
+        "llama": lambda: llama_library_loop(settings, workload, requests),
+    }[kind]
+    result = measure()
+    print(json.dumps({"kind": kind, "name": result.name, "concurrency": result.concurrency,
+                      "tokens": result.tokens, "seconds": result.seconds, "tokens_per_s": result.tokens_per_second}))
 
 
-def _ctypes_keepalive() -> None:  # referenced so linters keep the ctypes import used for buffers
-    ctypes.sizeof(llama_cpp.llama_token)
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""A short `tokenmill bench` against a spawned simulated server writes sane results."""
+
+from __future__ import annotations
+
+import json
+
+from tokenmill.cli import main
+
+
+def test_short_bench_against_simulated_server(tmp_path, capsys):
+    out = tmp_path / "results"
+    code = main([
+        "bench", "--spawn", "--modes", "async,batch", "--concurrency", "1,4", "--requests", "8",
+        "--max-tokens", "8", "--warmup", "1", "--out", str(out),
+        "--serve-args", "--engine simulated --sim-ttft-ms 40 --sim-itl-ms 10 --replicas 2",
+    ])
+    assert code == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert [(r["target"].split()[0], r["concurrency"]) for r in rows] == [("async", 1), ("async", 4), ("batch", 1), ("batch", 4)]
+    for row in rows:
+        assert row["ok"] == 8 and row["errors"] == 0 and row["rejected"] == 0
+        assert row["output_tokens_per_s"] > 0
+    alone = {r["target"].split()[0]: r for r in rows if r["concurrency"] == 1}
+    for row in alone.values():
+        # unloaded, the measured latencies follow the simulated cost model (40 ms TTFT, 10 ms/token)
+        assert 0.035 <= row["ttft_p50"] <= 0.2
+        assert 0.008 <= row["itl_p50"] <= 0.05
+    # 2 replicas serve at most 2 at once; the batch runner steps all 4 together
+    four = {r["target"].split()[0]: r for r in rows if r["concurrency"] == 4}
+    assert four["batch"]["output_tokens_per_s"] > four["async"]["output_tokens_per_s"]
+    assert (out / "results.csv").exists() and "| async" in (out / "results.md").read_text()
+    assert "tok/s" in capsys.readouterr().out

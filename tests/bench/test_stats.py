@@ -1,0 +1,56 @@
+"""Bench statistics on synthetic records: percentiles, throughput, goodput, steady-state TTFT."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tokenmill.bench.stats import RequestRecord, percentile, summarize
+
+
+def test_percentile_matches_linear_interpolation():
+    values = [float(v) for v in range(1, 101)]  # 1..100
+    assert percentile(values, 50) == pytest.approx(50.5)
+    assert percentile(values, 90) == pytest.approx(90.1)
+    assert percentile(values, 99) == pytest.approx(99.01)
+    assert percentile([3.0], 99) == 3.0
+    assert math.isnan(percentile([], 50))
+
+
+def test_percentile_ignores_input_order():
+    assert percentile([5.0, 1.0, 3.0], 50) == 3.0
+
+
+def ok(started, ttft, gaps, tokens):
+    return RequestRecord(started=started, status="ok", ttft=ttft, gaps=gaps, latency=ttft + sum(gaps), output_tokens=tokens)
+
+
+def test_summary_counts_throughput_and_statuses():
+    records = [
+        ok(0.0, 0.1, [0.01] * 9, 10),
+        ok(0.0, 0.3, [0.02] * 9, 10),
+        RequestRecord(started=0.0, status="rejected"),
+        RequestRecord(started=0.0, status="error", error="boom"),
+    ]
+    s = summarize(records, duration_s=2.0)
+    assert (s.requests, s.ok, s.rejected, s.errors) == (4, 2, 1, 1)
+    assert s.output_tokens_per_s == pytest.approx(10.0)
+    assert s.request_throughput == pytest.approx(1.0)
+    assert s.ttft_p50 == pytest.approx(0.2)
+    assert s.itl_p50 == pytest.approx(0.015)
+
+
+def test_goodput_counts_only_requests_within_the_slo():
+    records = [ok(0.0, 0.1, [0.01] * 4, 5), ok(0.0, 0.5, [0.01] * 4, 5), ok(0.0, 0.1, [0.2] * 4, 5)]
+    s = summarize(records, duration_s=1.0, slo_ttft=0.2, slo_itl=0.05)
+    assert s.goodput == pytest.approx(1.0)
+    assert summarize(records, duration_s=1.0).goodput == pytest.approx(3.0)
+
+
+def test_steady_state_ttft_excludes_the_first_wave():
+    first_wave = [ok(0.0, 2.0, [0.1] * 5, 6) for _ in range(3)]  # slow: all arrived at once
+    later = [ok(3.0, 0.2, [0.1] * 5, 6), ok(3.5, 0.4, [0.1] * 5, 6)]  # sent after the first finished (t=2.5)
+    s = summarize(first_wave + later, duration_s=5.0)
+    assert s.ttft_p99 == pytest.approx(2.0)
+    assert s.steady_ttft_p50 == pytest.approx(0.3)

@@ -1,0 +1,76 @@
+"""`tokenmill bench`: run one workload against a server, or against tokenmill in several modes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shlex
+from pathlib import Path
+
+from tokenmill.bench import report
+from tokenmill.bench.loadgen import closed_loop, served_model
+from tokenmill.bench.spawn import SpawnedServer
+from tokenmill.bench.stats import summarize
+from tokenmill.bench.workload import Workload
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--url", help="base URL of any OpenAI-compatible server (e.g. http://127.0.0.1:8000)")
+    target.add_argument("--spawn", action="store_true", help="start tokenmill itself, once per --modes entry")
+    parser.add_argument("--modes", default="async,batch", help="with --spawn: comma-separated serving modes [async,batch]")
+    parser.add_argument("--serve-args", default="", help="with --spawn: extra `tokenmill serve` flags, quoted")
+    parser.add_argument("--concurrency", default="1,8,32", help="closed-loop concurrency levels, comma-separated [1,8,32]")
+    parser.add_argument("--requests", type=int, default=None, help="requests per level [default: 4 x concurrency, at least 8]")
+    parser.add_argument("--warmup", type=int, default=2, help="warm-up requests per level, not counted [2]")
+    parser.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (ignore_eos) [64]")
+    parser.add_argument("--slo-ttft", type=float, default=None, help="goodput SLO: time to first token, seconds")
+    parser.add_argument("--slo-itl", type=float, default=None, help="goodput SLO: p99 inter-token gap, seconds")
+    parser.add_argument(
+        "--baselines",
+        action="store_true",
+        help="also measure in-process baselines (bare llama_decode loop, batch runner without HTTP, "
+        "llama_cpp.Llama loop), each in a fresh process, and print the ratios",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="directory for results.json / .csv / .md")
+
+
+def run(args: argparse.Namespace) -> int:
+    levels = [int(c) for c in args.concurrency.split(",")]
+    workload = Workload(max_tokens=args.max_tokens)
+    rows: list[dict] = []
+    if args.url:
+        rows += asyncio.run(_sweep(args.url, args.url, levels, workload, args))
+    else:
+        for mode in args.modes.split(","):
+            with SpawnedServer(["--mode", mode, *shlex.split(args.serve_args)]) as server:
+                label = f"{mode} {args.serve_args}".strip()
+                for row in asyncio.run(_sweep(server.url, label, levels, workload, args)):
+                    row["peak_rss_mb"] = server.peak_rss_mb()
+                    rows.append(row)
+                    print(report.table([row]).splitlines()[-1], flush=True)
+    print(report.table(rows))
+    ratios = None
+    if args.baselines:
+        from tokenmill.bench.baselines import measure_baselines, ratio_table
+
+        baselines = measure_baselines(levels, args, shlex.split(args.serve_args))
+        ratios = ratio_table(rows, baselines)
+        print(ratios)
+    if args.out:
+        report.write(rows, args.out)
+        if ratios:
+            (args.out / "ratios.md").write_text(ratios + "\n")
+        print(f"wrote results to {args.out}/")
+    return 0
+
+
+async def _sweep(url: str, label: str, levels: list[int], workload: Workload, args: argparse.Namespace) -> list[dict]:
+    model = await served_model(url)
+    rows = []
+    for concurrency in levels:
+        requests = args.requests or max(8, 4 * concurrency)
+        records, seconds = await closed_loop(url, model, workload, concurrency, requests, warmup=min(args.warmup, concurrency) if args.warmup else 0)
+        summary = summarize(records, seconds, args.slo_ttft, args.slo_itl)
+        rows.append({"target": label, "concurrency": concurrency, **summary.as_row()})
+    return rows

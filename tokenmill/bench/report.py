@@ -1,0 +1,58 @@
+"""Render results: a table for people, JSON and CSV for machines."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+COLUMNS = [
+    ("target", "target", "{}"),
+    ("concurrency", "conc", "{}"),
+    ("ok", "ok", "{}"),
+    ("rejected", "503", "{}"),
+    ("errors", "err", "{}"),
+    ("output_tokens_per_s", "tok/s", "{:.1f}"),
+    ("request_throughput", "req/s", "{:.2f}"),
+    ("ttft_p50", "TTFT p50 ms", "{:.0f}"),
+    ("ttft_p99", "TTFT p99 ms", "{:.0f}"),
+    ("steady_ttft_p99", "steady TTFT p99 ms", "{:.0f}"),
+    ("itl_p50", "ITL p50 ms", "{:.1f}"),
+    ("itl_p99", "ITL p99 ms", "{:.1f}"),
+    ("latency_p50", "E2E p50 s", "{:.2f}"),
+    ("latency_p99", "E2E p99 s", "{:.2f}"),
+    ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
+]
+_MILLISECONDS = {"ttft_p50", "ttft_p99", "steady_ttft_p99", "itl_p50", "itl_p99"}
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return "-"
+    if key in _MILLISECONDS:
+        value = value * 1000
+    try:
+        return fmt.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def table(rows: list[dict]) -> str:
+    """A GitHub-flavoured markdown table (readable in a terminal, pasteable into docs)."""
+    header = "| " + " | ".join(title for _, title, _ in COLUMNS) + " |"
+    rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
+    lines = [header, rule]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row, key, fmt) for key, _, fmt in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def write(rows: list[dict], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    with (out / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "results.md").write_text(table(rows) + "\n")

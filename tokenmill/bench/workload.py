@@ -1,0 +1,50 @@
+"""A seeded, repeatable workload: which prompts, how long the answers, how many requests."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+# Shipped with the package so every run, on every machine, sends the same requests.
+PROMPTS = (
+    "Explain how a lighthouse works.",
+    "Write a haiku about autumn rain.",
+    "What are the main causes of ocean tides?",
+    "Give three tips for writing clear emails.",
+    "Describe the water cycle to a ten-year-old.",
+    "Why is the sky blue?",
+    "Summarise the plot of a detective story in two sentences.",
+    "List five fruits that are high in vitamin C.",
+    "How do vaccines train the immune system?",
+    "Write a short poem about a cat on a windowsill.",
+    "What is the difference between weather and climate?",
+    "Explain recursion with a simple example.",
+    "Suggest a name for a bakery and explain it.",
+    "How does a bicycle stay upright?",
+    "What should I pack for a weekend hiking trip?",
+    "Describe the taste of a lemon to someone who has never had one.",
+)
+
+
+@dataclass(frozen=True)
+class Workload:
+    max_tokens: int = 64
+    ignore_eos: bool = True  # every request really generates max_tokens
+    temperature: float = 0.7
+    seed: int = 1234
+
+    def request_body(self, index: int, model: str) -> dict:
+        rng = random.Random(self.seed * 1_000_003 + index)
+        return {
+            "model": model,
+            "messages": [
+                {"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": rng.choice(PROMPTS)},
+            ],
+            "max_tokens": self.max_tokens,
+            "ignore_eos": self.ignore_eos,
+            "temperature": self.temperature,
+            "seed": rng.randrange(2**31),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
