@@ -107,3 +107,31 @@ def test_cancellation_stops_within_one_step(engine):
     seq = prepare_sequence(request, engine.tokenizer)
     events = list(generate(engine, seq, cancelled))
     assert len(events) == 3 and seq.status.value == "aborted"
+
+
+def test_prefix_cache_reuses_a_shared_prompt_start_without_changing_output(engine):
+    system = ChatMessage("system", "You are a helpful assistant who answers in one short paragraph.")
+    first = (system, ChatMessage("user", "Why is the sky blue?"))
+    second = (system, ChatMessage("user", "What makes the sea salty?"))
+    complete(engine, messages=first, temperature=0, max_tokens=8)
+    before = engine.prompt_tokens_reused
+    cached_text, _ = complete(engine, messages=second, temperature=0, max_tokens=24)
+    reused = engine.prompt_tokens_reused - before
+    shared_prefix = engine.tokenizer.encode(engine.tokenizer.render_chat((system,)))
+    assert reused >= len(shared_prefix) - 1  # at least the template and system turn were not recomputed
+    fresh_engine = LlamaCppEngine(default_model_path(), context_window=2048, threads=2, prefix_cache=False)
+    try:
+        fresh_text, _ = complete(fresh_engine, messages=second, temperature=0, max_tokens=24)
+        assert fresh_engine.prompt_tokens_reused == 0
+    finally:
+        fresh_engine.close()
+    assert cached_text == fresh_text
+
+
+def test_prefix_cache_on_an_identical_prompt_recomputes_only_its_last_token(engine):
+    complete(engine, PROMPTS[1], temperature=0, max_tokens=4)
+    before = engine.prompt_tokens_reused
+    again, _ = complete(engine, PROMPTS[1], temperature=0, max_tokens=16)
+    prompt_length = len(engine.tokenizer.encode(PROMPTS[1]))
+    assert engine.prompt_tokens_reused - before == prompt_length - 1
+    assert again == complete(engine, PROMPTS[1], temperature=0, max_tokens=16)[0]

@@ -24,8 +24,17 @@ def seq(prompt_len: int = 4, max_new: int = 4) -> Sequence:
     return Sequence("r", [1] * prompt_len, SamplingParams(max_tokens=max_new), max_new, OneByteTokens())
 
 
+class Plan:
+    def __init__(self, admitted, chunks):
+        self.admitted, self.chunks = admitted, chunks
+
+
+def schedule(scheduler: Scheduler) -> Plan:
+    return Plan(scheduler.admit(), scheduler.plan())
+
+
 def run_step(scheduler: Scheduler, token: int = 7):
-    plan = scheduler.schedule()
+    plan = schedule(scheduler)
     tokens = [token if c.completes_sequence_input else None for c in plan.chunks]
     return plan, scheduler.postprocess(plan.chunks, tokens)
 
@@ -35,7 +44,7 @@ def test_admits_up_to_max_batch_and_the_rest_waits():
     a, b, c = seq(), seq(), seq()
     for x in (a, b, c):
         s.add(x)
-    plan = s.schedule()
+    plan = schedule(s)
     assert plan.admitted == [a, b]
     assert list(s.waiting) == [c] and c.status is SequenceStatus.WAITING
 
@@ -45,7 +54,7 @@ def test_admission_reserves_prompt_plus_max_tokens_of_kv():
     a, b = seq(prompt_len=6, max_new=6), seq(prompt_len=6, max_new=6)  # 12 each
     s.add(a)
     s.add(b)
-    assert s.schedule().admitted == [a]
+    assert schedule(s).admitted == [a]
     assert s.kv_reserved == 12
     assert list(s.waiting) == [b]
 
@@ -93,7 +102,7 @@ def test_abort_of_running_and_waiting_sequences():
     a, b = seq(), seq()
     s.add(a)
     s.add(b)
-    s.schedule()
+    schedule(s)
     assert s.abort(a) is True and s.kv_reserved == 0 and a.status is SequenceStatus.ABORTED
     assert s.abort(b) is False and not s.waiting
     assert not s.has_work
@@ -103,7 +112,7 @@ def test_engine_failure_releases_every_running_sequence():
     s = Scheduler(SchedulerConfig(max_batch=4, kv_tokens=100, max_step_tokens=64))
     for _ in range(3):
         s.add(seq())
-    s.schedule()
+    schedule(s)
     failed = s.fail_all_running()
     assert len(failed) == 3 and s.kv_reserved == 0 and not s.running
 

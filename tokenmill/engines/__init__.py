@@ -29,9 +29,9 @@ def build_engine(settings: Settings) -> StepEngine:
                 resolve_model_path(settings.model),
                 context_window=settings.context_window,
                 max_sequences=settings.max_batch,
-                # Headroom over the scheduler's budget: the cache never runs out of cells, even when
-                # a step's tokens cannot be placed next to each other.
-                kv_tokens=settings.kv_tokens + settings.max_step_tokens,
+                # Headroom over the scheduler's budget: the cells the prefix cache holds on its own
+                # (at most one prompt), and slack so a step never lacks free cells to place its tokens.
+                kv_tokens=settings.kv_tokens + settings.context_window + settings.max_step_tokens,
                 threads=settings.threads_per_replica(),
                 max_step_tokens=settings.max_step_tokens,
             )

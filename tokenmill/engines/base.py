@@ -51,7 +51,8 @@ class StepEngine(Protocol):
     max_chunk_tokens: int  # the most tokens one chunk may carry
 
     def add_sequence(self, seq: Sequence) -> None:
-        """Set up per-sequence state (sampler, cache slot) before its first step."""
+        """Set up per-sequence state (sampler, cache slot) before its first step. An engine with a
+        prefix cache may advance `seq.num_computed` past prompt tokens it already holds."""
 
     def step(self, chunks: Seq[Chunk]) -> list[int | None]:
         """One forward pass. Returns, per chunk, the sampled next token, or None for a partial prefill."""

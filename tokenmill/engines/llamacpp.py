@@ -1,9 +1,15 @@
 """The llama.cpp engine, on llama-cpp-python's low-level API.
 
-One context holds up to `n_seq_max` sequences in a unified KV cache; each sequence gets a slot
+One context holds up to `max_sequences` sequences in a unified KV cache; each sequence gets a slot
 (its llama.cpp sequence id) and its own sampler chain, so seeds are per request even when batched.
 `step()` packs every chunk into one `llama_batch` and runs one `llama_decode`; ctypes releases the
 GIL for the duration, so the event loop and other replicas keep running.
+
+Prefix cache: one extra sequence id holds the KV cells of the last prompt that finished prefill.
+A new sequence whose prompt starts the same way (a chat template, a system prompt, a conversation
+so far) shares those cells -- in a unified cache that is bookkeeping, not a copy -- and only
+prefills the rest. The cache is trimmed to what each newcomer shares, so the cells it holds on its
+own never exceed one prompt.
 """
 
 from __future__ import annotations
@@ -99,6 +105,7 @@ class LlamaCppEngine:
         kv_tokens: int | None = None,
         threads: int | None = None,
         max_step_tokens: int = 512,
+        prefix_cache: bool = True,
     ):
         threads = threads or os.cpu_count() or 1
         self._model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), llama_cpp.llama_model_default_params())
@@ -108,7 +115,7 @@ class LlamaCppEngine:
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = kv_tokens or window
         params.n_batch = params.n_ubatch = max_step_tokens
-        params.n_seq_max = max_sequences
+        params.n_seq_max = max_sequences + 1  # the last sequence id holds the prefix cache
         params.n_threads = params.n_threads_batch = threads
         params.kv_unified = True  # one shared KV budget, however it is split between sequences
         params.no_perf = True
@@ -125,12 +132,36 @@ class LlamaCppEngine:
         self._free_slots = list(range(max_sequences - 1, -1, -1))
         self._slots: dict[int, int] = {}
         self._samplers: dict[int, llama_cpp.llama_sampler_p] = {}
+        self._prefix_cache = prefix_cache
+        self._cache_slot = max_sequences
+        self._cached: list[int] = []  # the tokens whose KV cells the cache slot holds, from position 0
+        self.prompt_tokens_reused = 0
 
     def add_sequence(self, seq: Sequence) -> None:
         if not self._free_slots:
             raise EngineFailure("no free sequence slot in the llama.cpp context")
-        self._slots[seq.seq_id] = self._free_slots.pop()
+        slot = self._slots[seq.seq_id] = self._free_slots.pop()
         self._samplers[seq.seq_id] = _sampler_chain(seq)
+        if self._prefix_cache and seq.num_computed == 0:
+            self._reuse_prefix(seq, slot)
+
+    def _reuse_prefix(self, seq: Sequence, slot: int) -> None:
+        prompt = seq.token_ids[: seq.num_prompt_tokens]
+        shared = _common_prefix_length(self._cached, prompt[:-1])  # keep one token to compute logits on
+        llama_cpp.llama_memory_seq_rm(self._memory, self._cache_slot, shared, -1)
+        del self._cached[shared:]
+        if shared:
+            llama_cpp.llama_memory_seq_cp(self._memory, self._cache_slot, slot, 0, shared)
+            seq.num_computed = shared
+            self.prompt_tokens_reused += shared
+
+    def _remember_prompt(self, seq: Sequence, slot: int) -> None:
+        """`seq` has just finished prefill: its prompt becomes the cached prefix."""
+        prompt = seq.token_ids[: seq.num_prompt_tokens]
+        keep = _common_prefix_length(self._cached, prompt)
+        llama_cpp.llama_memory_seq_rm(self._memory, self._cache_slot, keep, -1)
+        llama_cpp.llama_memory_seq_cp(self._memory, slot, self._cache_slot, keep, len(prompt))
+        self._cached = prompt
 
     def remove_sequence(self, seq: Sequence) -> None:
         slot = self._slots.pop(seq.seq_id, None)
@@ -158,6 +189,10 @@ class LlamaCppEngine:
         status = llama_cpp.llama_decode(self._ctx, batch)
         if status != 0:
             raise EngineFailure(f"llama_decode failed (status {status})")
+        if self._prefix_cache:
+            for chunk in chunks:
+                if chunk.completes_sequence_input and chunk.seq.num_generated == 0:
+                    self._remember_prompt(chunk.seq, self._slots[chunk.seq.seq_id])
         return [None if row is None else self._sample(chunk.seq, row) for chunk, row in zip(chunks, sample_rows)]
 
     def _sample(self, seq: Sequence, row: int) -> int:
@@ -176,6 +211,14 @@ class LlamaCppEngine:
             llama_cpp.llama_free(self._ctx)
             llama_cpp.llama_model_free(self._model)
             self._ctx = self._model = None
+
+
+def _common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 def _sampler_chain(seq: Sequence) -> llama_cpp.llama_sampler_p:

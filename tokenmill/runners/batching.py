@@ -130,22 +130,22 @@ class BatchingRunner(Runner):
             self._deliver([], settled=1)
 
     def _step(self, engine: StepEngine) -> None:
-        plan = self._scheduler.schedule()
-        for seq in plan.admitted:
+        for seq in self._scheduler.admit():
             engine.add_sequence(seq)
-        if not plan.chunks:
+        chunks = self._scheduler.plan()
+        if not chunks:
             return
         try:
-            tokens = engine.step(plan.chunks)
+            tokens = engine.step(chunks)
         except Exception as error:
-            log.exception("engine step failed; failing the %d running requests", len(plan.chunks))
+            log.exception("engine step failed; failing the %d running requests", len(chunks))
             failed = self._scheduler.fail_all_running()
             for seq in failed:
                 engine.remove_sequence(seq)
             deliveries = [(self._handles.pop(s.seq_id), error) for s in failed]
             self._deliver(deliveries, settled=len(failed))
             return
-        outcome = self._scheduler.postprocess(plan.chunks, tokens)
+        outcome = self._scheduler.postprocess(chunks, tokens)
         for seq in outcome.finished:
             engine.remove_sequence(seq)
         deliveries = []

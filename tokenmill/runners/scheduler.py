@@ -10,7 +10,7 @@ others' next token by one (bounded) chunk, never by its whole prefill.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tokenmill.engines.base import Chunk
 from tokenmill.engines.sequence import Sequence, SequenceStatus
@@ -26,12 +26,6 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         if self.max_step_tokens < self.max_batch:
             raise ValueError("max_step_tokens must be at least max_batch (one decode row per sequence)")
-
-
-@dataclass(slots=True)
-class StepPlan:
-    admitted: list[Sequence] = field(default_factory=list)  # the engine must add_sequence() these first
-    chunks: list[Chunk] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,19 +62,26 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
-    def schedule(self) -> StepPlan:
-        plan = StepPlan()
+    def admit(self) -> list[Sequence]:
+        """Move waiting sequences into the batch while they fit. The engine must add_sequence()
+        each one before `plan()`: it may find part of a prompt already cached."""
+        admitted = []
         while self.waiting and self.can_admit(self.waiting[0]):
             seq = self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.kv_reserved += seq.kv_tokens_needed
             self.running.append(seq)
-            plan.admitted.append(seq)
+            admitted.append(seq)
+        return admitted
+
+    def plan(self) -> list[Chunk]:
+        """This step's work: a decode row per generating sequence, then prefill chunks."""
+        chunks = []
         budget = self.config.max_step_tokens
         prefilling = []
         for seq in self.running:
             if seq.num_pending == 1:
-                plan.chunks.append(Chunk(seq, 1))
+                chunks.append(Chunk(seq, 1))
                 budget -= 1
             else:
                 prefilling.append(seq)
@@ -88,9 +89,9 @@ class Scheduler:
             if budget <= 0:
                 break
             take = min(seq.num_pending, budget)
-            plan.chunks.append(Chunk(seq, take))
+            chunks.append(Chunk(seq, take))
             budget -= take
-        return plan
+        return chunks
 
     def postprocess(self, chunks: list[Chunk], tokens: list[int | None]) -> StepOutcome:
         events: list[tuple[Sequence, list[TokenEvent]]] = []
