@@ -70,10 +70,24 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from tokenmill.server import create_app
+    from tokenmill.server.shutdown import DrainingServer
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.log_format == "json":
+        fmt = '{"time": "%(asctime)s", "level": "%(levelname)s", "logger": "%(name)s", "message": %(message)r}'
+    else:
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=settings.log_level.upper(), format=fmt)
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,  # tokenmill logs each request itself, with its request id
+        timeout_keep_alive=int(settings.keep_alive_timeout),
+        timeout_graceful_shutdown=int(settings.drain_timeout) + 10,
+    )
+    DrainingServer(config, app.state.serving.lifecycle, settings.drain_timeout).run()
     return 0
 
 

@@ -58,6 +58,32 @@ class Settings(BaseSettings):
         512, ge=1, description="Batch mode: most tokens fed to the model in one step (prefill is chunked to fit)."
     )
 
+    # -- admission and backpressure
+    max_concurrency: int | None = Field(
+        None, ge=1, description="Requests running at once. Default: what the mode runs at once (max-batch in batch mode, replicas otherwise)."
+    )
+    max_queue: int | None = Field(
+        None, ge=0, description="Requests waiting for a place; beyond it, 503 + Retry-After at once. Default: max(8, 2 x capacity)."
+    )
+    queue_timeout: float = Field(30.0, gt=0, description="Seconds a request may wait in the queue before a 503.")
+
+    # -- timeouts (seconds, from the request's arrival)
+    first_token_timeout: float = Field(60.0, gt=0, description="Deadline for the first token (includes queueing).")
+    inter_token_timeout: float = Field(30.0, gt=0, description="Longest allowed gap between two tokens.")
+    request_timeout: float = Field(600.0, gt=0, description="Total deadline; a request's own 'timeout' may shorten it.")
+    drain_timeout: float = Field(30.0, ge=0, description="On SIGTERM: how long in-flight requests may run before they are ended.")
+    keep_alive_timeout: float = Field(5.0, gt=0, description="Idle HTTP keep-alive connections are closed after this.")
+
+    # -- security and limits
+    api_key: str | None = Field(None, description="Require 'Authorization: Bearer KEY' on inference routes (comma-separate several keys).")
+    api_key_file: str | None = Field(None, description="File with one API key per line (added to --api-key).")
+    metrics_require_key: bool = Field(False, description="Also require the API key on /metrics (/health and /ready stay open).")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest accepted request body, in bytes (413 above).")
+    max_prompt_tokens: int | None = Field(None, ge=1, description="Largest accepted prompt, in tokens. Default: the context window.")
+    max_tokens_limit: int | None = Field(None, ge=1, description="Largest accepted max_tokens per request. Default: the context window.")
+    cors_origins: str | None = Field(None, description="Comma-separated origins allowed by CORS ('*' for any). Default: CORS off.")
+    log_format: Literal["text", "json"] = Field("text", description="Access and server log format.")
+
     # -- simulated engine (tests and serving-pattern studies)
     sim_ttft_ms: float = Field(50.0, ge=0, description="Simulated engine: time to prefill a prompt.")
     sim_itl_ms: float = Field(20.0, ge=0, description="Simulated engine: time per decode step of one sequence.")
@@ -78,6 +104,21 @@ class Settings(BaseSettings):
         if self.mode == "batch" and self.max_step_tokens < self.max_batch:
             raise ValueError("max_step_tokens must be at least max_batch (one decode row per sequence)")
         return self
+
+    def capacity(self) -> int:
+        if self.max_concurrency is not None:
+            return self.max_concurrency
+        return self.max_batch if self.mode == "batch" else self.replicas
+
+    def queue_limit(self) -> int:
+        return self.max_queue if self.max_queue is not None else max(8, 2 * self.capacity())
+
+    def api_keys(self) -> tuple[str, ...]:
+        keys = [k.strip() for k in (self.api_key or "").split(",")]
+        if self.api_key_file:
+            with open(self.api_key_file) as f:
+                keys += [line.strip() for line in f]
+        return tuple(k for k in keys if k)
 
     def threads_per_replica(self) -> int:
         if self.threads is not None:

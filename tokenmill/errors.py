@@ -3,6 +3,8 @@
     TokenmillError                  base; carries an OpenAI-style message, param and code
     ├── InvalidRequest              the request itself is wrong (bad field, bad value)
     │   └── ContextLengthExceeded   prompt (+ max_tokens) does not fit the model's window
+    │   └── RequestTooLarge         the body is over the size limit
+    ├── Unauthorized                missing or wrong API key
     ├── ModelNotFound               the request names a model this server does not serve
     ├── Overloaded                  no capacity now; retry later (carries retry_after seconds)
     ├── DeadlineExceeded            a timeout fired before the generation ended
@@ -45,6 +47,15 @@ class InvalidRequest(TokenmillError):
 
 class ContextLengthExceeded(InvalidRequest):
     default_code = "context_length_exceeded"
+
+
+class RequestTooLarge(InvalidRequest):
+    default_code = "request_too_large"
+
+
+class Unauthorized(TokenmillError):
+    error_type = "invalid_request_error"
+    default_code = "invalid_api_key"
 
 
 class ModelNotFound(TokenmillError):

@@ -101,7 +101,12 @@ class Sequence:
         return events
 
 
-def prepare_sequence(request: GenerationRequest, tokenizer: Tokenizer) -> Sequence:
+def prepare_sequence(
+    request: GenerationRequest,
+    tokenizer: Tokenizer,
+    max_prompt_tokens: int | None = None,
+    max_tokens_limit: int | None = None,
+) -> Sequence:
     """Render, tokenize and size-check a request; raises InvalidRequest before any model work."""
     if request.messages is not None:
         text = tokenizer.render_chat(request.messages)
@@ -118,6 +123,13 @@ def prepare_sequence(request: GenerationRequest, tokenizer: Tokenizer) -> Sequen
     prompt_ids = tokenizer.encode(text)
     if not prompt_ids:
         raise InvalidRequest("the prompt is empty", param="prompt" if request.prompt is not None else "messages")
+    param = "prompt" if request.prompt is not None else "messages"
+    if max_prompt_tokens is not None and len(prompt_ids) > max_prompt_tokens:
+        raise InvalidRequest(
+            f"The prompt has {len(prompt_ids)} tokens; this server accepts at most {max_prompt_tokens}.", param=param
+        )
+    if max_tokens_limit is not None and (request.params.max_tokens or 0) > max_tokens_limit:
+        raise InvalidRequest(f"max_tokens may be at most {max_tokens_limit} on this server.", param="max_tokens")
     window = tokenizer.context_window
     room = window - len(prompt_ids)
     requested = request.params.max_tokens
@@ -129,4 +141,6 @@ def prepare_sequence(request: GenerationRequest, tokenizer: Tokenizer) -> Sequen
             param="messages" if request.messages is not None else "prompt",
         )
     max_new = requested if requested is not None else room
+    if max_tokens_limit is not None:
+        max_new = min(max_new, max_tokens_limit)
     return Sequence(request.request_id, prompt_ids, request.params, max_new, tokenizer)

@@ -6,12 +6,18 @@ import functools
 
 from tokenmill.config import Settings
 from tokenmill.engines import build_engine, served_model_name
-from tokenmill.runners.base import RequestHandle, Runner
+from tokenmill.runners.base import RequestHandle, RequestLimits, Runner, RunnerStats
 
-__all__ = ["RequestHandle", "Runner", "build_runner"]
+__all__ = ["RequestHandle", "RequestLimits", "Runner", "RunnerStats", "build_runner"]
 
 
 def build_runner(settings: Settings) -> Runner:
+    runner = _build(settings)
+    runner.limits = RequestLimits(max_prompt_tokens=settings.max_prompt_tokens, max_tokens=settings.max_tokens_limit)
+    return runner
+
+
+def _build(settings: Settings) -> Runner:
     name = served_model_name(settings)
     if settings.mode == "async":
         from tokenmill.runners.executor import ExecutorRunner

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 
+from tokenmill.engines.sequence import Sequence, prepare_sequence
 from tokenmill.errors import EngineFailure, TokenmillError
 from tokenmill.generation import Finished, GenerationRequest, TokenEvent
 
@@ -61,10 +63,33 @@ class RequestHandle:
         self._events.put_nowait(error)
 
 
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    max_prompt_tokens: int | None = None
+    max_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerStats:
+    running: int  # sequences the model is working on
+    waiting: int  # submitted, not yet running (inside the runner)
+    kv_tokens_used: int  # KV cache cells reserved (batch mode; 0 where not tracked)
+    kv_tokens_capacity: int
+    aborted: int  # generations stopped before their end
+
+
 class Runner(ABC):
     """A serving pattern: how admitted requests reach the model."""
 
     model_name: str
+    limits: RequestLimits = RequestLimits()
+
+    def prepare(self, request: GenerationRequest, tokenizer) -> Sequence:
+        return prepare_sequence(request, tokenizer, self.limits.max_prompt_tokens, self.limits.max_tokens)
+
+    @abstractmethod
+    def stats(self) -> RunnerStats:
+        """A snapshot for metrics."""
 
     @abstractmethod
     async def start(self) -> None:

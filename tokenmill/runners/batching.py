@@ -16,10 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tokenmill.engines.base import StepEngine
-from tokenmill.engines.sequence import Sequence, prepare_sequence
+from tokenmill.engines.sequence import Sequence
 from tokenmill.errors import ContextLengthExceeded, EngineFailure
 from tokenmill.generation import Finished, GenerationRequest, TokenEvent
-from tokenmill.runners.base import RequestHandle, Runner
+from tokenmill.runners.base import RequestHandle, Runner, RunnerStats
 from tokenmill.runners.scheduler import Scheduler, SchedulerConfig
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,16 @@ class BatchingRunner(Runner):
     def in_flight(self) -> int:
         return self._in_flight
 
+    def stats(self) -> RunnerStats:
+        scheduler = self._scheduler
+        return RunnerStats(
+            running=len(scheduler.running),
+            waiting=len(scheduler.waiting) + len(self._inbox),
+            kv_tokens_used=scheduler.kv_reserved,
+            kv_tokens_capacity=scheduler.config.kv_tokens,
+            aborted=self.aborted_total,
+        )
+
     @property
     def kv_tokens_reserved(self) -> int:
         return self._scheduler.kv_reserved
@@ -83,7 +93,7 @@ class BatchingRunner(Runner):
 
     async def submit(self, request: GenerationRequest) -> RequestHandle:
         assert self._engine is not None, "runner not started"
-        seq = prepare_sequence(request, self._engine.tokenizer)
+        seq = self.prepare(request, self._engine.tokenizer)
         if not self._scheduler.fits_at_all(seq):
             raise ContextLengthExceeded(
                 f"The request needs {seq.kv_tokens_needed} KV cache tokens (prompt + max_tokens) but the "

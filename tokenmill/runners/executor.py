@@ -16,9 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tokenmill.engines.base import StepEngine
 from tokenmill.engines.replica import generate
-from tokenmill.engines.sequence import Sequence, prepare_sequence
+from tokenmill.engines.sequence import Sequence
 from tokenmill.generation import Finished, GenerationRequest
-from tokenmill.runners.base import RequestHandle, Runner
+from tokenmill.runners.base import RequestHandle, Runner, RunnerStats
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ class ExecutorRunner(Runner):
         self._engines: list[StepEngine] = []
         self._idle: queue.SimpleQueue[StepEngine] = queue.SimpleQueue()
         self._in_flight = 0
+        self._aborted = 0
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -50,12 +51,16 @@ class ExecutorRunner(Runner):
     def in_flight(self) -> int:
         return self._in_flight
 
+    def stats(self) -> RunnerStats:
+        running = min(self._in_flight, self._replicas)
+        return RunnerStats(running=running, waiting=self._in_flight - running, kv_tokens_used=0, kv_tokens_capacity=0, aborted=self._aborted)
+
     @property
     def tokenizer(self):
         return self._engines[0].tokenizer
 
     async def submit(self, request: GenerationRequest) -> RequestHandle:
-        seq = prepare_sequence(request, self.tokenizer)
+        seq = self.prepare(request, self.tokenizer)
         cancelled = threading.Event()
         handle = RequestHandle(request.request_id, seq.num_prompt_tokens, on_abort=cancelled.set)
         loop = asyncio.get_running_loop()
@@ -88,6 +93,8 @@ class ExecutorRunner(Runner):
     def _settle(self, handle: RequestHandle, outcome: Finished | Exception | None) -> None:
         """On the loop: the request no longer holds a replica; tell its consumer how it ended."""
         self._in_flight -= 1
+        if outcome is None:
+            self._aborted += 1
         if isinstance(outcome, Finished):
             handle.put(outcome)
         elif outcome is not None:

@@ -2,36 +2,87 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.types import Scope
 
 import tokenmill
 from tokenmill.config import Settings
 from tokenmill.protocol import now
 from tokenmill.runners import Runner, build_runner
+from tokenmill.server.admission import Admission
+from tokenmill.server.deadlines import Deadlines
 from tokenmill.server.errors import install_error_handlers
+from tokenmill.server.lifecycle import Lifecycle
+from tokenmill.server.metrics import Metrics, watch_event_loop
+from tokenmill.server.middleware import RequestContext
 from tokenmill.server.routes import router
+from tokenmill.server.serving import Serving
+
+_KNOWN_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/generate", "/stream", "/health", "/ready", "/metrics"}
 
 
 def create_app(settings: Settings | None = None, runner: Runner | None = None) -> FastAPI:
     """Build the app; the runner (built from settings unless given) starts and stops with it."""
     settings = settings or Settings()
     runner = runner or build_runner(settings)
+    admission = Admission(settings.capacity(), settings.queue_limit(), settings.queue_timeout)
+    lifecycle = Lifecycle(admission)
+    metrics = _metrics_for(runner, admission, lifecycle)
+    deadlines = Deadlines(settings.first_token_timeout, settings.inter_token_timeout, settings.request_timeout)
+    serving = Serving(runner, admission, lifecycle, metrics, deadlines)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await runner.start()
+        lifecycle.ready = True
+        watcher = asyncio.create_task(watch_event_loop(metrics))
         try:
             yield
         finally:
+            lifecycle.ready = False
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            lifecycle.end_all("The server is stopping.")
             await runner.stop()
 
     app = FastAPI(title="tokenmill", version=tokenmill.__version__, lifespan=lifespan)
     app.state.settings = settings
-    app.state.runner = runner
+    app.state.serving = serving
     app.state.started_at = now()
     install_error_handlers(app)
     app.include_router(router)
+
+    def count_response(scope: Scope, status: int) -> None:
+        route = scope["path"] if scope["path"] in _KNOWN_ROUTES else "other"
+        metrics.requests.labels(route, str(status)).inc()
+
+    app.add_middleware(
+        RequestContext,
+        api_keys=settings.api_keys(),
+        protect_metrics=settings.metrics_require_key,
+        max_body_bytes=settings.max_body_bytes,
+        json_logs=settings.log_format == "json",
+        on_response=count_response,
+    )
+    if settings.cors_origins:  # outermost, so preflight requests need no API key
+        origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"])
     return app
+
+
+def _metrics_for(runner: Runner, admission: Admission, lifecycle: Lifecycle) -> Metrics:
+    metrics = Metrics()
+    metrics.gauge("tokenmill_in_flight_requests", "Admitted requests not yet finished", lambda: admission.active)
+    metrics.gauge("tokenmill_queue_depth", "Requests waiting for a place", lambda: admission.queued)
+    metrics.gauge("tokenmill_batch_running_sequences", "Sequences the model is working on", lambda: runner.stats().running)
+    metrics.gauge("tokenmill_kv_cache_used_tokens", "KV cache cells reserved by running sequences", lambda: runner.stats().kv_tokens_used)
+    metrics.gauge("tokenmill_kv_cache_capacity_tokens", "KV cache cells in the budget", lambda: runner.stats().kv_tokens_capacity)
+    metrics.gauge("tokenmill_draining", "1 while the server drains for shutdown", lambda: float(lifecycle.draining))
+    return metrics

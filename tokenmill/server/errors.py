@@ -16,13 +16,17 @@ from tokenmill.errors import (
     InvalidRequest,
     ModelNotFound,
     Overloaded,
+    RequestTooLarge,
     TokenmillError,
+    Unauthorized,
 )
 from tokenmill.protocol import ErrorDetail, ErrorResponse
 
 log = logging.getLogger(__name__)
 
 _STATUS: dict[type[TokenmillError], int] = {
+    RequestTooLarge: 413,
+    Unauthorized: 401,
     InvalidRequest: 400,
     ModelNotFound: 404,
     Overloaded: 503,
@@ -43,11 +47,16 @@ def error_body(error: TokenmillError) -> dict:
     return ErrorResponse(error=detail).model_dump()
 
 
-def error_response(error: TokenmillError) -> JSONResponse:
-    headers = {}
+def error_headers(error: TokenmillError) -> dict[str, str]:
     if isinstance(error, Overloaded):
-        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
-    return JSONResponse(error_body(error), status_code=status_for(error), headers=headers)
+        return {"Retry-After": str(max(1, math.ceil(error.retry_after)))}
+    if isinstance(error, Unauthorized):
+        return {"WWW-Authenticate": "Bearer"}
+    return {}
+
+
+def error_response(error: TokenmillError) -> JSONResponse:
+    return JSONResponse(error_body(error), status_code=status_for(error), headers=error_headers(error))
 
 
 def _plain_error(status: int, message: str, error_type: str, code: str | None = None) -> JSONResponse:

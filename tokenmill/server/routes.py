@@ -1,11 +1,13 @@
-"""HTTP routes. Thin: parse -> GenerationRequest -> runner.submit -> JSON body or SSE stream."""
+"""HTTP routes. Thin: parse -> GenerationRequest -> serving.start -> JSON body or SSE stream."""
 
 from __future__ import annotations
 
-from typing import Annotated
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from tokenmill.errors import ModelNotFound
 from tokenmill.generation import GenerationRequest
@@ -22,69 +24,99 @@ from tokenmill.protocol import (
     new_id,
     now,
 )
-from tokenmill.runners import Runner
 from tokenmill.sampling import SamplingParams
 from tokenmill.server import streams
+from tokenmill.server.serving import Generation, Serving
 from tokenmill.server.sse import EventStreamResponse
 
 router = APIRouter()
+T = TypeVar("T")
 
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 500, 503, 504)}
-
-
-def _runner(request: Request) -> Runner:
-    return request.app.state.runner
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 500, 503, 504)}
 
 
-def _check_model(runner: Runner, model: str | None) -> str:
-    if model is not None and model != runner.model_name:
-        raise ModelNotFound(
-            f"The model '{model}' does not exist; this server serves '{runner.model_name}'.", param="model"
-        )
-    return runner.model_name
+def _serving(request: Request) -> Serving:
+    return request.app.state.serving
+
+
+def _check_model(serving: Serving, model: str | None) -> str:
+    name = serving.runner.model_name
+    if model is not None and model != name:
+        raise ModelNotFound(f"The model '{model}' does not exist; this server serves '{name}'.", param="model")
+    return name
+
+
+async def _until_disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _answer(request: Request, generation: Generation, build: Callable[[Generation], Awaitable[T]]) -> T | Response:
+    """Build a non-streamed body; if the client leaves first, stop generating at once."""
+    body_task = asyncio.ensure_future(build(generation))
+    gone_task = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({body_task, gone_task}, return_when=asyncio.FIRST_COMPLETED)
+        if body_task.done():
+            return body_task.result()
+        body_task.cancel()
+        generation.close(client_gone=True)
+        return Response(status_code=499)  # nobody is listening; this closes the exchange
+    except asyncio.CancelledError:  # some servers cancel the endpoint when the client leaves
+        generation.close(client_gone=True)
+        raise
+    finally:
+        gone_task.cancel()
+        if not body_task.done():
+            body_task.cancel()
+        generation.close()
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
-    runner = _runner(request)
-    model = _check_model(runner, body.model)
+    serving = _serving(request)
+    model = _check_model(serving, body.model)
     completion_id, created = new_id("chatcmpl"), now()
-    generation = GenerationRequest(
-        request_id=completion_id, params=body.to_sampling_params(), messages=body.chat_messages()
+    generation = await serving.start(
+        GenerationRequest(request_id=completion_id, params=body.to_sampling_params(), messages=body.chat_messages()),
+        timeout=body.timeout,
     )
-    handle = await runner.submit(generation)
     if body.stream:
-        return EventStreamResponse(streams.chat_stream(handle, completion_id, created, model, body.include_usage))
-    return await streams.chat_completion(handle, completion_id, created, model)
+        return EventStreamResponse(streams.chat_stream(generation, completion_id, created, model, body.include_usage))
+    return await _answer(request, generation, lambda g: streams.chat_completion(g, completion_id, created, model))
 
 
 @router.post("/v1/completions", response_model=Completion, responses=_ERRORS)
 async def completions(body: CompletionRequest, request: Request):
-    runner = _runner(request)
-    model = _check_model(runner, body.model)
+    serving = _serving(request)
+    model = _check_model(serving, body.model)
     completion_id, created = new_id("cmpl"), now()
-    generation = GenerationRequest(
-        request_id=completion_id, params=body.to_sampling_params(), prompt=body.prompt_text()
+    generation = await serving.start(
+        GenerationRequest(request_id=completion_id, params=body.to_sampling_params(), prompt=body.prompt_text()),
+        timeout=body.timeout,
     )
-    handle = await runner.submit(generation)
     if body.stream:
-        return EventStreamResponse(
-            streams.completion_stream(handle, completion_id, created, model, body.include_usage)
-        )
-    return await streams.text_completion(handle, completion_id, created, model)
+        return EventStreamResponse(streams.completion_stream(generation, completion_id, created, model, body.include_usage))
+    return await _answer(request, generation, lambda g: streams.text_completion(g, completion_id, created, model))
 
 
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
-    runner = _runner(request)
-    return ModelList(data=[ModelCard(id=runner.model_name, created=request.app.state.started_at)])
+    name = _serving(request).runner.model_name
+    return ModelList(data=[ModelCard(id=name, created=request.app.state.started_at)])
 
 
 @router.post("/generate", response_model=GenerateResponse, responses=_ERRORS)
-async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
-    generation = GenerationRequest(request_id=new_id("gen"), params=body.to_sampling_params(), prompt=body.prompt)
-    text, finished = await streams.collect(await _runner(request).submit(generation))
-    return GenerateResponse(text=text, tokens=finished.usage.completion_tokens)
+async def generate(body: GenerateRequest, request: Request):
+    generation = await _serving(request).start(
+        GenerationRequest(request_id=new_id("gen"), params=body.to_sampling_params(), prompt=body.prompt)
+    )
+
+    async def build(g: Generation) -> GenerateResponse:
+        text, finished = await streams.collect(g)
+        return GenerateResponse(text=text, tokens=finished.usage.completion_tokens)
+
+    return await _answer(request, generation, build)
 
 
 @router.get("/stream", responses=_ERRORS)
@@ -93,11 +125,30 @@ async def stream(
     prompt: Annotated[str, Query(max_length=1_000_000)],
     max_tokens: Annotated[int, Query(ge=1)] = 256,
 ):
-    params = SamplingParams(max_tokens=max_tokens)
-    handle = await _runner(request).submit(GenerationRequest(request_id=new_id("gen"), params=params, prompt=prompt))
-    return EventStreamResponse(streams.token_stream(handle))
+    generation = await _serving(request).start(
+        GenerationRequest(request_id=new_id("gen"), params=SamplingParams(max_tokens=max_tokens), prompt=prompt)
+    )
+    return EventStreamResponse(streams.token_stream(generation))
 
 
 @router.get("/health")
 async def health() -> JSONResponse:
+    """Liveness: the process and its event loop answer."""
     return JSONResponse({"status": "ok"})
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    """Readiness: the model is loaded and the server is not draining."""
+    lifecycle = _serving(request).lifecycle
+    if lifecycle.ready:
+        return JSONResponse({"status": "ready"})
+    state = "draining" if lifecycle.draining else "starting"
+    return JSONResponse({"status": state}, status_code=503, headers={"Retry-After": "1"})
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> PlainTextResponse:
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    return PlainTextResponse(generate_latest(_serving(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)

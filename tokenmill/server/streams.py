@@ -1,8 +1,8 @@
 """Turn a request's event stream into wire formats: OpenAI JSON bodies and SSE chunk streams.
 
-Every stream ends with `data: [DONE]`; a failure mid-stream is sent as an error event first, so a
-client can always tell a finished answer from a broken one. When the client goes away, Starlette
-cancels the stream; the `finally` blocks then abort the generation so its capacity is freed.
+Every stream ends with `data: [DONE]`; a failure mid-stream (deadline, drain, engine) is sent as an
+error event first, so a client can always tell a finished answer from a broken one. When the client
+goes away, Starlette cancels the stream; `close()` then aborts the generation and frees its place.
 """
 
 from __future__ import annotations
@@ -23,29 +23,26 @@ from tokenmill.protocol import (
     CompletionChoice,
     UsageOut,
 )
-from tokenmill.runners import RequestHandle
 from tokenmill.server.errors import error_body
+from tokenmill.server.serving import Generation
 from tokenmill.server.sse import DONE, data_event, json_event
 
 log = logging.getLogger(__name__)
 
 
-async def collect(handle: RequestHandle) -> tuple[str, Finished]:
+async def collect(generation: Generation) -> tuple[str, Finished]:
     """Run a request to the end; returns its whole text and how it finished."""
     parts: list[str] = []
-    try:
-        async for event in handle:
-            if isinstance(event, TextDelta):
-                parts.append(event.text)
-            else:
-                return "".join(parts), event
-    finally:
-        handle.abort()
+    async for event in generation.events():
+        if isinstance(event, TextDelta):
+            parts.append(event.text)
+        else:
+            return "".join(parts), event
     raise EngineFailure("the generation ended without a finish event")
 
 
-async def chat_completion(handle: RequestHandle, completion_id: str, created: int, model: str) -> ChatCompletion:
-    text, finished = await collect(handle)
+async def chat_completion(generation: Generation, completion_id: str, created: int, model: str) -> ChatCompletion:
+    text, finished = await collect(generation)
     return ChatCompletion(
         id=completion_id,
         created=created,
@@ -55,8 +52,8 @@ async def chat_completion(handle: RequestHandle, completion_id: str, created: in
     )
 
 
-async def text_completion(handle: RequestHandle, completion_id: str, created: int, model: str) -> Completion:
-    text, finished = await collect(handle)
+async def text_completion(generation: Generation, completion_id: str, created: int, model: str) -> Completion:
+    text, finished = await collect(generation)
     return Completion(
         id=completion_id,
         created=created,
@@ -66,23 +63,27 @@ async def text_completion(handle: RequestHandle, completion_id: str, created: in
     )
 
 
-async def _guarded(handle: RequestHandle, body: Callable[[], AsyncIterator[bytes]]) -> AsyncIterator[bytes]:
-    """Shared frame of every stream: error event on failure, [DONE] last, abort on the way out."""
+async def _guarded(generation: Generation, body: Callable[[], AsyncIterator[bytes]]) -> AsyncIterator[bytes]:
+    """Shared frame of every stream: error event on failure, [DONE] last, close on the way out."""
+    client_gone = False
     try:
         async for chunk in body():
             yield chunk
     except TokenmillError as error:
         yield json_event(error_body(error))
     except Exception as error:  # never let a stream end silently
-        log.exception("stream %s failed", handle.request_id)
+        log.exception("stream %s failed", generation.handle.request_id)
         yield json_event(error_body(EngineFailure(f"generation failed: {type(error).__name__}")))
+    except BaseException:  # cancelled: the client disconnected
+        client_gone = True
+        raise
     finally:
-        handle.abort()
+        generation.close(client_gone=client_gone)
     yield DONE
 
 
 def chat_stream(
-    handle: RequestHandle, completion_id: str, created: int, model: str, include_usage: bool
+    generation: Generation, completion_id: str, created: int, model: str, include_usage: bool
 ) -> AsyncIterator[bytes]:
     def chunk(delta: ChatDelta, finish=None, usage=None, choices=True) -> bytes:
         body = ChatCompletionChunk(
@@ -96,7 +97,7 @@ def chat_stream(
 
     async def body() -> AsyncIterator[bytes]:
         yield chunk(ChatDelta(role="assistant", content=""))
-        async for event in handle:
+        async for event in generation.events():
             if isinstance(event, TextDelta):
                 yield chunk(ChatDelta(content=event.text))
             else:
@@ -104,11 +105,11 @@ def chat_stream(
                 if include_usage:
                     yield chunk(ChatDelta(), usage=UsageOut.of(event.usage), choices=False)
 
-    return _guarded(handle, body)
+    return _guarded(generation, body)
 
 
 def completion_stream(
-    handle: RequestHandle, completion_id: str, created: int, model: str, include_usage: bool
+    generation: Generation, completion_id: str, created: int, model: str, include_usage: bool
 ) -> AsyncIterator[bytes]:
     def chunk(text: str, finish=None, usage=None, choices=True) -> bytes:
         body = Completion(
@@ -121,7 +122,7 @@ def completion_stream(
         return data_event(body.model_dump_json(exclude=None if include_usage else {"usage"}))
 
     async def body() -> AsyncIterator[bytes]:
-        async for event in handle:
+        async for event in generation.events():
             if isinstance(event, TextDelta):
                 yield chunk(event.text)
             else:
@@ -129,15 +130,15 @@ def completion_stream(
                 if include_usage:
                     yield chunk("", usage=UsageOut.of(event.usage), choices=False)
 
-    return _guarded(handle, body)
+    return _guarded(generation, body)
 
 
-def token_stream(handle: RequestHandle) -> AsyncIterator[bytes]:
+def token_stream(generation: Generation) -> AsyncIterator[bytes]:
     """The simple `/stream` format: `data: <token text>` per token."""
 
     async def body() -> AsyncIterator[bytes]:
-        async for event in handle:
+        async for event in generation.events():
             if isinstance(event, TextDelta):
                 yield data_event(event.text)
 
-    return _guarded(handle, body)
+    return _guarded(generation, body)

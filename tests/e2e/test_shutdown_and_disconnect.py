@@ -1,0 +1,93 @@
+"""Graceful drain on SIGTERM and disconnect handling, against a real `tokenmill serve` process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+
+import httpx
+import pytest
+
+SIM = ("--engine", "simulated", "--sim-ttft-ms", "5")
+
+
+async def stream_chat(client: httpx.AsyncClient, max_tokens: int, started: asyncio.Event | None = None) -> dict:
+    """Read one streamed chat completion to the end; report what arrived."""
+    body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+    result = {"text": "", "finish": None, "error": None, "done": False, "status": None}
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        result["status"] = response.status_code
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                result["done"] = True
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                result["error"] = chunk["error"]
+            elif chunk["choices"]:
+                result["text"] += chunk["choices"][0]["delta"].get("content") or ""
+                result["finish"] = chunk["choices"][0]["finish_reason"] or result["finish"]
+                if started is not None and result["text"]:
+                    started.set()
+    return result
+
+
+@pytest.mark.parametrize("mode", ["async", "batch"])
+async def test_sigterm_lets_every_running_stream_finish_then_exits_0(serve_process, mode):
+    server = serve_process(*SIM, "--mode", mode, "--replicas", "8", "--max-batch", "8", "--sim-itl-ms", "50", "--drain-timeout", "20")
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+        first_tokens = [asyncio.Event() for _ in range(8)]
+        streams = [asyncio.ensure_future(stream_chat(client, 40, e)) for e in first_tokens]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in first_tokens)), 10)
+        signalled = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        refused = await client.post("/v1/completions", json={"prompt": "late", "max_tokens": 2})
+        assert refused.status_code == 503 and refused.headers["retry-after"]
+        assert refused.json()["error"]["code"] == "draining"
+        assert (await client.get("/ready")).status_code == 503
+        results = await asyncio.gather(*streams)
+    for result in results:
+        assert result["status"] == 200 and result["error"] is None
+        assert result["finish"] == "length" and result["done"]
+        assert len(result["text"].split()) >= 30  # the whole 40-token answer, not a truncated one
+    assert server.proc.wait(timeout=20) == 0
+    assert time.monotonic() - signalled < 20
+
+
+async def test_drain_timeout_ends_streams_with_an_error_event(serve_process):
+    server = serve_process(*SIM, "--mode", "batch", "--max-batch", "4", "--sim-itl-ms", "50", "--drain-timeout", "0.5")
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+        first_tokens = [asyncio.Event() for _ in range(4)]
+        streams = [asyncio.ensure_future(stream_chat(client, 400, e)) for e in first_tokens]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in first_tokens)), 10)
+        server.proc.send_signal(signal.SIGTERM)
+        results = await asyncio.gather(*streams)
+    for result in results:
+        assert result["error"] is not None and result["error"]["code"] == "shutdown"
+        assert result["done"]  # the error event, then [DONE]: never a silently cut stream
+        assert result["finish"] is None
+    assert server.proc.wait(timeout=15) == 0
+
+
+async def test_a_client_dropping_mid_stream_frees_its_place(serve_process):
+    server = serve_process(*SIM, "--mode", "batch", "--max-batch", "1", "--max-queue", "0", "--sim-itl-ms", "20")
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+        body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 1000, "ignore_eos": True, "stream": True}
+        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            lines = response.aiter_lines()
+            for _ in range(6):
+                await lines.__anext__()
+        # the connection is closed here, mid-stream; the next request must get the place at once
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        follow = await client.post("/v1/completions", json={"prompt": "next", "max_tokens": 3})
+        assert follow.status_code == 200
+        assert time.monotonic() - started < 2
+        metrics = (await client.get("/metrics")).text
+        assert 'tokenmill_aborts_total{reason="client_disconnect"} 1.0' in metrics
+        assert "tokenmill_in_flight_requests 0.0" in metrics

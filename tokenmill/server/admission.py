@@ -1,0 +1,110 @@
+"""Admission control: a fixed capacity and a bounded wait queue. Excess is refused at once.
+
+A request holds its place from admission until its response ends (stream closed, body sent, or
+client gone), so capacity always reflects real work. When every place is taken and the queue is
+full, `acquire()` raises Overloaded without waiting: the reject path does no inference work and
+costs microseconds. `Retry-After` is estimated from how fast places have been freeing up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+
+from tokenmill.errors import Overloaded
+
+_RATE_WINDOW_S = 30.0
+
+
+class Ticket:
+    """One admitted request's place; `release()` is idempotent."""
+
+    def __init__(self, admission: Admission):
+        self._admission = admission
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._admission._release()
+
+
+class Admission:
+    def __init__(self, capacity: int, max_queue: int, queue_timeout: float):
+        self.capacity = capacity
+        self.max_queue = max_queue
+        self.queue_timeout = queue_timeout
+        self.active = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._recent_releases: deque[float] = deque()
+        self.draining = False
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    def retry_after(self) -> float:
+        """Seconds until a place is likely free for one more request: queue length over drain rate."""
+        now = time.monotonic()
+        while self._recent_releases and now - self._recent_releases[0] > _RATE_WINDOW_S:
+            self._recent_releases.popleft()
+        if not self._recent_releases:
+            return 1.0
+        window = max(now - self._recent_releases[0], 1.0)
+        rate = len(self._recent_releases) / window
+        return max(1.0, math.ceil((self.queued + 1) / rate))
+
+    async def acquire(self) -> Ticket:
+        if self.draining:
+            raise Overloaded("The server is shutting down; retry on another instance.", retry_after=self.retry_after(), code="draining")
+        if self.active < self.capacity and not self._waiters:
+            self.active += 1
+            return Ticket(self)
+        if len(self._waiters) >= self.max_queue:
+            raise Overloaded(
+                f"The server is at capacity ({self.capacity} running, {self.queued} queued); retry later.",
+                retry_after=self.retry_after(),
+            )
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), timeout=self.queue_timeout)
+        except asyncio.TimeoutError:
+            if waiter.done() and not waiter.cancelled():
+                return Ticket(self)  # a place arrived just as the timer fired: keep it
+            waiter.cancel()
+            raise Overloaded(
+                f"The request waited {self.queue_timeout:g}s in the queue without a free place; retry later.",
+                retry_after=self.retry_after(),
+                code="queue_timeout",
+            ) from None
+        except asyncio.CancelledError:  # the client left while queued
+            if waiter.done() and not waiter.cancelled():
+                self._release()
+            waiter.cancel()
+            raise
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+        return Ticket(self)
+
+    def _release(self) -> None:
+        self._recent_releases.append(time.monotonic())
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the place passes straight to the next in line
+                return
+        self.active -= 1
+
+    def refuse_new(self) -> None:
+        """Drain: new requests are refused; queued ones too (they have done no work yet)."""
+        self.draining = True
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(
+                    Overloaded("The server is shutting down; retry on another instance.", retry_after=1.0, code="draining")
+                )

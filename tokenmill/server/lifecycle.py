@@ -1,0 +1,57 @@
+"""Readiness and graceful drain.
+
+On the first SIGTERM/SIGINT: readiness turns false, admission refuses new and queued requests with
+503, and every admitted request runs to its end for up to the drain timeout. Requests still running
+then are ended with an explicit error event (never cut silently). A second signal ends them at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from tokenmill.errors import Overloaded
+from tokenmill.runners import RequestHandle
+from tokenmill.server.admission import Admission
+
+log = logging.getLogger(__name__)
+
+
+class Lifecycle:
+    def __init__(self, admission: Admission):
+        self._admission = admission
+        self._active: set[RequestHandle] = set()
+        self.ready = False
+        self.draining = False
+
+    def track(self, handle: RequestHandle) -> None:
+        self._active.add(handle)
+
+    def untrack(self, handle: RequestHandle) -> None:
+        self._active.discard(handle)
+
+    @property
+    def in_flight(self) -> int:
+        return self._admission.active
+
+    async def drain(self, timeout: float) -> None:
+        self.ready = False
+        self.draining = True
+        self._admission.refuse_new()
+        log.info("draining: %d requests in flight, waiting up to %gs", self.in_flight, timeout)
+        deadline = time.monotonic() + timeout
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.in_flight:
+            self.end_all(f"The server is shutting down: the {timeout:g}s drain timeout ended this request.")
+            while self.in_flight and time.monotonic() < deadline + 5:  # let the error events go out
+                await asyncio.sleep(0.02)
+        log.info("drain complete")
+
+    def end_all(self, message: str) -> None:
+        """End every running request with an error event (the consumer sees it before [DONE])."""
+        for handle in list(self._active):
+            if not handle.finished:
+                handle.fail(Overloaded(message, retry_after=1.0, code="shutdown"))
+                handle.abort()

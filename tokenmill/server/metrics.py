@@ -1,0 +1,49 @@
+"""Prometheus metrics (names prefixed `tokenmill_`) and the event-loop lag monitor."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+log = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    """One registry per app, so several apps in one process (tests) never collide."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("tokenmill_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.rejections = Counter("tokenmill_rejections", "Requests refused before any work, by reason", ["reason"], registry=r)
+        self.aborts = Counter("tokenmill_aborts", "Generations stopped early, by reason", ["reason"], registry=r)
+        self.prompt_tokens = Counter("tokenmill_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.generation_tokens = Counter("tokenmill_generation_tokens", "Generated tokens of finished requests", registry=r)
+        self.ttft = Histogram("tokenmill_time_to_first_token_seconds", "Arrival to first token", buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("tokenmill_inter_token_latency_seconds", "Gap between consecutive tokens", buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("tokenmill_request_duration_seconds", "Arrival to last token", buckets=_LATENCY_BUCKETS, registry=r)
+        self.loop_lag = Gauge("tokenmill_event_loop_lag_seconds", "How late the last event-loop tick woke up", registry=r)
+        self.loop_lag_max = Gauge("tokenmill_event_loop_lag_max_seconds", "Worst event-loop lag since start", registry=r)
+
+    def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
+        Gauge(name, help_text, registry=self.registry).set_function(read)
+
+
+async def watch_event_loop(metrics: Metrics, interval: float = 0.05, warn_after: float = 0.1) -> None:
+    """Sleep `interval` over and over; any extra delay is time the loop was blocked."""
+    worst = 0.0
+    while True:
+        started = time.perf_counter()
+        await asyncio.sleep(interval)
+        lag = max(0.0, time.perf_counter() - started - interval)
+        metrics.loop_lag.set(lag)
+        if lag > worst:
+            worst = lag
+            metrics.loop_lag_max.set(lag)
+        if lag > warn_after:
+            log.warning("event loop blocked for %.0f ms: something ran a blocking call on the loop", lag * 1000)

@@ -1,0 +1,86 @@
+"""The path between a parsed request and its renderer: admission, submit, deadlines, metrics, drain.
+
+    generation = await serving.start(request, timeout)   # 503 if full, 400 if the model refuses it
+    async for event in generation.events(): ...          # deadlines and metrics applied
+    generation.close(client_gone=...)                    # always: frees the place, aborts if unfinished
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from tokenmill.errors import DeadlineExceeded, Overloaded
+from tokenmill.generation import Finished, GenerationRequest, TextDelta, TokenEvent
+from tokenmill.runners import RequestHandle, Runner
+from tokenmill.server.admission import Admission, Ticket
+from tokenmill.server.deadlines import Deadlines, within_deadlines
+from tokenmill.server.lifecycle import Lifecycle
+from tokenmill.server.metrics import Metrics
+
+
+class Serving:
+    def __init__(self, runner: Runner, admission: Admission, lifecycle: Lifecycle, metrics: Metrics, deadlines: Deadlines):
+        self.runner = runner
+        self.admission = admission
+        self.lifecycle = lifecycle
+        self.metrics = metrics
+        self.deadlines = deadlines
+
+    async def start(self, request: GenerationRequest, timeout: float | None = None) -> Generation:
+        arrived = time.monotonic()
+        try:
+            ticket = await self.admission.acquire()
+        except Overloaded as error:
+            self.metrics.rejections.labels(error.code or "overloaded").inc()
+            raise
+        try:
+            handle = await self.runner.submit(request)
+        except BaseException:
+            ticket.release()
+            raise
+        self.lifecycle.track(handle)
+        return Generation(self, handle, ticket, arrived, self.deadlines.shortened_to(timeout))
+
+
+class Generation:
+    def __init__(self, serving: Serving, handle: RequestHandle, ticket: Ticket, arrived: float, deadlines: Deadlines):
+        self.handle = handle
+        self._serving = serving
+        self._ticket = ticket
+        self._arrived = arrived
+        self._deadlines = deadlines
+        self._abort_reason: str | None = None
+        self._closed = False
+
+    async def events(self) -> AsyncIterator[TokenEvent]:
+        metrics = self._serving.metrics
+        last = None
+        try:
+            async for event in within_deadlines(self.handle, self._deadlines, self._arrived):
+                now = time.monotonic()
+                if isinstance(event, TextDelta):
+                    (metrics.ttft if last is None else metrics.itl).observe(now - (last or self._arrived))
+                    last = now
+                elif isinstance(event, Finished):
+                    metrics.e2e.observe(now - self._arrived)
+                    metrics.prompt_tokens.inc(event.usage.prompt_tokens)
+                    metrics.generation_tokens.inc(event.usage.completion_tokens)
+                yield event
+        except DeadlineExceeded:
+            self._abort_reason = "deadline"
+            raise
+        except Overloaded:
+            self._abort_reason = "shutdown"
+            raise
+
+    def close(self, client_gone: bool = False) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not self.handle.finished or self._abort_reason:
+            reason = "client_disconnect" if client_gone else (self._abort_reason or "server")
+            self._serving.metrics.aborts.labels(reason).inc()
+        self.handle.abort()
+        self._serving.lifecycle.untrack(self.handle)
+        self._ticket.release()
