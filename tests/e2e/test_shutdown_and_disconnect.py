@@ -91,3 +91,41 @@ async def test_a_client_dropping_mid_stream_frees_its_place(serve_process):
         metrics = (await client.get("/metrics")).text
         assert 'tokenmill_aborts_total{reason="client_disconnect"} 1.0' in metrics
         assert "tokenmill_in_flight_requests 0.0" in metrics
+
+
+async def test_a_second_signal_ends_everything_promptly_with_error_events(serve_process):
+    server = serve_process(*SIM, "--mode", "batch", "--max-batch", "2", "--sim-itl-ms", "50", "--drain-timeout", "60")
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+        first_tokens = [asyncio.Event() for _ in range(2)]
+        streams = [asyncio.ensure_future(stream_chat(client, 1000, e)) for e in first_tokens]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in first_tokens)), 10)
+        server.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        second = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        results = await asyncio.gather(*streams)
+    for result in results:
+        assert result["error"] is not None and result["done"]
+    assert server.proc.wait(timeout=10) == 0
+    assert time.monotonic() - second < 5  # not the 60 s drain timeout
+
+
+async def test_flood_on_a_real_server_refuses_fast_and_keeps_serving(serve_process):
+    server = serve_process(*SIM, "--mode", "batch", "--max-batch", "2", "--max-queue", "2", "--sim-itl-ms", "30")
+    body = {"prompt": "x", "max_tokens": 20, "ignore_eos": True}
+    limits = httpx.Limits(max_connections=60)
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=30, limits=limits) as client:
+        async def timed_post():
+            started = time.monotonic()
+            response = await client.post("/v1/completions", json=body)
+            return response, time.monotonic() - started
+
+        results = await asyncio.gather(*(timed_post() for _ in range(50)))
+        ok = [r for r, _ in results if r.status_code == 200]
+        refused = [(r, t) for r, t in results if r.status_code == 503]
+        assert len(ok) == 4 and len(refused) == 46
+        assert all(r.json()["choices"][0]["finish_reason"] == "length" for r in ok)
+        assert all(int(r.headers["retry-after"]) >= 1 for r, _ in refused)
+        refusal_times = sorted(t for _, t in refused)
+        assert refusal_times[len(refusal_times) // 2] < 0.5  # refused at once, not after the admitted work
+        assert (await client.post("/v1/completions", json=body)).status_code == 200

@@ -141,3 +141,41 @@ async def test_a_blocked_event_loop_is_reported(caplog):
         assert any("event loop blocked" in r.message for r in caplog.records)
         lag = [line for line in (await client.get("/metrics")).text.splitlines() if line.startswith("tokenmill_event_loop_lag_max_seconds ")]
         assert float(lag[0].split()[1]) >= 0.25
+
+
+async def test_queue_timeout_answers_503_before_any_work():
+    settings = sim_settings(sim_itl_ms=50, max_concurrency=1, max_queue=5, queue_timeout=0.1)
+    async with asgi_client(settings) as client:
+        body = {"prompt": "x", "max_tokens": 20, "ignore_eos": True}
+        first, second = await asyncio.gather(client.post("/v1/completions", json=body), client.post("/v1/completions", json=body))
+        statuses = sorted([first.status_code, second.status_code])
+        assert statuses == [200, 503]
+        late = first if first.status_code == 503 else second
+        assert late.json()["error"]["code"] == "queue_timeout" and late.headers["retry-after"]
+
+
+async def test_cors_is_off_by_default_and_configurable():
+    async with asgi_client(sim_settings()) as client:
+        response = await client.options("/v1/models", headers={"Origin": "https://app.example", "Access-Control-Request-Method": "GET"})
+        assert "access-control-allow-origin" not in response.headers
+    async with asgi_client(sim_settings(cors_origins="https://app.example", api_key="k")) as client:
+        preflight = await client.options(
+            "/v1/chat/completions",
+            headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"},
+        )
+        assert preflight.status_code == 200  # preflight needs no API key
+        assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+
+
+async def test_api_key_file_and_json_access_logs(tmp_path, caplog):
+    keys = tmp_path / "keys"
+    keys.write_text("first\n\nsecond\n")
+    caplog.set_level(logging.INFO, logger="tokenmill.access")
+    async with asgi_client(sim_settings(api_key_file=str(keys), log_format="json")) as client:
+        ok = await client.post("/v1/completions", json={"prompt": "secret prompt", "max_tokens": 2},
+                               headers={"Authorization": "Bearer second", "X-Request-ID": "req-7"})
+        assert ok.status_code == 200
+    entries = [json.loads(r.message) for r in caplog.records if r.name == "tokenmill.access"]
+    entry = next(e for e in entries if e["request_id"] == "req-7")
+    assert entry["path"] == "/v1/completions" and entry["status"] == 200 and entry["duration_ms"] >= 0
+    assert all("secret prompt" not in r.getMessage() for r in caplog.records)  # prompts are never logged
