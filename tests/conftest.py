@@ -33,7 +33,7 @@ async def asgi_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
             yield client
 
 
-@pytest.fixture(params=["async", "batch"])
+@pytest.fixture(params=["sync", "async", "process", "batch"])
 async def client(request) -> AsyncIterator[httpx.AsyncClient]:
     """The API suite runs once per serving pattern: every mode must behave the same."""
     async with asgi_client(sim_settings(mode=request.param)) as c:

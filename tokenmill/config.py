@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EngineName = Literal["llamacpp", "simulated"]
-ModeName = Literal["async", "batch"]
+ModeName = Literal["sync", "async", "process", "batch"]
 
 
 class Settings(BaseSettings):
@@ -27,8 +27,10 @@ class Settings(BaseSettings):
     engine: EngineName = Field("llamacpp", description="Model backend.")
     mode: ModeName = Field(
         "async",
-        description="Serving pattern: async = event loop + a thread pool of --replicas engines; "
-        "batch = continuous batching, one engine stepping every running request together.",
+        description="Serving pattern: sync = blocking worker threads (--sync-threads) sharing --replicas engines; "
+        "async = event loop + a thread pool of exactly --replicas engines; process = event loop + --replicas "
+        "worker processes, each with its own engine; batch = continuous batching, one engine stepping every "
+        "running request together.",
     )
     model: str | None = Field(
         None,
@@ -39,6 +41,7 @@ class Settings(BaseSettings):
         None, description="Model id reported by /v1/models and accepted in requests. Default: derived from the model."
     )
     replicas: int = Field(1, ge=1, le=64, description="Model instances (replica patterns: one request each at a time).")
+    sync_threads: int = Field(40, ge=1, le=1024, description="Sync mode: blocking worker threads (FastAPI's default pool is 40).")
     threads: int | None = Field(
         None, ge=1, description="CPU threads per model instance. Default: CPU cores / replicas."
     )

@@ -5,7 +5,19 @@ from __future__ import annotations
 from tokenmill.config import Settings
 from tokenmill.engines.base import Chunk, StepEngine, Tokenizer
 
-__all__ = ["Chunk", "StepEngine", "Tokenizer", "build_engine", "served_model_name"]
+__all__ = ["Chunk", "StepEngine", "Tokenizer", "build_engine", "build_tokenizer", "served_model_name"]
+
+
+def build_tokenizer(settings: Settings) -> Tokenizer:
+    """The engine's tokenizer without its weights (process mode validates in the parent)."""
+    if settings.engine == "simulated":
+        from tokenmill.engines.simulated import SimulatedTokenizer
+
+        return SimulatedTokenizer(settings.context_window)
+    from tokenmill.engines.llamacpp import load_tokenizer
+    from tokenmill.engines.model_files import resolve_model_path
+
+    return load_tokenizer(resolve_model_path(settings.model), settings.context_window)
 
 
 def build_engine(settings: Settings) -> StepEngine:

@@ -95,6 +95,35 @@ class LlamaCppTokenizer:
         return buffer.raw[:n]
 
 
+def _metadata(model, key: str) -> str | None:
+    buffer = ctypes.create_string_buffer(256)
+    n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buffer, len(buffer))
+    return buffer.value.decode() if n >= 0 else None
+
+
+def _trained_context(model) -> int:
+    """The context length the model was trained for (also when only its vocabulary is loaded)."""
+    trained = llama_cpp.llama_model_n_ctx_train(model)
+    if trained > 0:
+        return trained
+    architecture = _metadata(model, "general.architecture")
+    value = _metadata(model, f"{architecture}.context_length") if architecture else None
+    return int(value) if value and value.isdigit() else 2048
+
+
+def load_tokenizer(model_path: Path, context_window: int) -> LlamaCppTokenizer:
+    """Just the vocabulary, template and window (no weights): for processes that only validate."""
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), params)
+    if not model:
+        raise EngineFailure(f"llama.cpp could not read the vocabulary of {model_path}")
+    window = min(context_window, _trained_context(model))
+    tokenizer = LlamaCppTokenizer(model, llama_cpp.llama_model_get_vocab(model), window)
+    tokenizer._model = model  # keep the vocabulary alive as long as the tokenizer
+    return tokenizer
+
+
 class LlamaCppEngine:
     def __init__(
         self,
@@ -111,7 +140,7 @@ class LlamaCppEngine:
         self._model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), llama_cpp.llama_model_default_params())
         if not self._model:
             raise EngineFailure(f"llama.cpp could not load the model file {model_path}")
-        window = min(context_window, llama_cpp.llama_model_n_ctx_train(self._model))
+        window = min(context_window, _trained_context(self._model))
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = kv_tokens or window
         params.n_batch = params.n_ubatch = max_step_tokens

@@ -19,10 +19,15 @@ def build_runner(settings: Settings) -> Runner:
 
 def _build(settings: Settings) -> Runner:
     name = served_model_name(settings)
-    if settings.mode == "async":
+    if settings.mode in ("async", "sync"):
         from tokenmill.runners.executor import ExecutorRunner
 
-        return ExecutorRunner(functools.partial(build_engine, settings), settings.replicas, name)
+        threads = settings.sync_threads if settings.mode == "sync" else None
+        return ExecutorRunner(functools.partial(build_engine, settings), settings.replicas, name, threads=threads)
+    if settings.mode == "process":
+        from tokenmill.runners.processes import ProcessRunner
+
+        return ProcessRunner(settings, name)
     if settings.mode == "batch":
         from tokenmill.runners.batching import BatchingRunner
         from tokenmill.runners.scheduler import SchedulerConfig

@@ -1,8 +1,15 @@
-"""`async` mode: the event loop hands each request to a thread pool of exactly `replicas` workers.
+"""The thread-pool patterns: `async` and `sync`.
 
-Each worker owns one engine instance for the duration of a request and runs it to the end with
-blocking calls; tokens travel back to the loop with `call_soon_threadsafe`, so the loop never
-blocks. Whether two workers really run at once depends on the engine releasing the GIL.
+`async`: the event loop hands each request to a thread pool of exactly `replicas` workers. A worker
+takes an idle engine (there always is one: workers == engines), runs the request to the end with
+blocking calls, and sends tokens back with `call_soon_threadsafe`; waiting requests wait on the
+loop as cheap futures, so the loop never blocks.
+
+`sync`: blocking workers, as in a classic threaded server (FastAPI `def` endpoints run in a pool of
+40 threads). Every request gets its own thread from a pool of `threads` workers, which blocks until
+a model instance is free and then runs it to the end: each waiting request holds an OS thread.
+
+Whether two workers really compute at once depends on the engine releasing the GIL.
 """
 
 from __future__ import annotations
@@ -24,11 +31,12 @@ log = logging.getLogger(__name__)
 
 
 class ExecutorRunner(Runner):
-    def __init__(self, engine_factory: Callable[[], StepEngine], replicas: int, model_name: str):
+    def __init__(self, engine_factory: Callable[[], StepEngine], replicas: int, model_name: str, threads: int | None = None):
         self.model_name = model_name
         self._engine_factory = engine_factory
         self._replicas = replicas
-        self._pool = ThreadPoolExecutor(max_workers=replicas, thread_name_prefix="tokenmill-replica")
+        workers = threads or replicas  # async: exactly one thread per engine; sync: a bigger blocking pool
+        self._pool = ThreadPoolExecutor(max_workers=max(workers, replicas), thread_name_prefix="tokenmill-worker")
         self._engines: list[StepEngine] = []
         self._idle: queue.SimpleQueue[StepEngine] = queue.SimpleQueue()
         self._in_flight = 0

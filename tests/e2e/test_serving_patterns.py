@@ -1,0 +1,88 @@
+"""Every serving pattern behind the same API, on real server processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import httpx
+import pytest
+
+from tests.e2e.test_shutdown_and_disconnect import stream_chat
+
+MODES = ["sync", "async", "process", "batch"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_streams_arrive_token_by_token_in_every_mode(serve_process, mode):
+    server = serve_process("--engine", "simulated", "--mode", mode, "--sim-ttft-ms", "5", "--sim-itl-ms", "10")
+    body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 40, "ignore_eos": True, "stream": True}
+    arrivals = []
+    async with httpx.AsyncClient(base_url=server.base_url) as client:
+        started = time.perf_counter()
+        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if '"content":"' in line and '"content":""' not in line:
+                    arrivals.append(time.perf_counter() - started)
+    assert len(arrivals) == 40
+    assert arrivals[0] < arrivals[-1] / 3  # the first token came long before the last
+
+
+@pytest.mark.parametrize(("mode", "gil"), [("async", "release"), ("async", "hold"), ("process", "hold")])
+async def test_health_answers_while_every_replica_is_busy(serve_process, mode, gil):
+    server = serve_process("--engine", "simulated", "--mode", mode, "--replicas", "2", "--sim-itl-ms", "20", "--sim-gil", gil)
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+        started = [asyncio.Event() for _ in range(2)]
+        busy = [asyncio.ensure_future(stream_chat(client, 100, e)) for e in started]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 10)
+        worst = 0.0
+        for _ in range(10):
+            t = time.perf_counter()
+            assert (await client.get("/health")).status_code == 200
+            worst = max(worst, time.perf_counter() - t)
+            await asyncio.sleep(0.05)
+        assert worst < 0.5
+        for task in busy:
+            task.cancel()
+
+
+async def test_a_killed_worker_fails_only_its_request_and_comes_back(serve_process):
+    server = serve_process("--engine", "simulated", "--mode", "process", "--replicas", "2", "--sim-itl-ms", "20", "--log-level", "info")
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+        started = [asyncio.Event() for _ in range(2)]
+        streams = [asyncio.ensure_future(stream_chat(client, 60, e)) for e in started]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 10)
+        workers = _children(server.proc.pid)
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGKILL)
+        results = await asyncio.gather(*streams)
+        failed = [r for r in results if r["error"]]
+        completed = [r for r in results if not r["error"]]
+        assert len(failed) == 1 and len(completed) == 1
+        assert "died" in failed[0]["error"]["message"] and failed[0]["done"]
+        assert completed[0]["finish"] == "length" and len(completed[0]["text"].split()) >= 50
+        # capacity comes back: both replicas serve again
+        await asyncio.sleep(1.0)
+        again = await asyncio.gather(*(stream_chat(client, 5) for _ in range(2)))
+        assert all(r["finish"] == "length" and not r["error"] for r in again)
+        assert len(_children(server.proc.pid)) == 2 and workers[0] not in _children(server.proc.pid)
+
+
+def _children(pid: int) -> list[int]:
+    """Worker processes of the server (multiprocessing's resource tracker aside)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if parent == pid and b"resource_tracker" not in cmdline:
+            found.append(int(entry))
+    return sorted(found)
