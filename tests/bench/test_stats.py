@@ -54,3 +54,14 @@ def test_steady_state_ttft_excludes_the_first_wave():
     s = summarize(first_wave + later, duration_s=5.0)
     assert s.ttft_p99 == pytest.approx(2.0)
     assert s.steady_ttft_p50 == pytest.approx(0.3)
+
+
+def test_loop_lag_p99_from_prometheus_bucket_differences():
+    from tokenmill.bench.lag import lag_p99
+
+    before = {0.001: 100.0, 0.01: 100.0, 0.1: 100.0, math.inf: 100.0}
+    after = {0.001: 150.0, 0.01: 198.0, 0.1: 200.0, math.inf: 200.0}  # 100 new ticks: 50 < 1 ms, 48 < 10 ms, 2 < 100 ms
+    assert lag_p99(before, after) == 0.1
+    assert lag_p99(before, {0.001: 199.0, 0.01: 200.0, 0.1: 200.0, math.inf: 200.0}) == 0.001  # 99 of 100 within 1 ms
+    assert lag_p99(before, {0.001: 198.0, 0.01: 200.0, 0.1: 200.0, math.inf: 200.0}) == 0.01
+    assert lag_p99(None, after) is None

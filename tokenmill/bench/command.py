@@ -7,7 +7,10 @@ import asyncio
 import shlex
 from pathlib import Path
 
+import httpx
+
 from tokenmill.bench import report
+from tokenmill.bench.lag import OwnLoopLag, lag_p99, scrape_lag_buckets
 from tokenmill.bench.loadgen import closed_loop, served_model
 from tokenmill.bench.spawn import SpawnedServer
 from tokenmill.bench.stats import summarize
@@ -68,9 +71,18 @@ def run(args: argparse.Namespace) -> int:
 async def _sweep(url: str, label: str, levels: list[int], workload: Workload, args: argparse.Namespace) -> list[dict]:
     model = await served_model(url)
     rows = []
-    for concurrency in levels:
-        requests = args.requests or max(8, 4 * concurrency)
-        records, seconds = await closed_loop(url, model, workload, concurrency, requests, warmup=min(args.warmup, concurrency) if args.warmup else 0)
-        summary = summarize(records, seconds, args.slo_ttft, args.slo_itl)
-        rows.append({"target": label, "concurrency": concurrency, **summary.as_row()})
+    async with httpx.AsyncClient(base_url=url) as metrics_client:
+        for concurrency in levels:
+            requests = args.requests or max(8, 4 * concurrency)
+            before = await scrape_lag_buckets(metrics_client)
+            with OwnLoopLag() as own_lag:
+                records, seconds = await closed_loop(
+                    url, model, workload, concurrency, requests, warmup=min(args.warmup, concurrency) if args.warmup else 0
+                )
+            server_lag = lag_p99(before, await scrape_lag_buckets(metrics_client))
+            summary = summarize(records, seconds, args.slo_ttft, args.slo_itl)
+            rows.append({
+                "target": label, "concurrency": concurrency, **summary.as_row(),
+                "server_loop_lag_p99": server_lag, "client_loop_lag_max": own_lag.worst,
+            })
     return rows

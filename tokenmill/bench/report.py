@@ -21,9 +21,11 @@ COLUMNS = [
     ("itl_p99", "ITL p99 ms", "{:.1f}"),
     ("latency_p50", "E2E p50 s", "{:.2f}"),
     ("latency_p99", "E2E p99 s", "{:.2f}"),
+    ("server_loop_lag_p99", "server loop lag p99 ms", "{:.1f}"),
+    ("client_loop_lag_max", "bench loop lag max ms", "{:.1f}"),
     ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
 ]
-_MILLISECONDS = {"ttft_p50", "ttft_p99", "steady_ttft_p99", "itl_p50", "itl_p99"}
+_MILLISECONDS = {"ttft_p50", "ttft_p99", "steady_ttft_p99", "itl_p50", "itl_p99", "server_loop_lag_p99", "client_loop_lag_max"}
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 log = logging.getLogger(__name__)
 
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -27,7 +28,10 @@ class Metrics:
         self.ttft = Histogram("tokenmill_time_to_first_token_seconds", "Arrival to first token", buckets=_LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("tokenmill_inter_token_latency_seconds", "Gap between consecutive tokens", buckets=_LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("tokenmill_request_duration_seconds", "Arrival to last token", buckets=_LATENCY_BUCKETS, registry=r)
-        self.loop_lag = Gauge("tokenmill_event_loop_lag_seconds", "How late the last event-loop tick woke up", registry=r)
+        self.loop_lag = Histogram(
+            "tokenmill_event_loop_lag_seconds", "How late each event-loop tick (every 50 ms) woke up",
+            buckets=LOOP_LAG_BUCKETS, registry=r,
+        )
         self.loop_lag_max = Gauge("tokenmill_event_loop_lag_max_seconds", "Worst event-loop lag since start", registry=r)
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
@@ -41,7 +45,7 @@ async def watch_event_loop(metrics: Metrics, interval: float = 0.05, warn_after:
         started = time.perf_counter()
         await asyncio.sleep(interval)
         lag = max(0.0, time.perf_counter() - started - interval)
-        metrics.loop_lag.set(lag)
+        metrics.loop_lag.observe(lag)
         if lag > worst:
             worst = lag
             metrics.loop_lag_max.set(lag)
