@@ -90,4 +90,4 @@ def test_simple_generate_and_stream_routes(sim_server):
     with httpx.stream("GET", f"{sim_server.base_url}/stream", params={"prompt": "hello", "max_tokens": 5}) as response:
         events = [e for e in response.read().decode().split("\n\n") if e]
     assert events[-1] == "data: [DONE]"
-    assert 1 <= len(events) - 1 <= 5
+    assert 1 <= len(events) - 1 <= 6  # a token each, plus at most a cut character's U+FFFD

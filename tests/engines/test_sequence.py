@@ -112,3 +112,10 @@ def test_max_tokens_beyond_the_window_is_refused():
 def test_empty_prompt_is_refused():
     with pytest.raises(InvalidRequest):
         sequence(prompt="")
+
+
+def test_a_character_cut_by_the_length_limit_ends_as_one_replacement_character():
+    seq = sequence(max_tokens=2)
+    events = feed(seq, "a東".encode()[:2])  # 'a' and the first byte of a 3-byte character
+    assert text_of(events) == "a\ufffd"
+    assert events[-1].reason == "length"
