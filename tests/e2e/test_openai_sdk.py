@@ -80,7 +80,8 @@ async def test_stream_reaches_the_client_token_by_token(sim_server):
             async for line in response.aiter_lines():
                 if line.startswith("data: ") and '"content"' in line:
                     arrivals.append(time.perf_counter() - started)
-    assert len(arrivals) == 41  # the role chunk, then one chunk per token
+    # the role chunk, one chunk per token, and maybe one U+FFFD for a character max_tokens cut in half
+    assert 41 <= len(arrivals) <= 42
     assert arrivals[1] < arrivals[-1] / 3
 
 

@@ -26,7 +26,7 @@ async def test_streams_arrive_token_by_token_in_every_mode(serve_process, mode):
             async for line in response.aiter_lines():
                 if '"content":"' in line and '"content":""' not in line:
                     arrivals.append(time.perf_counter() - started)
-    assert len(arrivals) == 40
+    assert 40 <= len(arrivals) <= 41  # one per token, maybe one U+FFFD for a character cut by max_tokens
     assert arrivals[0] < arrivals[-1] / 3  # the first token came long before the last
 
 
