@@ -8,15 +8,15 @@ from openai import AsyncOpenAI
 
 @pytest.fixture(scope="module")
 def default_server():
-    from tests.conftest import ServerProcess
+    from tokenmill.bench.spawn import SpawnedServer
 
-    server = ServerProcess([])  # no flags: the default engine and model
+    server = SpawnedServer([], log_level="info")  # no serve flags: the default engine and model
     yield server
     server.stop()
 
 
 async def test_default_model_knows_the_capital_of_france(default_server):
-    async with AsyncOpenAI(base_url=f"{default_server.base_url}/v1", api_key="unused", max_retries=0) as sdk:
+    async with AsyncOpenAI(base_url=f"{default_server.url}/v1", api_key="unused", max_retries=0) as sdk:
         (model,) = (await sdk.models.list()).data
         assert model.id == "SmolLM2-135M-Instruct.Q4_1"
         messages = [

@@ -18,7 +18,7 @@ def sim_server(serve_process):
 
 @pytest.fixture
 async def sdk(sim_server):
-    async with AsyncOpenAI(base_url=f"{sim_server.base_url}/v1", api_key="unused", max_retries=0) as client:
+    async with AsyncOpenAI(base_url=f"{sim_server.url}/v1", api_key="unused", max_retries=0) as client:
         yield client
 
 
@@ -74,7 +74,7 @@ async def test_stream_reaches_the_client_token_by_token(sim_server):
     """With 10 ms per token, the first token must arrive long before the 40-token stream ends."""
     body = {"messages": MESSAGES, "max_tokens": 40, "ignore_eos": True, "stream": True}
     arrivals = []
-    async with httpx.AsyncClient(base_url=sim_server.base_url) as client:
+    async with httpx.AsyncClient(base_url=sim_server.url) as client:
         started = time.perf_counter()
         async with client.stream("POST", "/v1/chat/completions", json=body) as response:
             async for line in response.aiter_lines():
@@ -86,9 +86,9 @@ async def test_stream_reaches_the_client_token_by_token(sim_server):
 
 
 def test_simple_generate_and_stream_routes(sim_server):
-    generated = httpx.post(f"{sim_server.base_url}/generate", json={"prompt": "hello", "max_tokens": 5}).json()
+    generated = httpx.post(f"{sim_server.url}/generate", json={"prompt": "hello", "max_tokens": 5}).json()
     assert set(generated) == {"text", "tokens"} and 1 <= generated["tokens"] <= 5
-    with httpx.stream("GET", f"{sim_server.base_url}/stream", params={"prompt": "hello", "max_tokens": 5}) as response:
+    with httpx.stream("GET", f"{sim_server.url}/stream", params={"prompt": "hello", "max_tokens": 5}) as response:
         events = [e for e in response.read().decode().split("\n\n") if e]
     assert events[-1] == "data: [DONE]"
     assert 1 <= len(events) - 1 <= 6  # a token each, plus at most a cut character's U+FFFD

@@ -20,7 +20,7 @@ async def test_streams_arrive_token_by_token_in_every_mode(serve_process, mode):
     server = serve_process("--engine", "simulated", "--mode", mode, "--sim-ttft-ms", "5", "--sim-itl-ms", "10")
     body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 40, "ignore_eos": True, "stream": True}
     arrivals = []
-    async with httpx.AsyncClient(base_url=server.base_url) as client:
+    async with httpx.AsyncClient(base_url=server.url) as client:
         started = time.perf_counter()
         async with client.stream("POST", "/v1/chat/completions", json=body) as response:
             async for line in response.aiter_lines():
@@ -33,7 +33,7 @@ async def test_streams_arrive_token_by_token_in_every_mode(serve_process, mode):
 @pytest.mark.parametrize(("mode", "gil"), [("async", "release"), ("async", "hold"), ("process", "hold")])
 async def test_health_answers_while_every_replica_is_busy(serve_process, mode, gil):
     server = serve_process("--engine", "simulated", "--mode", mode, "--replicas", "2", "--sim-itl-ms", "20", "--sim-gil", gil)
-    async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
         started = [asyncio.Event() for _ in range(2)]
         busy = [asyncio.ensure_future(stream_chat(client, 100, e)) for e in started]
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 10)
@@ -50,11 +50,11 @@ async def test_health_answers_while_every_replica_is_busy(serve_process, mode, g
 
 async def test_a_killed_worker_fails_only_its_request_and_comes_back(serve_process):
     server = serve_process("--engine", "simulated", "--mode", "process", "--replicas", "2", "--sim-itl-ms", "20", "--log-level", "info")
-    async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
         started = [asyncio.Event() for _ in range(2)]
         streams = [asyncio.ensure_future(stream_chat(client, 60, e)) for e in started]
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 10)
-        workers = _children(server.proc.pid)
+        workers = _children(server.process.pid)
         assert len(workers) == 2
         os.kill(workers[0], signal.SIGKILL)
         results = await asyncio.gather(*streams)
@@ -67,7 +67,7 @@ async def test_a_killed_worker_fails_only_its_request_and_comes_back(serve_proce
         await asyncio.sleep(1.0)
         again = await asyncio.gather(*(stream_chat(client, 5) for _ in range(2)))
         assert all(r["finish"] == "length" and not r["error"] for r in again)
-        assert len(_children(server.proc.pid)) == 2 and workers[0] not in _children(server.proc.pid)
+        assert len(_children(server.process.pid)) == 2 and workers[0] not in _children(server.process.pid)
 
 
 def _children(pid: int) -> list[int]:

@@ -39,12 +39,12 @@ async def stream_chat(client: httpx.AsyncClient, max_tokens: int, started: async
 @pytest.mark.parametrize("mode", ["async", "batch"])
 async def test_sigterm_lets_every_running_stream_finish_then_exits_0(serve_process, mode):
     server = serve_process(*SIM, "--mode", mode, "--replicas", "8", "--max-batch", "8", "--sim-itl-ms", "50", "--drain-timeout", "20")
-    async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
         first_tokens = [asyncio.Event() for _ in range(8)]
         streams = [asyncio.ensure_future(stream_chat(client, 40, e)) for e in first_tokens]
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in first_tokens)), 10)
         signalled = time.monotonic()
-        server.proc.send_signal(signal.SIGTERM)
+        server.process.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.3)
         refused = await client.post("/v1/completions", json={"prompt": "late", "max_tokens": 2})
         assert refused.status_code == 503 and refused.headers["retry-after"]
@@ -55,28 +55,28 @@ async def test_sigterm_lets_every_running_stream_finish_then_exits_0(serve_proce
         assert result["status"] == 200 and result["error"] is None
         assert result["finish"] == "length" and result["done"]
         assert len(result["text"].split()) >= 30  # the whole 40-token answer, not a truncated one
-    assert server.proc.wait(timeout=20) == 0
+    assert server.process.wait(timeout=20) == 0
     assert time.monotonic() - signalled < 20
 
 
 async def test_drain_timeout_ends_streams_with_an_error_event(serve_process):
     server = serve_process(*SIM, "--mode", "batch", "--max-batch", "4", "--sim-itl-ms", "50", "--drain-timeout", "0.5")
-    async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
         first_tokens = [asyncio.Event() for _ in range(4)]
         streams = [asyncio.ensure_future(stream_chat(client, 400, e)) for e in first_tokens]
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in first_tokens)), 10)
-        server.proc.send_signal(signal.SIGTERM)
+        server.process.send_signal(signal.SIGTERM)
         results = await asyncio.gather(*streams)
     for result in results:
         assert result["error"] is not None and result["error"]["code"] == "shutdown"
         assert result["done"]  # the error event, then [DONE]: never a silently cut stream
         assert result["finish"] is None
-    assert server.proc.wait(timeout=15) == 0
+    assert server.process.wait(timeout=15) == 0
 
 
 async def test_a_client_dropping_mid_stream_frees_its_place(serve_process):
     server = serve_process(*SIM, "--mode", "batch", "--max-batch", "1", "--max-queue", "0", "--sim-itl-ms", "20")
-    async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
         body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 1000, "ignore_eos": True, "stream": True}
         async with client.stream("POST", "/v1/chat/completions", json=body) as response:
             lines = response.aiter_lines()
@@ -95,18 +95,18 @@ async def test_a_client_dropping_mid_stream_frees_its_place(serve_process):
 
 async def test_a_second_signal_ends_everything_promptly_with_error_events(serve_process):
     server = serve_process(*SIM, "--mode", "batch", "--max-batch", "2", "--sim-itl-ms", "50", "--drain-timeout", "60")
-    async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
         first_tokens = [asyncio.Event() for _ in range(2)]
         streams = [asyncio.ensure_future(stream_chat(client, 1000, e)) for e in first_tokens]
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in first_tokens)), 10)
-        server.proc.send_signal(signal.SIGTERM)
+        server.process.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.3)
         second = time.monotonic()
-        server.proc.send_signal(signal.SIGTERM)
+        server.process.send_signal(signal.SIGTERM)
         results = await asyncio.gather(*streams)
     for result in results:
         assert result["error"] is not None and result["done"]
-    assert server.proc.wait(timeout=10) == 0
+    assert server.process.wait(timeout=10) == 0
     assert time.monotonic() - second < 5  # not the 60 s drain timeout
 
 
@@ -114,7 +114,7 @@ async def test_flood_on_a_real_server_refuses_fast_and_keeps_serving(serve_proce
     server = serve_process(*SIM, "--mode", "batch", "--max-batch", "2", "--max-queue", "2", "--sim-itl-ms", "30")
     body = {"prompt": "x", "max_tokens": 20, "ignore_eos": True}
     limits = httpx.Limits(max_connections=60)
-    async with httpx.AsyncClient(base_url=server.base_url, timeout=30, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=server.url, timeout=30, limits=limits) as client:
         async def timed_post():
             started = time.monotonic()
             response = await client.post("/v1/completions", json=body)
