@@ -14,11 +14,11 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from tokenmill.bench.stats import RequestRecord, summarize
+from tokenmill.bench.stats import RequestRecord
 from tokenmill.bench.workload import Workload
 from tokenmill.config import Settings
 from tokenmill.engines.model_files import resolve_model_path
-from tokenmill.generation import ChatMessage, Finished, GenerationRequest, TextDelta
+from tokenmill.generation import ChatMessage, Finished, GenerationRequest
 from tokenmill.runners import build_runner
 from tokenmill.sampling import SamplingParams
 
@@ -69,8 +69,8 @@ def runner_closed_loop(settings: Settings, workload: Workload, concurrency: int,
 
             await asyncio.gather(*(client() for _ in range(concurrency)))
             seconds = time.perf_counter() - started
-            produced = summarize(records, seconds).output_tokens_per_s * seconds
-            return Measurement(f"tokenmill {settings.mode} runner, in-process", concurrency, round(produced), seconds)
+            produced = sum(r.output_tokens for r in records if r.status == "ok")
+            return Measurement(f"tokenmill {settings.mode} runner, in-process", concurrency, produced, seconds)
         finally:
             await runner.stop()
 

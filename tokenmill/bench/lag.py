@@ -36,7 +36,7 @@ def lag_p99(before: dict[float, float] | None, after: dict[float, float] | None)
     total = counts[-1]
     if total <= 0:
         return None
-    for bound, cumulative in zip(bounds, counts):
+    for bound, cumulative in zip(bounds, counts, strict=True):
         if cumulative >= 0.99 * total:
             return bound
     return bounds[-1]

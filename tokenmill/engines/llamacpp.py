@@ -222,7 +222,7 @@ class LlamaCppEngine:
             for chunk in chunks:
                 if chunk.completes_sequence_input and chunk.seq.num_generated == 0:
                     self._remember_prompt(chunk.seq, self._slots[chunk.seq.seq_id])
-        return [None if row is None else self._sample(chunk.seq, row) for chunk, row in zip(chunks, sample_rows)]
+        return [None if row is None else self._sample(chunk.seq, row) for chunk, row in zip(chunks, sample_rows, strict=True)]
 
     def _sample(self, seq: Sequence, row: int) -> int:
         if seq.params.ignore_eos or seq.num_generated < seq.params.min_tokens:

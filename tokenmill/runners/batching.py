@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from tokenmill.engines.base import StepEngine
 from tokenmill.engines.sequence import Sequence
 from tokenmill.errors import ContextLengthExceeded, EngineFailure
-from tokenmill.generation import Finished, GenerationRequest, TokenEvent
+from tokenmill.generation import GenerationRequest, TokenEvent
 from tokenmill.runners.base import RequestHandle, Runner, RunnerStats
 from tokenmill.runners.scheduler import Scheduler, SchedulerConfig
 

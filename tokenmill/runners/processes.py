@@ -173,7 +173,7 @@ class ProcessRunner(Runner):
 
     async def stop(self) -> None:
         self._stopping = True
-        for job, handle in list(self._pending.values()):
+        for _, handle in list(self._pending.values()):
             handle.fail(EngineFailure("the server is shutting down"))
         for worker in self._workers:
             if worker.job is not None:

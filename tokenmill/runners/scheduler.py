@@ -96,7 +96,7 @@ class Scheduler:
     def postprocess(self, chunks: list[Chunk], tokens: list[int | None]) -> StepOutcome:
         events: list[tuple[Sequence, list[TokenEvent]]] = []
         finished: list[Sequence] = []
-        for chunk, token in zip(chunks, tokens):
+        for chunk, token in zip(chunks, tokens, strict=True):
             seq = chunk.seq
             seq.num_computed += chunk.num_tokens
             if token is None:
