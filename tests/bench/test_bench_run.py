@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tokenmill.cli import main
 
 
@@ -11,7 +13,7 @@ def test_short_bench_against_simulated_server(tmp_path, capsys):
     out = tmp_path / "results"
     code = main([
         "bench", "--spawn", "--modes", "async,batch", "--concurrency", "1,4", "--requests", "8",
-        "--max-tokens", "8", "--warmup", "1", "--out", str(out),
+        "--max-tokens", "8", "--warmup", "1", "--out", str(out), "--cost-per-hour", "1.0",
         "--serve-args", "--engine simulated --sim-ttft-ms 40 --sim-itl-ms 10 --replicas 2",
     ])
     assert code == 0
@@ -28,5 +30,24 @@ def test_short_bench_against_simulated_server(tmp_path, capsys):
     # 2 replicas serve at most 2 at once; the batch runner steps all 4 together
     four = {r["target"].split()[0]: r for r in rows if r["concurrency"] == 4}
     assert four["batch"]["output_tokens_per_s"] > four["async"]["output_tokens_per_s"]
+    for row in rows:  # $1/h at X tok/s
+        assert row["cost_per_million_tokens"] == pytest.approx(1.0 / (row["output_tokens_per_s"] * 3600) * 1e6)
     assert (out / "results.csv").exists() and "| async" in (out / "results.md").read_text()
+    for plot in ("throughput.png", "ttft_p99.png", "latency_cdf.png"):
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    latencies = json.loads((out / "requests.json").read_text())
+    assert len(latencies) == 4 and all(len(v) == 8 for v in latencies.values())
     assert "tok/s" in capsys.readouterr().out
+
+
+def test_open_loop_sends_poisson_arrivals_at_the_offered_rate(tmp_path):
+    out = tmp_path / "open"
+    code = main([
+        "bench", "--spawn", "--modes", "batch", "--rate", "40", "--duration", "1.5", "--max-tokens", "4:8",
+        "--out", str(out), "--serve-args", "--engine simulated --sim-ttft-ms 5 --sim-itl-ms 5 --max-batch 64",
+    ])
+    assert code == 0
+    (row,) = json.loads((out / "results.json").read_text())
+    assert row["rate"] == 40 and row["errors"] == 0
+    assert 30 <= row["requests"] <= 95  # ~60 expected in 1.5 s at 40/s
+    assert (out / "throughput.png").exists()

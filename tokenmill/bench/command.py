@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import shlex
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import httpx
 
 from tokenmill.bench import report
 from tokenmill.bench.lag import OwnLoopLag, lag_p99, scrape_lag_buckets
-from tokenmill.bench.loadgen import closed_loop, served_model
+from tokenmill.bench.loadgen import closed_loop, open_loop, served_model
 from tokenmill.bench.spawn import SpawnedServer
 from tokenmill.bench.stats import summarize
 from tokenmill.bench.workload import Workload
@@ -23,38 +24,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--spawn", action="store_true", help="start tokenmill itself, once per --modes entry")
     parser.add_argument("--modes", default="async,batch", help="with --spawn: comma-separated serving modes [async,batch]")
     parser.add_argument("--serve-args", default="", help="with --spawn: extra `tokenmill serve` flags, quoted")
-    parser.add_argument("--concurrency", default="1,8,32", help="closed-loop concurrency levels, comma-separated [1,8,32]")
-    parser.add_argument("--requests", type=int, default=None, help="requests per level [default: 4 x concurrency, at least 8]")
-    parser.add_argument("--warmup", type=int, default=2, help="warm-up requests per level, not counted [2]")
-    parser.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (ignore_eos) [64]")
+    load = parser.add_mutually_exclusive_group()
+    load.add_argument("--concurrency", default=None, help="closed loop: concurrency levels, comma-separated [1,8,32]")
+    load.add_argument("--rate", default=None, help="open loop: Poisson arrival rates in requests/s, comma-separated")
+    parser.add_argument("--requests", type=int, default=None, help="requests per level [closed: 4 x concurrency, at least 8]")
+    parser.add_argument("--duration", type=float, default=None, help="seconds per level: stop sending after this")
+    parser.add_argument("--warmup", type=int, default=2, help="closed loop: warm-up requests per level, not counted [2]")
+    parser.add_argument("--max-tokens", default="64", help="output tokens per request (ignore_eos): N, or LOW:HIGH drawn per request [64]")
     parser.add_argument("--slo-ttft", type=float, default=None, help="goodput SLO: time to first token, seconds")
     parser.add_argument("--slo-itl", type=float, default=None, help="goodput SLO: p99 inter-token gap, seconds")
+    parser.add_argument("--cost-per-hour", type=float, default=None, help="price of the server per hour, for cost per million output tokens")
     parser.add_argument(
         "--baselines",
         action="store_true",
         help="also measure in-process baselines (bare llama_decode loop, batch runner without HTTP, "
         "llama_cpp.Llama loop), each in a fresh process, and print the ratios",
     )
-    parser.add_argument("--out", type=Path, default=None, help="directory for results.json / .csv / .md")
+    parser.add_argument("--out", type=Path, default=None, help="directory for results.json/.csv/.md, requests.json and PNG plots")
 
 
 def run(args: argparse.Namespace) -> int:
-    levels = [int(c) for c in args.concurrency.split(",")]
-    workload = Workload(max_tokens=args.max_tokens)
+    open_loop_rates = [float(r) for r in args.rate.split(",")] if args.rate else None
+    levels = open_loop_rates or [int(c) for c in (args.concurrency or "1,8,32").split(",")]
+    workload = Workload.from_spec(args.max_tokens)
     rows: list[dict] = []
+    latencies: dict[str, list[float]] = {}
     if args.url:
-        rows += asyncio.run(_sweep(args.url, args.url, levels, workload, args))
+        rows += asyncio.run(_sweep(args.url, args.url, levels, workload, args, latencies))
     else:
         for mode in args.modes.split(","):
             with SpawnedServer(["--mode", mode, *shlex.split(args.serve_args)]) as server:
                 label = f"{mode} {args.serve_args}".strip()
-                for row in asyncio.run(_sweep(server.url, label, levels, workload, args)):
+                for row in asyncio.run(_sweep(server.url, label, levels, workload, args, latencies)):
                     row["peak_rss_mb"] = server.peak_rss_mb()
                     rows.append(row)
                     print(report.table([row]).splitlines()[-1], flush=True)
     print(report.table(rows))
     ratios = None
-    if args.baselines:
+    if args.baselines and not open_loop_rates:
         from tokenmill.bench.baselines import measure_baselines, ratio_table
 
         baselines = measure_baselines(levels, args, shlex.split(args.serve_args))
@@ -62,27 +69,35 @@ def run(args: argparse.Namespace) -> int:
         print(ratios)
     if args.out:
         report.write(rows, args.out)
+        (args.out / "requests.json").write_text(json.dumps(latencies))
         if ratios:
             (args.out / "ratios.md").write_text(ratios + "\n")
+        from tokenmill.bench.plots import plot_all
+
+        plot_all(rows, latencies, args.out)
         print(f"wrote results to {args.out}/")
     return 0
 
 
-async def _sweep(url: str, label: str, levels: list[int], workload: Workload, args: argparse.Namespace) -> list[dict]:
+async def _sweep(url: str, label: str, levels: list, workload: Workload, args: argparse.Namespace, latencies: dict) -> list[dict]:
     model = await served_model(url)
     rows = []
     async with httpx.AsyncClient(base_url=url) as metrics_client:
-        for concurrency in levels:
-            requests = args.requests or max(8, 4 * concurrency)
+        for level in levels:
             before = await scrape_lag_buckets(metrics_client)
             with OwnLoopLag() as own_lag:
-                records, seconds = await closed_loop(
-                    url, model, workload, concurrency, requests, warmup=min(args.warmup, concurrency) if args.warmup else 0
-                )
+                if args.rate:
+                    records, seconds = await open_loop(url, model, workload, level, args.requests, duration=args.duration)
+                else:
+                    requests = args.requests or (None if args.duration else max(8, 4 * level))
+                    warmup = min(args.warmup, level) if args.warmup else 0
+                    records, seconds = await closed_loop(url, model, workload, level, requests, warmup=warmup, duration=args.duration)
             server_lag = lag_p99(before, await scrape_lag_buckets(metrics_client))
             summary = summarize(records, seconds, args.slo_ttft, args.slo_itl)
-            rows.append({
-                "target": label, "concurrency": concurrency, **summary.as_row(),
-                "server_loop_lag_p99": server_lag, "client_loop_lag_max": own_lag.worst,
-            })
+            row = {"target": label, ("rate" if args.rate else "concurrency"): level, **summary.as_row(),
+                   "server_loop_lag_p99": server_lag, "client_loop_lag_max": own_lag.worst}
+            if args.cost_per_hour is not None and summary.output_tokens_per_s > 0:
+                row["cost_per_million_tokens"] = args.cost_per_hour / (summary.output_tokens_per_s * 3600) * 1e6
+            rows.append(row)
+            latencies[f"{label} @ {level}"] = sorted(r.latency for r in records if r.latency is not None)
     return rows

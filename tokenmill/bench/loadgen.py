@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
+import sys
 import time
 
 import httpx
@@ -53,10 +55,46 @@ async def stream_one(client: httpx.AsyncClient, body: dict, run_started: float) 
     return record
 
 
+class Progress:
+    """One live status line on a terminal (nothing when output is not a terminal)."""
+
+    def __init__(self, label: str, total: int | None, records: list[RequestRecord]):
+        self._label, self._total, self._records = label, total, records
+        self._task: asyncio.Task | None = None
+        self._started = time.perf_counter()
+
+    async def _draw(self) -> None:
+        while True:
+            done = len(self._records)
+            ok = sum(1 for r in self._records if r.status == "ok")
+            refused = sum(1 for r in self._records if r.status == "rejected")
+            of = f"/{self._total}" if self._total else ""
+            sys.stderr.write(f"\r  {self._label}: {done}{of} done, {ok} ok, {refused} refused, "
+                             f"{done - ok - refused} failed, {time.perf_counter() - self._started:5.1f}s ")
+            sys.stderr.flush()
+            await asyncio.sleep(0.5)
+
+    def __enter__(self) -> Progress:
+        if sys.stderr.isatty():
+            self._task = asyncio.ensure_future(self._draw())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._task:
+            self._task.cancel()
+            sys.stderr.write("\r" + " " * 100 + "\r")
+
+
+def _within(run_started: float, duration: float | None) -> bool:
+    return duration is None or time.perf_counter() - run_started < duration
+
+
 async def closed_loop(
-    base_url: str, model: str, workload: Workload, concurrency: int, requests: int, warmup: int = 0, timeout: float = 600.0
+    base_url: str, model: str, workload: Workload, concurrency: int, requests: int | None,
+    warmup: int = 0, timeout: float = 600.0, duration: float | None = None,
 ) -> tuple[list[RequestRecord], float]:
-    """Returns the measured records (warm-up excluded) and the measured wall time."""
+    """`concurrency` clients, each sending its next request when the last one ends, until
+    `requests` were sent or `duration` seconds passed. Returns records (warm-up excluded) and wall time."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout) as client:
         if warmup:
@@ -67,11 +105,44 @@ async def closed_loop(
 
         async def client_loop() -> None:
             nonlocal next_index
-            while next_index < requests:
+            while (requests is None or next_index < requests) and _within(run_started, duration):
                 index, next_index = next_index, next_index + 1
                 records.append(await stream_one(client, workload.request_body(index, model), run_started))
 
-        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+        with Progress(f"concurrency {concurrency}", requests, records):
+            await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+        return records, time.perf_counter() - run_started
+
+
+async def open_loop(
+    base_url: str, model: str, workload: Workload, rate: float, requests: int | None,
+    timeout: float = 600.0, duration: float | None = None, seed: int = 7,
+) -> tuple[list[RequestRecord], float]:
+    """Poisson arrivals at `rate` requests/s, whatever the server does: the way real traffic comes.
+    Sends until `requests` or `duration`; then waits for what is in flight."""
+    if requests is None and duration is None:
+        raise ValueError("an open loop needs --requests or --duration to stop")
+    rng = random.Random(seed)
+    limits = httpx.Limits(max_connections=10_000, max_keepalive_connections=1_000)
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout) as client:
+        records: list[RequestRecord] = []
+        in_flight: list[asyncio.Task] = []
+        run_started = time.perf_counter()
+        next_arrival = 0.0
+
+        async def one(index: int) -> None:
+            records.append(await stream_one(client, workload.request_body(index, model), run_started))
+
+        with Progress(f"rate {rate:g}/s", requests, records):
+            index = 0
+            while (requests is None or index < requests) and _within(run_started, duration):
+                delay = next_arrival - (time.perf_counter() - run_started)
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                in_flight.append(asyncio.ensure_future(one(index)))
+                index += 1
+                next_arrival += rng.expovariate(rate)
+            await asyncio.gather(*in_flight)
         return records, time.perf_counter() - run_started
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 COLUMNS = [
     ("target", "target", "{}"),
     ("concurrency", "conc", "{}"),
+    ("rate", "rate/s", "{:g}"),
     ("ok", "ok", "{}"),
     ("rejected", "503", "{}"),
     ("errors", "err", "{}"),
@@ -24,6 +25,7 @@ COLUMNS = [
     ("server_loop_lag_p99", "server loop lag p99 ms", "{:.1f}"),
     ("client_loop_lag_max", "bench loop lag max ms", "{:.1f}"),
     ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
+    ("cost_per_million_tokens", "$/M tok", "{:.2f}"),
 ]
 _MILLISECONDS = {"ttft_p50", "ttft_p99", "steady_ttft_p99", "itl_p50", "itl_p99", "server_loop_lag_p99", "client_loop_lag_max"}
 
@@ -41,12 +43,14 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """A GitHub-flavoured markdown table (readable in a terminal, pasteable into docs)."""
-    header = "| " + " | ".join(title for _, title, _ in COLUMNS) + " |"
-    rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
+    """A GitHub-flavoured markdown table (readable in a terminal, pasteable into docs).
+    Columns no row has (e.g. rate in a closed-loop run) are left out."""
+    columns = [c for c in COLUMNS if any(c[0] in row for row in rows)]
+    header = "| " + " | ".join(title for _, title, _ in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
     lines = [header, rule]
     for row in rows:
-        lines.append("| " + " | ".join(_cell(row, key, fmt) for key, _, fmt in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_cell(row, key, fmt) for key, _, fmt in columns) + " |")
     return "\n".join(lines)
 
 
@@ -54,7 +58,7 @@ def write(rows: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     with (out / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
         writer.writeheader()
         writer.writerows(rows)
     (out / "results.md").write_text(table(rows) + "\n")

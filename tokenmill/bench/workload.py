@@ -29,19 +29,27 @@ PROMPTS = (
 @dataclass(frozen=True)
 class Workload:
     max_tokens: int = 64
-    ignore_eos: bool = True  # every request really generates max_tokens
+    max_tokens_upper: int | None = None  # set: each request's length is drawn uniformly from [max_tokens, this]
+    ignore_eos: bool = True  # every request really generates its max_tokens
     temperature: float = 0.7
     seed: int = 1234
 
+    @classmethod
+    def from_spec(cls, length: str, **kwargs) -> Workload:
+        """'64' = every request 64 tokens; '32:128' = uniform between 32 and 128, per request."""
+        low, _, high = length.partition(":")
+        return cls(max_tokens=int(low), max_tokens_upper=int(high) if high else None, **kwargs)
+
     def request_body(self, index: int, model: str) -> dict:
         rng = random.Random(self.seed * 1_000_003 + index)
+        length = rng.randint(self.max_tokens, self.max_tokens_upper) if self.max_tokens_upper else self.max_tokens
         return {
             "model": model,
             "messages": [
                 {"role": "system", "content": "You are a helpful assistant."},
                 {"role": "user", "content": rng.choice(PROMPTS)},
             ],
-            "max_tokens": self.max_tokens,
+            "max_tokens": length,
             "ignore_eos": self.ignore_eos,
             "temperature": self.temperature,
             "seed": rng.randrange(2**31),
