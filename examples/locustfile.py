@@ -3,9 +3,10 @@
     pip install locust
     locust -f examples/locustfile.py --host http://127.0.0.1:8000 --headless -u 16 -r 4 -t 60s
 
-Each simulated user streams chat completions back to back. Besides locust's usual request
-statistics (which for a stream measure the whole response), two extra rows are reported:
-"TTFT" (time to the first content token) and "ITL" (mean gap between tokens), in milliseconds.
+Each simulated user streams chat completions back to back. locust's own row for the request
+measures only the time to the response headers (it is a streamed response), so two extra rows
+carry what matters for an LLM: "TTFT" (time to the first content token) and "ITL" (mean gap
+between tokens), in milliseconds. Checked with locust 2.x against a simulated tokenmill server.
 """
 
 from __future__ import annotations
