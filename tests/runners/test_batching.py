@@ -127,3 +127,22 @@ async def test_stop_ends_pending_requests_with_an_error():
     await runner.stop()
     with pytest.raises(EngineFailure, match="shutting down"):
         await drain(handle)
+
+
+async def test_requests_still_queued_for_the_engine_thread_at_stop_get_an_error():
+    class SlowStep(SimulatedEngine):
+        def step(self, chunks):
+            import time
+
+            time.sleep(0.2)  # keep the engine thread busy while more requests arrive
+            return super().step(chunks)
+
+    runner = await runner_with(SlowStep(ttft_ms=0, itl_ms=0), max_batch=4)
+    first = await runner.submit(request(50))
+    await asyncio.sleep(0.05)  # the engine thread is inside its first step now
+    late = [await runner.submit(request(50)) for _ in range(3)]  # these wait in its inbox
+    await runner.stop()
+    for handle in [first, *late]:
+        with pytest.raises(EngineFailure, match="shutting down"):
+            await asyncio.wait_for(drain(handle), 2)
+    assert runner.in_flight == 0

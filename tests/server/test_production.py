@@ -179,3 +179,31 @@ async def test_api_key_file_and_json_access_logs(tmp_path, caplog):
     entry = next(e for e in entries if e["request_id"] == "req-7")
     assert entry["path"] == "/v1/completions" and entry["status"] == 200 and entry["duration_ms"] >= 0
     assert all("secret prompt" not in r.getMessage() for r in caplog.records)  # prompts are never logged
+
+
+async def test_a_client_gone_before_the_stream_starts_still_frees_its_place():
+    """The response's first send fails (client already gone): the body is never iterated, yet the
+    place is freed and the generation stopped."""
+    from tokenmill.server import create_app
+
+    app = create_app(sim_settings(sim_itl_ms=20, max_concurrency=1, max_queue=0))
+    serving = app.state.serving
+    async with app.router.lifespan_context(app):
+        body = json.dumps({"messages": USER, "max_tokens": 500, "stream": True}).encode()
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+                 "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
+                 "root_path": "", "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            return messages.pop(0) if messages else await asyncio.Future()  # then: nothing more, ever
+
+        async def send(message):
+            raise OSError("connection reset by peer")
+
+        with pytest.raises(OSError):
+            await app(scope, receive, send)
+        await asyncio.sleep(0.1)
+        assert serving.admission.active == 0
+        assert serving.runner.in_flight == 0  # the generation was aborted, not left running

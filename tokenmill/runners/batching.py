@@ -118,10 +118,14 @@ class BatchingRunner(Runner):
             with self._wakeup:
                 while not self._inbox and not self._scheduler.has_work and not self._stopping:
                     self._wakeup.wait()
-                if self._stopping:
-                    break
                 messages = list(self._inbox)
                 self._inbox.clear()
+                if self._stopping:
+                    # requests submitted in the last instant: never registered, but admitted
+                    for message in messages:
+                        if isinstance(message, _Add):
+                            self._handles[message.seq.seq_id] = message.handle
+                    break
             for message in messages:
                 self._handle_message(engine, message)
             if self._scheduler.has_work:
@@ -140,15 +144,15 @@ class BatchingRunner(Runner):
             self._deliver([], settled=1)
 
     def _step(self, engine: StepEngine) -> None:
-        for seq in self._scheduler.admit():
-            engine.add_sequence(seq)
-        chunks = self._scheduler.plan()
-        if not chunks:
-            return
         try:
+            for seq in self._scheduler.admit():
+                engine.add_sequence(seq)
+            chunks = self._scheduler.plan()
+            if not chunks:
+                return
             tokens = engine.step(chunks)
-        except Exception as error:
-            log.exception("engine step failed; failing the %d running requests", len(chunks))
+        except Exception as error:  # any failure in the step: the running requests end with it
+            log.exception("engine step failed; failing the %d running requests", len(self._scheduler.running))
             failed = self._scheduler.fail_all_running()
             for seq in failed:
                 engine.remove_sequence(seq)

@@ -46,6 +46,12 @@ def _check_model(serving: Serving, model: str | None) -> str:
     return name
 
 
+def _streamed(generation: Generation, body) -> EventStreamResponse:
+    # The body closes the generation when it ends; if the client left before the body even
+    # started, the response's on_close does it (close() is idempotent).
+    return EventStreamResponse(body, on_close=lambda: generation.close(client_gone=True))
+
+
 async def _until_disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
@@ -82,7 +88,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         timeout=body.timeout,
     )
     if body.stream:
-        return EventStreamResponse(streams.chat_stream(generation, completion_id, created, model, body.include_usage))
+        return _streamed(generation, streams.chat_stream(generation, completion_id, created, model, body.include_usage))
     return await _answer(request, generation, lambda g: streams.chat_completion(g, completion_id, created, model))
 
 
@@ -96,7 +102,7 @@ async def completions(body: CompletionRequest, request: Request):
         timeout=body.timeout,
     )
     if body.stream:
-        return EventStreamResponse(streams.completion_stream(generation, completion_id, created, model, body.include_usage))
+        return _streamed(generation, streams.completion_stream(generation, completion_id, created, model, body.include_usage))
     return await _answer(request, generation, lambda g: streams.text_completion(g, completion_id, created, model))
 
 
@@ -128,7 +134,7 @@ async def stream(
     generation = await _serving(request).start(
         GenerationRequest(request_id=new_id("gen"), params=SamplingParams(max_tokens=max_tokens), prompt=prompt)
     )
-    return EventStreamResponse(streams.token_stream(generation))
+    return _streamed(generation, streams.token_stream(generation))
 
 
 @router.get("/health")
