@@ -23,7 +23,7 @@ def plot_all(rows: list[dict], latencies: dict[str, list[float]], out: Path) -> 
             points = [(r[level_key], r[metric] * scale) for r in rows
                       if r["target"] == target and r.get(metric) is not None and not math.isnan(r[metric])]
             if points:
-                ax.plot(*zip(*points), marker="o", label=target.split(" --")[0])
+                ax.plot(*zip(*points, strict=True), marker="o", label=target.split(" --")[0])
         ax.set_xscale("log", base=2)
         levels = sorted({r[level_key] for r in rows})
         ax.set_xticks(levels, [f"{v:g}" for v in levels])

@@ -56,6 +56,7 @@ class LlamaCppTokenizer:
         self._bos_text = bos
         self._template = ChatTemplate(source.decode() if source else None, bos_token=bos, eos_token=eos)
         self.eog_ids = [t for t in range(llama_cpp.llama_vocab_n_tokens(vocab)) if llama_cpp.llama_vocab_is_eog(vocab, t)]
+        self._eog = frozenset(self.eog_ids)  # checked for every generated token: no ctypes call
 
     @property
     def context_window(self) -> int:
@@ -84,7 +85,7 @@ class LlamaCppTokenizer:
         return piece
 
     def is_end_of_generation(self, token_id: int) -> bool:
-        return llama_cpp.llama_vocab_is_eog(self._vocab, token_id)
+        return token_id in self._eog
 
     def _piece(self, token_id: int, special: bool) -> bytes:
         buffer = ctypes.create_string_buffer(64)
@@ -156,7 +157,6 @@ class LlamaCppEngine:
         vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.tokenizer = LlamaCppTokenizer(self._model, vocab, window)
         self.max_chunk_tokens = max_step_tokens
-        self.kv_capacity = params.n_ctx
         self._batch = llama_cpp.llama_batch_init(max_step_tokens, 0, 1)
         self._free_slots = list(range(max_sequences - 1, -1, -1))
         self._slots: dict[int, int] = {}

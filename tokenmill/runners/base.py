@@ -20,9 +20,8 @@ from tokenmill.generation import Finished, GenerationRequest, TokenEvent
 class RequestHandle:
     """Async iterator over one request's events. Producers call `put*` on the event loop thread."""
 
-    def __init__(self, request_id: str, prompt_tokens: int, on_abort: Callable[[], None]):
+    def __init__(self, request_id: str, on_abort: Callable[[], None]):
         self.request_id = request_id
-        self.prompt_tokens = prompt_tokens
         self._on_abort = on_abort
         self._events: asyncio.Queue[TokenEvent | TokenmillError] = asyncio.Queue()
         self._done = False

@@ -87,10 +87,6 @@ class BatchingRunner(Runner):
     def kv_tokens_reserved(self) -> int:
         return self._scheduler.kv_reserved
 
-    @property
-    def running(self) -> int:
-        return len(self._scheduler.running)
-
     async def submit(self, request: GenerationRequest) -> RequestHandle:
         assert self._engine is not None, "runner not started"
         seq = self.prepare(request, self._engine.tokenizer)
@@ -100,7 +96,7 @@ class BatchingRunner(Runner):
                 f"whole cache holds {self._scheduler.config.kv_tokens}. Lower max_tokens.",
                 param="max_tokens",
             )
-        handle = RequestHandle(request.request_id, seq.num_prompt_tokens, on_abort=lambda: self._send(_Abort(seq)))
+        handle = RequestHandle(request.request_id, on_abort=lambda: self._send(_Abort(seq)))
         self._in_flight += 1
         self._send(_Add(seq, handle))
         return handle

@@ -70,7 +70,7 @@ class ExecutorRunner(Runner):
     async def submit(self, request: GenerationRequest) -> RequestHandle:
         seq = self.prepare(request, self.tokenizer)
         cancelled = threading.Event()
-        handle = RequestHandle(request.request_id, seq.num_prompt_tokens, on_abort=cancelled.set)
+        handle = RequestHandle(request.request_id, on_abort=cancelled.set)
         loop = asyncio.get_running_loop()
         self._in_flight += 1
         loop.run_in_executor(self._pool, self._run, seq, handle, cancelled, loop)

@@ -51,7 +51,6 @@ class ProcessRunner(Runner):
         self._pending: dict[int, tuple[Job, RequestHandle]] = {}  # submitted, not yet on a worker
         self._in_flight = 0
         self._aborted = 0
-        self.restarts = 0
         self._stopping = False
 
     async def start(self) -> None:
@@ -121,13 +120,12 @@ class ProcessRunner(Runner):
             worker.ready.set_exception(EngineFailure(f"worker process {worker.index} failed to start (exit code {code})"))
             return  # a worker that cannot even start would crash-loop; start() reports it
         log.error("worker %d (pid %s) died with exit code %s; restarting it", worker.index, worker.process.pid, code)
-        self.restarts += 1
         self._workers[worker.index] = self._spawn(worker.index)
 
     async def submit(self, request: GenerationRequest) -> RequestHandle:
         seq = self.prepare(request, self._tokenizer)
         job = Job(next(self._job_ids), request.request_id, seq.token_ids, seq.params, seq.max_new_tokens)
-        handle = RequestHandle(request.request_id, seq.num_prompt_tokens, on_abort=lambda: self._abort(job.job_id))
+        handle = RequestHandle(request.request_id, on_abort=lambda: self._abort(job.job_id))
         self._in_flight += 1
         self._pending[job.job_id] = (job, handle)
         asyncio.ensure_future(self._dispatch(job, handle))
@@ -166,10 +164,6 @@ class ProcessRunner(Runner):
     def stats(self) -> RunnerStats:
         running = sum(1 for w in self._workers if w.job is not None)
         return RunnerStats(running=running, waiting=len(self._pending), kv_tokens_used=0, kv_tokens_capacity=0, aborted=self._aborted)
-
-    @property
-    def worker_pids(self) -> list[int]:
-        return [w.process.pid for w in self._workers]
 
     async def stop(self) -> None:
         self._stopping = True

@@ -21,7 +21,10 @@ SSE_HEADERS = {
 
 def data_event(text: str, event: str | None = None) -> bytes:
     """One event; text with line breaks becomes several `data:` lines, as the SSE spec requires."""
-    lines = "".join(f"data: {line}\n" for line in _LINE_BREAK.split(text))
+    if "\n" in text or "\r" in text:
+        lines = "".join(f"data: {line}\n" for line in _LINE_BREAK.split(text))
+    else:  # the common case on the per-token path (JSON chunks never contain line breaks)
+        lines = f"data: {text}\n"
     prefix = f"event: {event}\n" if event else ""
     return f"{prefix}{lines}\n".encode()
 
