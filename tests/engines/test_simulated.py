@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 from tokenmill.engines.replica import generate
@@ -83,28 +82,20 @@ def test_batch_cost_grows_step_time_with_batch_size():
     assert time.perf_counter() - started >= 0.010 * (1 + 1.0 * 3)
 
 
-def test_hold_mode_holds_the_gil_and_release_mode_does_not():
-    """A pure-Python counter thread gets fewer turns while the engine spins than while it sleeps.
+def test_hold_mode_spins_in_python_and_release_mode_sleeps(monkeypatch):
+    """The mechanism, checked deterministically: 'release' waits in time.sleep (which frees the
+    GIL), 'hold' never sleeps and spins for the whole step instead. What that does to a server
+    (loop lag, throughput per mode) is measured by the bench in docs/serving-patterns.md, not
+    asserted here: timing ratios on a shared 2-core machine are too noisy for a unit test."""
+    import tokenmill.engines.simulated as simulated
 
-    While spinning, the engine shares the GIL with the counter (Python switches every 5 ms), so
-    the counter gets about half the turns it gets while the engine sleeps.
-    """
+    real_sleep = time.sleep
+    sleeps: list[float] = []
+    monkeypatch.setattr(simulated.time, "sleep", lambda s: (sleeps.append(s), real_sleep(s)))
 
-    def counter_progress(gil: str) -> int:
-        engine = SimulatedEngine(ttft_ms=100, itl_ms=0, gil=gil)
-        count = 0
-        stop = threading.Event()
+    started = time.perf_counter()
+    run(SimulatedEngine(ttft_ms=30, itl_ms=0, gil="hold"), max_tokens=1, ignore_eos=True)
+    assert sleeps == [] and time.perf_counter() - started >= 0.03
 
-        def count_up():
-            nonlocal count
-            while not stop.is_set():
-                count += 1
-
-        thread = threading.Thread(target=count_up)
-        thread.start()
-        run(engine, max_tokens=1, ignore_eos=True)
-        stop.set()
-        thread.join()
-        return count
-
-    assert counter_progress("release") > 1.4 * counter_progress("hold")
+    run(SimulatedEngine(ttft_ms=30, itl_ms=0, gil="release"), max_tokens=1, ignore_eos=True)
+    assert len(sleeps) == 1 and 0 < sleeps[0] <= 0.03
