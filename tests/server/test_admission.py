@@ -20,7 +20,7 @@ async def test_admits_up_to_capacity_then_queues_then_refuses_at_once():
     started = time.perf_counter()
     with pytest.raises(Overloaded) as refused:
         await admission.acquire()
-    assert time.perf_counter() - started < 0.01  # no waiting on the reject path
+    assert time.perf_counter() - started < 0.5  # no waiting on the reject path (the queue timeout is 5 s)
     assert refused.value.retry_after >= 1
     first.release()
     third = await asyncio.wait_for(queued, 1)  # the freed place went to the queued request

@@ -34,12 +34,12 @@ async def test_flood_admits_capacity_plus_queue_and_refuses_the_rest(mode):
 
 
 async def test_first_token_timeout_gives_504_or_an_error_event():
-    async with asgi_client(sim_settings(sim_ttft_ms=500, first_token_timeout=0.1)) as client:
+    async with asgi_client(sim_settings(sim_ttft_ms=1500, first_token_timeout=0.1)) as client:
         started = time.perf_counter()
         response = await client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 5})
         assert response.status_code == 504
         assert response.json()["error"]["code"] == "first_token_timeout"
-        assert time.perf_counter() - started < 0.45
+        assert time.perf_counter() - started < 1.0  # cut at the timeout, not after the 1.5 s prefill
         streamed = await client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 5, "stream": True})
         lines = [line for line in streamed.text.split("\n") if line.startswith("data: ")]
         assert json.loads(lines[-2][6:])["error"]["code"] == "first_token_timeout"
