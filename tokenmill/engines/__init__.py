@@ -14,6 +14,11 @@ def build_tokenizer(settings: Settings) -> Tokenizer:
         from tokenmill.engines.simulated import SimulatedTokenizer
 
         return SimulatedTokenizer(settings.context_window)
+    if settings.engine == "torch":
+        from tokenmill.engines.model_files import resolve_model_path
+        from tokenmill.engines.torchlm.tokenizer import load_tokenizer as load_torch_tokenizer
+
+        return load_torch_tokenizer(resolve_model_path(settings.model, folders=True), settings.context_window)
     from tokenmill.engines.llamacpp import load_tokenizer
     from tokenmill.engines.model_files import resolve_model_path
 
@@ -52,6 +57,20 @@ def build_engine(settings: Settings) -> StepEngine:
             context_window=settings.context_window,
             threads=settings.threads_per_replica(),
         )
+    if settings.engine == "torch":
+        from tokenmill.engines.model_files import resolve_model_path
+        from tokenmill.engines.torchlm.engine import TorchEngine
+
+        batched = settings.mode == "batch"
+        return TorchEngine(
+            resolve_model_path(settings.model, folders=True),
+            context_window=settings.context_window,
+            max_sequences=settings.max_batch if batched else 1,
+            threads=settings.threads_per_replica(),
+            max_step_tokens=settings.max_step_tokens if batched else 512,
+            dtype=settings.torch_dtype,
+            device=settings.torch_device,
+        )
     raise ValueError(f"unknown engine {settings.engine!r}")
 
 
@@ -62,4 +81,4 @@ def served_model_name(settings: Settings) -> str:
         return "simulated"
     from tokenmill.engines.model_files import default_model_name, resolve_model_path
 
-    return default_model_name(resolve_model_path(settings.model))
+    return default_model_name(resolve_model_path(settings.model, folders=settings.engine == "torch"))

@@ -24,15 +24,20 @@ def default_model_path() -> Path:
     return files[0]
 
 
-def resolve_model_path(model: str | None) -> Path:
+def resolve_model_path(model: str | None, folders: bool = False) -> Path:
+    """The model file (or, where `folders`, a Hugging Face checkpoint folder) to load."""
     if model is None:
         return default_model_path()
     path = Path(model).expanduser()
+    if folders and path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is a folder without config.json; pass a checkpoint folder or a .gguf file")
+        return path
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")
     return path
 
 
 def default_model_name(path: Path) -> str:
-    """'SmolLM2-135M-Instruct.Q4_1.gguf' -> 'SmolLM2-135M-Instruct.Q4_1'."""
+    """'SmolLM2-135M-Instruct.Q4_1.gguf' -> 'SmolLM2-135M-Instruct.Q4_1'; a folder -> its name."""
     return path.name.removesuffix(".gguf")

@@ -1,0 +1,140 @@
+"""The torch engine: the StepEngine protocol over `LlamaModel`, a paged KV cache and a batch sampler.
+
+Everything here is bookkeeping that turns the scheduler's chunks into packed tensors (which cells
+each token writes, which cells each row reads) and the sampled ids back into a list; the maths
+lives in model.py and sampler.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Sequence as Seq
+from pathlib import Path
+
+import torch
+
+from tokenmill.engines.base import Chunk
+from tokenmill.engines.sequence import Sequence
+from tokenmill.engines.torchlm.checkpoint import load_checkpoint
+from tokenmill.engines.torchlm.kv_cache import SlotKVCache
+from tokenmill.engines.torchlm.model import DecodeBatch, LlamaModel, PrefillChunk, StepInputs
+from tokenmill.engines.torchlm.sampler import BatchSampler
+from tokenmill.engines.torchlm.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class TorchEngine:
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        context_window: int = 4096,
+        max_sequences: int = 1,
+        kv_tokens: int | None = None,
+        threads: int | None = None,
+        max_step_tokens: int = 512,
+        dtype: str = "bfloat16",
+        device: str = "auto",
+    ):
+        started = time.perf_counter()
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = pick_device(device)
+        checkpoint = load_checkpoint(model_path, DTYPES[dtype], self.device)
+        window = min(context_window, checkpoint.config.trained_context)
+        self.tokenizer = load_tokenizer(model_path, window)
+        self.model = LlamaModel(checkpoint, max_positions=window)
+        self.cache = SlotKVCache(checkpoint.config, max_sequences, window, DTYPES[dtype], self.device)
+        self.sampler = BatchSampler(self.tokenizer.eog_ids, self.device)
+        self.max_chunk_tokens = max_step_tokens
+        log.info("torch engine ready on %s (%s) in %.1f s", self.device, dtype, time.perf_counter() - started)
+
+    def add_sequence(self, seq: Sequence) -> None:
+        self.cache.add(seq.seq_id)
+        self.sampler.add(seq.seq_id, seq.params)
+
+    def remove_sequence(self, seq: Sequence) -> None:
+        self.cache.remove(seq.seq_id)
+        self.sampler.remove(seq.seq_id)
+
+    @torch.inference_mode()
+    def step(self, chunks: Seq[Chunk]) -> list[int | None]:
+        if sum(c.num_tokens for c in chunks) > self.max_chunk_tokens:
+            raise ValueError("a step may carry at most max_chunk_tokens tokens")
+        # Decode rows (one token each) go first, in slot order, so they line up with the cache's slots.
+        slot_of = self.cache.slot_of
+        ordered = sorted(chunks, key=lambda c: (c.num_tokens != 1, slot_of(c.seq.seq_id)))
+        self.cache.reserve(max(c.seq.num_computed + c.num_tokens for c in chunks))
+        inputs, sampled_chunks = self._pack(ordered)
+        if not sampled_chunks:
+            self.model.forward(inputs, self.cache)
+            return [None] * len(chunks)
+        logits = self.model.forward(inputs, self.cache)
+        seqs = [chunk.seq for chunk in sampled_chunks]
+        tokens = self.sampler.sample(
+            logits,
+            [s.seq_id for s in seqs],
+            [s.params for s in seqs],
+            [s.params.ignore_eos or s.num_generated < s.params.min_tokens for s in seqs],
+        )
+        by_seq = {seq.seq_id: token for seq, token in zip(seqs, tokens, strict=True)}
+        return [by_seq.get(c.seq.seq_id) if c.completes_sequence_input else None for c in chunks]
+
+    def _pack(self, chunks: list[Chunk]) -> tuple[StepInputs, list[Chunk]]:
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        decode_slots: list[int] = []
+        prefills: list[PrefillChunk] = []
+        sample_rows: list[int] = []
+        sampled: list[Chunk] = []
+        lengths = [1] * self.cache.num_slots  # key cells each slot's decode row may see
+        for chunk in chunks:
+            seq, start, n = chunk.seq, chunk.seq.num_computed, chunk.num_tokens
+            slot, row = self.cache.slot_of(seq.seq_id), len(token_ids)
+            token_ids.extend(seq.token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            slots.extend([slot] * n)
+            if n == 1:
+                decode_slots.append(slot)
+                lengths[slot] = start + 1
+            else:
+                mask = torch.ones(n, start + n, dtype=torch.bool, device=self.device).tril(diagonal=start)
+                prefills.append(PrefillChunk(start=row, length=n, slot=slot, mask=mask))
+            if chunk.completes_sequence_input:
+                sample_rows.append(row + n - 1)
+                sampled.append(chunk)
+        tensor = functools.partial(torch.tensor, dtype=torch.long, device=self.device)
+        decode = None
+        if decode_slots:
+            cells = torch.arange(self.cache.capacity, device=self.device)[None, :]
+            decode = DecodeBatch(
+                size=len(decode_slots),
+                slots=tensor(decode_slots),
+                covers_all_slots=len(decode_slots) == self.cache.num_slots,
+                mask=(cells < tensor(lengths)[:, None])[:, None, None, :],
+            )
+        inputs = StepInputs(
+            token_ids=tensor(token_ids),
+            positions=tensor(positions),
+            slots=tensor(slots),
+            decode=decode,
+            prefills=prefills,
+            sample_rows=tensor(sample_rows),
+        )
+        return inputs, sampled
+
+    def close(self) -> None:
+        pass  # tensors are freed with the engine
+

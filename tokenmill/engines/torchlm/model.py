@@ -1,0 +1,147 @@
+"""A Llama-family decoder forward written for serving: packed tokens, paged KV, mixed steps.
+
+One call runs every token of a step -- decode rows of many sequences and prefill chunks of some --
+through the weights as one packed [tokens, hidden] matrix, so each weight matrix is read once per
+step however many sequences share it (that is where batching wins on a CPU). Only attention
+looks at sequences separately: all decode rows together as one padded batch over their paged
+keys, each prefill chunk on its own with a causal mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tokenmill.engines.torchlm.checkpoint import Checkpoint
+from tokenmill.engines.torchlm.kv_cache import SlotKVCache
+from tokenmill.engines.torchlm.linear import Projection, can_prepack, projection
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeBatch:
+    """The first `size` packed rows: one new token each, for the sequences in `slots` (ascending)."""
+
+    size: int
+    slots: torch.Tensor  # [size]
+    covers_all_slots: bool  # slots == 0..n-1: no sequence in the cache is mid-prefill
+    mask: torch.Tensor  # [slots in use, 1, 1, cache capacity] True where a cell holds the slot's key
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillChunk:
+    """Packed rows start..start+length-1: one sequence's prompt tokens after `past` cached ones."""
+
+    start: int
+    length: int
+    slot: int
+    mask: torch.Tensor  # [length, past + length] causal
+
+
+@dataclass(frozen=True, slots=True)
+class StepInputs:
+    token_ids: torch.Tensor  # [tokens]
+    positions: torch.Tensor  # [tokens]
+    slots: torch.Tensor  # [tokens] the KV slot each token's key and value go to
+    decode: DecodeBatch | None
+    prefills: list[PrefillChunk]
+    sample_rows: torch.Tensor  # packed rows whose next-token logits are wanted
+
+
+@dataclass(frozen=True, slots=True)
+class _Layer:
+    attn_norm: torch.Tensor
+    qkv: Projection
+    out: Projection
+    mlp_norm: torch.Tensor
+    gate_up: Projection
+    down: Projection
+
+
+class LlamaModel:
+    def __init__(self, checkpoint: Checkpoint, max_positions: int):
+        self.config = c = checkpoint.config
+        prepack = can_prepack(checkpoint.lm_head)
+        self._layers = [
+            _Layer(
+                attn_norm=w.attn_norm,
+                qkv=projection(w.qkv, prepack),
+                out=projection(w.out, prepack),
+                mlp_norm=w.mlp_norm,
+                gate_up=projection(w.gate_up, prepack),
+                down=projection(w.down, prepack),
+            )
+            for w in checkpoint.layers
+        ]
+        self._embedding = checkpoint.embedding
+        self._final_norm = checkpoint.final_norm
+        self._lm_head = projection(checkpoint.lm_head, prepack)
+        self._group = c.num_heads // c.num_kv_heads
+        self._scale = c.head_dim**-0.5
+        device, dtype = checkpoint.embedding.device, checkpoint.embedding.dtype
+        inverse = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32, device=device) / c.head_dim))
+        angles = torch.outer(torch.arange(max_positions, dtype=torch.float32, device=device), inverse)
+        angles = torch.cat([angles, angles], dim=-1)
+        self._cos, self._sin = angles.cos().to(dtype), angles.sin().to(dtype)
+
+    @torch.inference_mode()
+    def forward(self, inputs: StepInputs, cache: SlotKVCache) -> torch.Tensor:
+        """Logits (fp32) for `inputs.sample_rows`, after writing every token's keys/values to `cache`."""
+        c = self.config
+        tokens = inputs.token_ids.shape[0]
+        x = self._embedding[inputs.token_ids]
+        cos, sin = self._cos[inputs.positions][:, None, :], self._sin[inputs.positions][:, None, :]
+        q_size = c.num_heads * c.head_dim
+        for index, layer in enumerate(self._layers):
+            h = _rms_norm(x, layer.attn_norm, c.rms_norm_eps)
+            q, k, v = layer.qkv(h).split([q_size, c.kv_size, c.kv_size], dim=-1)
+            q = _rotate(q.view(tokens, c.num_heads, c.head_dim), cos, sin)
+            k = _rotate(k.view(tokens, c.num_kv_heads, c.head_dim), cos, sin)
+            cache.write(index, inputs.slots, inputs.positions, k, v.view(tokens, c.num_kv_heads, c.head_dim))
+            attended = self._attend(q, inputs, cache.keys(index), cache.values(index))
+            x = x + layer.out(attended.view(tokens, q_size))
+            gate, up = layer.gate_up(_rms_norm(x, layer.mlp_norm, c.rms_norm_eps)).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
+        last = _rms_norm(x[inputs.sample_rows], self._final_norm, c.rms_norm_eps)
+        return self._lm_head(last).float()
+
+    def _attend(self, q: torch.Tensor, inputs: StepInputs, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        out = torch.empty_like(q)
+        decode = inputs.decode
+        if decode is not None:
+            # Grouped-query attention without repeating keys: the query heads that share a key head
+            # become that head's query rows. Every slot in use takes part (a contiguous read); rows
+            # of slots that are mid-prefill are zeros and their results are dropped.
+            rows = q[: decode.size].view(decode.size, c.num_kv_heads, self._group, c.head_dim)
+            if not decode.covers_all_slots:
+                spread = rows.new_zeros((keys.shape[0], *rows.shape[1:]))
+                spread[decode.slots] = rows
+                rows = spread
+            scores = torch.matmul(rows, keys.transpose(-1, -2)).float() * self._scale
+            weights = scores.masked_fill_(~decode.mask, -torch.inf).softmax(dim=-1).to(q.dtype)
+            attended = torch.matmul(weights, values)
+            if not decode.covers_all_slots:
+                attended = attended[decode.slots]
+            out[: decode.size] = attended.reshape(decode.size, c.num_heads, c.head_dim)
+        for chunk in inputs.prefills:
+            seen = chunk.mask.shape[1]
+            rows = q[chunk.start : chunk.start + chunk.length].transpose(0, 1)[None]
+            k, v = keys[chunk.slot, :, :seen][None], values[chunk.slot, :, :seen][None]
+            attended = F.scaled_dot_product_attention(rows, k, v, attn_mask=chunk.mask, enable_gqa=True)
+            out[chunk.start : chunk.start + chunk.length] = attended[0].transpose(0, 1)
+        return out
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # In fp32 and cast back before the weight, as the reference implementation does.
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
