@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from openai import AsyncOpenAI
 
@@ -36,3 +38,30 @@ async def test_default_model_knows_the_capital_of_france(default_server):
             usage = chunk.usage or usage
         assert text == reply.choices[0].message.content
         assert usage.completion_tokens == reply.usage.completion_tokens
+
+
+@pytest.mark.parametrize("mode", ["batch", "process"])
+async def test_torch_engine_serves_the_default_model_concurrently(serve_process, mode):
+    pytest.importorskip("torch")
+    server = serve_process("--engine", "torch", "--mode", mode, "--max-batch", "4", "--kv-tokens", "2048")
+    async with AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120) as sdk:
+        messages = [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "What is the capital of France?"},
+        ]
+
+        async def streamed() -> tuple[str, str]:
+            stream = await sdk.chat.completions.create(model="SmolLM2-135M-Instruct.Q4_1", messages=messages, temperature=0, max_tokens=30, stream=True)
+            text, finish = "", None
+            async for chunk in stream:
+                text += chunk.choices[0].delta.content or ""
+                finish = chunk.choices[0].finish_reason or finish
+            return text, finish
+
+        replies = await asyncio.gather(*(streamed() for _ in range(4)))
+        assert all("Paris" in text and finish == "stop" for text, finish in replies)
+        seeded = [
+            (await sdk.completions.create(model="SmolLM2-135M-Instruct.Q4_1", prompt="Tell me a story:", temperature=0.9, seed=7, max_tokens=16)).choices[0].text
+            for _ in range(2)
+        ]
+        assert seeded[0] == seeded[1] and seeded[0]

@@ -41,49 +41,6 @@ def test_greedy_output_equals_llama_cpp_llama(engine):
         reference.close()
 
 
-def test_chat_template_comes_from_the_model_metadata(engine):
-    rendered = engine.tokenizer.render_chat((ChatMessage("user", "hi"),))
-    assert rendered.startswith("<|im_start|>system\n")  # SmolLM2's template adds its default system turn
-    assert rendered.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
-
-
-def test_answers_a_factual_question(engine):
-    messages = (ChatMessage("system", "You are a helpful assistant."), ChatMessage("user", "What is the capital of France?"))
-    text, finished = complete(engine, messages=messages, temperature=0, max_tokens=30)
-    assert "Paris" in text
-    assert finished.reason == "stop"  # the model ended its turn itself
-
-
-def test_seed_repeats_and_varies(engine):
-    run = lambda seed: complete(engine, "Tell me a story:", temperature=0.9, seed=seed, max_tokens=24)[0]  # noqa: E731
-    assert run(7) == run(7)
-    assert run(7) != run(8)
-
-
-def test_stop_string_is_honoured_and_not_emitted(engine):
-    full, _ = complete(engine, PROMPTS[0], temperature=0, max_tokens=32)
-    word = full.split()[3]
-    cut, finished = complete(engine, PROMPTS[0], temperature=0, max_tokens=32, stop=(word,))
-    assert finished.reason == "stop"
-    assert cut == full[: full.index(word)]
-
-
-def test_ignore_eos_and_min_tokens_generate_past_the_natural_end(engine):
-    messages = (ChatMessage("system", "You are a helpful assistant."), ChatMessage("user", "What is the capital of France?"))
-    natural = complete(engine, messages=messages, temperature=0, max_tokens=60)[1].usage.completion_tokens
-    forced = complete(engine, messages=messages, temperature=0, max_tokens=60, ignore_eos=True)[1]
-    assert forced.reason == "length" and forced.usage.completion_tokens == 60 > natural
-    at_least = complete(engine, messages=messages, temperature=0, max_tokens=60, min_tokens=natural + 5)[1]
-    assert at_least.usage.completion_tokens >= natural + 5
-
-
-def test_utf8_is_never_emitted_broken(engine):
-    # With its built-in system prompt, the model answers this greedily in French ("L'Étoile, ...").
-    text, _ = complete(engine, messages=(ChatMessage("user", "What is the capital of France?"),), temperature=0, max_tokens=48)
-    assert "\ufffd" not in text
-    assert "É" in text
-
-
 def test_removing_a_sequence_frees_its_kv_cells(engine):
     request = GenerationRequest(request_id="t", params=SamplingParams(temperature=0, max_tokens=50), prompt=PROMPTS[0])
     seq = prepare_sequence(request, engine.tokenizer)
@@ -93,20 +50,6 @@ def test_removing_a_sequence_frees_its_kv_cells(engine):
     assert llama_cpp.llama_memory_seq_pos_max(memory, 0) >= seq.num_prompt_tokens - 1
     events.close()  # the consumer leaves early (abort)
     assert llama_cpp.llama_memory_seq_pos_max(memory, 0) == -1
-
-
-def test_cancellation_stops_within_one_step(engine):
-    calls = 0
-
-    def cancelled() -> bool:
-        nonlocal calls
-        calls += 1
-        return calls > 3
-
-    request = GenerationRequest(request_id="t", params=SamplingParams(max_tokens=100, ignore_eos=True), prompt=PROMPTS[0])
-    seq = prepare_sequence(request, engine.tokenizer)
-    events = list(generate(engine, seq, cancelled))
-    assert len(events) == 3 and seq.status.value == "aborted"
 
 
 def test_prefix_cache_reuses_a_shared_prompt_start_without_changing_output(engine):

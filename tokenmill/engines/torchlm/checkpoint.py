@@ -180,7 +180,9 @@ def _gguf_tensors(reader, dequantize) -> Iterator[tuple[str, torch.Tensor]]:
             name = f"{_GGUF_TOP[parts[0]]}.{parts[1]}"
         else:
             continue  # e.g. precomputed rope frequencies: recomputed here
-        values = np.ascontiguousarray(dequantize(info.data, info.tensor_type), dtype=np.float32)
+        values = dequantize(info.data, info.tensor_type)
+        if values.dtype != np.float32 or not values.flags.writeable or not values.flags.c_contiguous:
+            values = np.array(values, dtype=np.float32)  # float tensors come back as read-only file views
         yield name, torch.from_numpy(values)
 
 

@@ -1,0 +1,103 @@
+"""What every real engine must do the same way, run against each: llama.cpp and torch.
+
+The scheduler, the sequence bookkeeping and the HTTP layer only see the StepEngine protocol, so a
+second engine passing this suite is what proves the protocol is the right one.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tokenmill.engines.model_files import default_model_path
+from tokenmill.engines.replica import generate
+from tokenmill.engines.sequence import prepare_sequence
+from tokenmill.generation import ChatMessage, GenerationRequest, TextDelta
+from tokenmill.sampling import SamplingParams
+
+PROMPTS = ["Once upon a time", "def fibonacci(n):", "La capitale de la France est"]
+
+
+def _llamacpp():
+    from tokenmill.engines.llamacpp import LlamaCppEngine
+
+    return LlamaCppEngine(default_model_path(), context_window=2048, threads=2)
+
+
+def _torch():
+    pytest.importorskip("torch")
+    from tokenmill.engines.torchlm.engine import TorchEngine
+
+    return TorchEngine(default_model_path(), context_window=2048, threads=2)
+
+
+@pytest.fixture(scope="module", params=["llamacpp", "torch"])
+def engine(request):
+    engine = {"llamacpp": _llamacpp, "torch": _torch}[request.param]()
+    yield engine
+    engine.close()
+
+
+def complete(engine, prompt: str | None = None, messages=None, **params) -> tuple[str, object]:
+    request = GenerationRequest(request_id="t", params=SamplingParams(**params), prompt=prompt, messages=messages)
+    seq = prepare_sequence(request, engine.tokenizer)
+    events = list(generate(engine, seq, lambda: False))
+    return "".join(e.text for e in events if isinstance(e, TextDelta)), events[-1]
+
+
+def test_chat_template_comes_from_the_model_metadata(engine):
+    rendered = engine.tokenizer.render_chat((ChatMessage("user", "hi"),))
+    assert rendered.startswith("<|im_start|>system\n")  # SmolLM2's template adds its default system turn
+    assert rendered.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_answers_a_factual_question(engine):
+    messages = (ChatMessage("system", "You are a helpful assistant."), ChatMessage("user", "What is the capital of France?"))
+    text, finished = complete(engine, messages=messages, temperature=0, max_tokens=30)
+    assert "Paris" in text
+    assert finished.reason == "stop"  # the model ended its turn itself
+
+
+def test_seed_repeats_and_varies(engine):
+    run = lambda seed: complete(engine, "Tell me a story:", temperature=0.9, seed=seed, max_tokens=24)[0]  # noqa: E731
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+def test_stop_string_is_honoured_and_not_emitted(engine):
+    full, _ = complete(engine, PROMPTS[0], temperature=0, max_tokens=32)
+    word = full.split()[3]
+    cut, finished = complete(engine, PROMPTS[0], temperature=0, max_tokens=32, stop=(word,))
+    assert finished.reason == "stop"
+    assert cut == full[: full.index(word)]
+
+
+def test_ignore_eos_and_min_tokens_generate_past_the_natural_end(engine):
+    messages = (ChatMessage("system", "You are a helpful assistant."), ChatMessage("user", "What is the capital of France?"))
+    natural = complete(engine, messages=messages, temperature=0, max_tokens=60)[1].usage.completion_tokens
+    forced = complete(engine, messages=messages, temperature=0, max_tokens=60, ignore_eos=True)[1]
+    assert forced.reason == "length" and forced.usage.completion_tokens == 60 > natural
+    at_least = complete(engine, messages=messages, temperature=0, max_tokens=60, min_tokens=natural + 5)[1]
+    assert at_least.usage.completion_tokens >= natural + 5
+
+
+def test_utf8_is_never_emitted_broken(engine):
+    # Greedy continuations full of multi-byte characters, some split across tokens (same on both engines).
+    accents, _ = complete(engine, "Les mots français avec accents: café, crème brûlée, déjà vu, naïve, résumé, élève, été, où, ", temperature=0, max_tokens=40)
+    japanese, _ = complete(engine, "日本の首都は", temperature=0, max_tokens=40)
+    assert "\ufffd" not in accents + japanese
+    assert "été" in accents
+    assert "アプリ" in japanese
+
+
+def test_cancellation_stops_within_one_step(engine):
+    calls = 0
+
+    def cancelled() -> bool:
+        nonlocal calls
+        calls += 1
+        return calls > 3
+
+    request = GenerationRequest(request_id="t", params=SamplingParams(max_tokens=100, ignore_eos=True), prompt=PROMPTS[0])
+    seq = prepare_sequence(request, engine.tokenizer)
+    events = list(generate(engine, seq, cancelled))
+    assert len(events) == 3 and seq.status.value == "aborted"

@@ -1,0 +1,121 @@
+"""The torch engine: agreement with transformers' own generate, its KV slots and its batch sampler."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from tokenmill.engines.base import Chunk  # noqa: E402
+from tokenmill.engines.model_files import default_model_path  # noqa: E402
+from tokenmill.engines.sequence import prepare_sequence  # noqa: E402
+from tokenmill.engines.torchlm.checkpoint import ModelConfig  # noqa: E402
+from tokenmill.engines.torchlm.engine import TorchEngine  # noqa: E402
+from tokenmill.engines.torchlm.kv_cache import GROWTH, SlotKVCache  # noqa: E402
+from tokenmill.engines.torchlm.sampler import BatchSampler  # noqa: E402
+from tokenmill.generation import GenerationRequest  # noqa: E402
+from tokenmill.runners.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from tokenmill.sampling import SamplingParams  # noqa: E402
+
+PROMPTS = ["Once upon a time", "def fibonacci(n):", "La capitale de la France est", "The three laws of robotics are"]
+TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """transformers' LlamaForCausalLM on the same GGUF, read by transformers' own GGUF loader."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    path = default_model_path()
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+
+
+def greedy_batched(engine: TorchEngine, prompts: list[str], tokens: int) -> list[list[int]]:
+    """Run prompts through the real scheduler, all in one batch, and return each one's new tokens."""
+    scheduler = Scheduler(SchedulerConfig(max_batch=8, kv_tokens=4096, max_step_tokens=64))  # chunked prefill
+    seqs = []
+    for i, prompt in enumerate(prompts):
+        params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+        seqs.append(prepare_sequence(GenerationRequest(str(i), params, prompt=prompt), engine.tokenizer))
+        scheduler.add(seqs[-1])
+    while scheduler.has_work:
+        for seq in scheduler.admit():
+            engine.add_sequence(seq)
+        chunks = scheduler.plan()
+        outcome = scheduler.postprocess(chunks, engine.step(chunks))
+        for seq in outcome.finished:
+            engine.remove_sequence(seq)
+    return [seq.token_ids[seq.num_prompt_tokens :] for seq in seqs]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_greedy_tokens_equal_transformers_generate_alone_and_batched(reference, dtype):
+    engine = TorchEngine(default_model_path(), context_window=1024, threads=2, max_sequences=8, dtype=dtype)
+    model = reference.to(getattr(torch, dtype))
+    expected = []
+    for prompt in PROMPTS:
+        ids = engine.tokenizer.encode(prompt)
+        out = model.generate(torch.tensor([ids]), max_new_tokens=TOKENS, do_sample=False, min_new_tokens=TOKENS)
+        expected.append(out[0, len(ids) :].tolist())
+    alone = [greedy_batched(engine, [p], TOKENS)[0] for p in PROMPTS]
+    assert alone == expected
+    if dtype == "float32":  # in bf16 a row's rounding depends on the batch (see test_batching_real_engines)
+        assert greedy_batched(engine, PROMPTS, TOKENS) == expected
+    assert engine.cache.num_slots == 0
+
+
+def test_kv_slots_stay_packed_and_keep_their_cells():
+    config = ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=2, num_heads=2,
+                         num_kv_heads=1, rms_norm_eps=1e-5, rope_theta=1e4, trained_context=1024, head_dim=4)
+    cache = SlotKVCache(config, max_slots=3, max_length=1024, dtype=torch.float32, device=torch.device("cpu"))
+    for seq_id in (10, 11, 12):
+        slot = cache.add(seq_id)
+        cells = torch.full((5, 1, 4), float(seq_id))
+        for layer in range(2):
+            cache.write(layer, torch.tensor([slot] * 5), torch.arange(5), cells, -cells)
+    cache.remove(10)  # the last slot (12) moves into slot 0
+    assert cache.num_slots == 2 and cache.slot_of(12) == 0 and cache.slot_of(11) == 1
+    assert torch.all(cache.keys(1)[0, :, :5] == 12) and torch.all(cache.values(0)[1, :, :5] == -11)
+    cache.reserve(GROWTH + 1)  # grows every slot, keeping what they hold; new cells are zero
+    assert cache.capacity == 2 * GROWTH
+    assert torch.all(cache.keys(0)[0, :, :5] == 12) and torch.all(cache.keys(0)[:, :, 5:] == 0)
+    with pytest.raises(Exception, match="no free KV slot"):
+        for seq_id in (13, 14):
+            cache.add(seq_id)
+
+
+def test_batch_sampler_rules():
+    sampler = BatchSampler(end_of_generation_ids=[0], device=torch.device("cpu"))
+    logits = torch.tensor([[9.0, 1.0, 2.0, 3.0]] * 4)
+    rows = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_k=1, seed=1),
+            SamplingParams(temperature=1.0, top_p=0.01, seed=2), SamplingParams(temperature=0)]
+    for i, params in enumerate(rows):
+        sampler.add(i, params)
+    # greedy, top_k=1 and a tiny top_p all take the best token; a forbidden end token is skipped
+    assert sampler.sample(logits.clone(), [0, 1, 2, 3], rows, [False, False, False, True]) == [0, 0, 0, 3]
+
+    def draws(seed: int) -> list[int]:
+        params = SamplingParams(temperature=1.0, seed=seed)
+        sampler.add(99, params)
+        flat = torch.zeros(1, 1000)
+        return [sampler.sample(flat.clone(), [99], [params], [False])[0] for _ in range(5)]
+
+    assert draws(5) == draws(5) and draws(5) != draws(6)
+    sampler.remove(99)
+
+
+def test_abort_mid_prefill_frees_the_slot_and_others_continue():
+    engine = TorchEngine(default_model_path(), context_window=1024, threads=2, max_sequences=2, max_step_tokens=8)
+    make = lambda prompt: prepare_sequence(  # noqa: E731
+        GenerationRequest("r", SamplingParams(temperature=0, max_tokens=4), prompt=prompt), engine.tokenizer
+    )
+    long, short = make("A long prompt that needs several prefill chunks to get through"), make("Hi")
+    engine.add_sequence(long)
+    engine.add_sequence(short)
+    tokens = engine.step([Chunk(short, short.num_pending), Chunk(long, 8 - short.num_pending)])
+    assert tokens[0] is not None and tokens[1] is None  # short finished its prompt; long is mid-prefill
+    engine.remove_sequence(long)
+    assert engine.cache.num_slots == 1 and engine.cache.slot_of(short.seq_id) == 0
+    short.num_computed += short.num_pending
+    short.token_ids.append(tokens[0])
+    assert engine.step([Chunk(short, 1)])[0] is not None
