@@ -22,7 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--url", help="base URL of any OpenAI-compatible server (e.g. http://127.0.0.1:8000)")
     target.add_argument("--spawn", action="store_true", help="start tokenmill itself, once per --modes entry")
-    parser.add_argument("--modes", default="async,batch", help="with --spawn: comma-separated serving modes [async,batch]")
+    parser.add_argument(
+        "--modes",
+        default="async,batch",
+        help="with --spawn: comma-separated serving modes, each optionally ENGINE:MODE to compare engines "
+        "in one run (e.g. llamacpp:batch,torch:batch) [async,batch]",
+    )
     parser.add_argument("--serve-args", default="", help="with --spawn: extra `tokenmill serve` flags, quoted")
     load = parser.add_mutually_exclusive_group()
     load.add_argument("--concurrency", default=None, help="closed loop: concurrency levels, comma-separated [1,8,32]")
@@ -52,11 +57,14 @@ def run(args: argparse.Namespace) -> int:
     if args.url:
         rows += asyncio.run(_sweep(args.url, args.url, levels, workload, args, latencies))
     else:
-        for mode in args.modes.split(","):
-            with SpawnedServer(["--mode", mode, *shlex.split(args.serve_args)]) as server:
-                label = f"{mode} {args.serve_args}".strip()
+        for entry in args.modes.split(","):
+            engine, _, mode = entry.rpartition(":")
+            flags = ["--mode", mode, *(["--engine", engine] if engine else []), *shlex.split(args.serve_args)]
+            with SpawnedServer(flags) as server:
+                label = f"{entry} {args.serve_args}".strip()
                 for row in asyncio.run(_sweep(server.url, label, levels, workload, args, latencies)):
                     row["peak_rss_mb"] = server.peak_rss_mb()
+                    row["startup_s"] = server.startup_s
                     rows.append(row)
                     print(report.table([row]).splitlines()[-1], flush=True)
     print(report.table(rows))

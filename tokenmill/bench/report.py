@@ -25,6 +25,7 @@ COLUMNS = [
     ("server_loop_lag_p99", "server loop lag p99 ms", "{:.1f}"),
     ("client_loop_lag_max", "bench loop lag max ms", "{:.1f}"),
     ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
+    ("startup_s", "start-up s", "{:.1f}"),
     ("cost_per_million_tokens", "$/M tok", "{:.2f}"),
 ]
 _MILLISECONDS = {"ttft_p50", "ttft_p99", "steady_ttft_p99", "itl_p50", "itl_p99", "server_loop_lag_p99", "client_loop_lag_max"}

@@ -25,13 +25,16 @@ class SpawnedServer:
         self._log = tempfile.TemporaryFile()
         cmd = [sys.executable, "-m", "tokenmill", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                "--log-level", log_level, *serve_args]
+        started = time.monotonic()
         self.process = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + ready_timeout
+        self.startup_s: float | None = None  # from launch to /ready: imports, model load, warm-up
+        deadline = started + ready_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited during start-up:\n{self.output()[-3000:]}")
             try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
+                    self.startup_s = time.monotonic() - started
                     return
             except httpx.HTTPError:
                 time.sleep(0.1)
