@@ -9,24 +9,15 @@ from tokenmill.engines.llamacpp import LlamaCppEngine
 from tokenmill.engines.model_files import default_model_path
 from tokenmill.engines.replica import generate
 from tokenmill.engines.sequence import prepare_sequence
-from tokenmill.generation import ChatMessage, GenerationRequest, TextDelta
+from tokenmill.generation import ChatMessage, GenerationRequest
 from tokenmill.sampling import SamplingParams
-
-PROMPTS = ["Once upon a time", "def fibonacci(n):", "La capitale de la France est"]
-
+from tests.engines.test_engine_contract import PROMPTS, complete
 
 @pytest.fixture(scope="module")
 def engine():
     engine = LlamaCppEngine(default_model_path(), context_window=2048, threads=2)
     yield engine
     engine.close()
-
-
-def complete(engine, prompt: str | None = None, messages=None, **params) -> tuple[str, object]:
-    request = GenerationRequest(request_id="t", params=SamplingParams(**params), prompt=prompt, messages=messages)
-    seq = prepare_sequence(request, engine.tokenizer)
-    events = list(generate(engine, seq, lambda: False))
-    return "".join(e.text for e in events if isinstance(e, TextDelta)), events[-1]
 
 
 def test_greedy_output_equals_llama_cpp_llama(engine):
