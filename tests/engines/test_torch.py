@@ -104,6 +104,17 @@ def test_batch_sampler_rules():
     sampler.remove(99)
 
 
+def test_batch_sampler_draws_follow_the_distribution():
+    sampler = BatchSampler(end_of_generation_ids=[3], device=torch.device("cpu"))
+    params = [SamplingParams(temperature=1.0, seed=i) for i in range(2000)]
+    for i, p in enumerate(params):
+        sampler.add(i, p)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2, 0.0]])).repeat(2000, 1)
+    drawn = torch.tensor(sampler.sample(logits, list(range(2000)), params, [False] * 2000))
+    shares = torch.bincount(drawn, minlength=4).float() / 2000
+    assert torch.allclose(shares, torch.tensor([0.5, 0.3, 0.2, 0.0]), atol=0.04)
+
+
 def test_abort_mid_prefill_frees_the_slot_and_others_continue():
     engine = TorchEngine(default_model_path(), context_window=1024, threads=2, max_sequences=2, max_step_tokens=8)
     make = lambda prompt: prepare_sequence(  # noqa: E731
