@@ -46,6 +46,9 @@ def forbidden(paths: list[Path], prefixes: tuple[str, ...]) -> list[str]:
         ("sampling.py", (*HTTP, "asyncio", "tokenmill.engines", "tokenmill.runners", "tokenmill.server")),
         ("generation.py", (*HTTP, "asyncio", "tokenmill.engines", "tokenmill.runners", "tokenmill.server")),
         ("errors.py", (*HTTP, "tokenmill")),
+        # the client stands alone: usable against any server, importing nothing of tokenmill's server side
+        ("client", ("fastapi", "starlette", "uvicorn", "tokenmill.server", "tokenmill.runners", "tokenmill.engines",
+                    "tokenmill.config", "tokenmill.protocol")),
     ],
 )
 def test_layer_imports_only_what_it_may(layer, banned):

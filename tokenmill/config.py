@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-EngineName = Literal["llamacpp", "torch", "simulated"]
+EngineName = Literal["llamacpp", "torch", "upstream", "simulated"]
 ModeName = Literal["sync", "async", "process", "batch"]
 
 
@@ -27,7 +27,8 @@ class Settings(BaseSettings):
     engine: EngineName = Field(
         "llamacpp",
         description="Model backend: llamacpp (GGUF; lowest latency at low concurrency), torch (bf16 PyTorch; "
-        "highest throughput in batch mode at high concurrency; needs the tokenmill[torch] extra), simulated.",
+        "highest throughput in batch mode at high concurrency; needs the tokenmill[torch] extra), upstream (relay to "
+        "a remote OpenAI-compatible API, --upstream-url; async mode), simulated.",
     )
     mode: ModeName = Field(
         "async",
@@ -67,7 +68,7 @@ class Settings(BaseSettings):
 
     # -- admission and backpressure
     max_concurrency: int | None = Field(
-        None, ge=1, description="Requests running at once. Default: what the mode runs at once (max-batch in batch mode, replicas otherwise)."
+        None, ge=1, description="Requests running at once. Default: what the mode runs at once (max-batch in batch mode, upstream-pool for the upstream engine, replicas otherwise)."
     )
     max_queue: int | None = Field(
         None, ge=0, description="Requests waiting for a place; beyond it, 503 + Retry-After at once. Default: max(8, 2 x capacity)."
@@ -95,6 +96,14 @@ class Settings(BaseSettings):
     torch_dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="Torch engine: weight and activation type.")
     torch_device: str = Field("auto", description="Torch engine: 'cpu', 'cuda', 'cuda:N', or 'auto' (CUDA when present).")
 
+    # -- upstream engine (relay to a remote OpenAI-compatible API)
+    upstream_url: str | None = Field(None, description="Upstream engine: base URL of the remote API (e.g. https://api.openai.com or http://10.0.0.5:8000).")
+    upstream_api_key: str | None = Field(None, description="Upstream engine: API key sent upstream as 'Authorization: Bearer'.")
+    upstream_model: str | None = Field(None, description="Upstream engine: model id to request upstream. Default: the first one the upstream lists.")
+    upstream_pool: int = Field(100, ge=1, le=10000, description="Upstream engine: HTTP connections kept to the upstream (one per concurrent request).")
+    upstream_connect_timeout: float = Field(5.0, gt=0, description="Upstream engine: seconds to open a connection upstream.")
+    upstream_attempts: int = Field(4, ge=1, le=20, description="Upstream engine: tries per request (connection errors, 429, 503), with backoff and full jitter.")
+
     # -- simulated engine (tests and serving-pattern studies)
     sim_ttft_ms: float = Field(50.0, ge=0, description="Simulated engine: time to prefill a prompt.")
     sim_itl_ms: float = Field(20.0, ge=0, description="Simulated engine: time per decode step of one sequence.")
@@ -116,9 +125,23 @@ class Settings(BaseSettings):
             raise ValueError("max_step_tokens must be at least max_batch (one decode row per sequence)")
         return self
 
+    @model_validator(mode="after")
+    def _upstream_is_complete(self) -> Settings:
+        if self.engine == "upstream":
+            if not self.upstream_url:
+                raise ValueError("--engine upstream needs --upstream-url")
+            if self.mode != "async":
+                raise ValueError(
+                    "--engine upstream runs in --mode async only: relaying is network I/O, which the event "
+                    "loop does best; threads, processes or a batching loop would add cost and nothing else"
+                )
+        return self
+
     def capacity(self) -> int:
         if self.max_concurrency is not None:
             return self.max_concurrency
+        if self.engine == "upstream":
+            return self.upstream_pool
         return self.max_batch if self.mode == "batch" else self.replicas
 
     def queue_limit(self) -> int:

@@ -9,6 +9,7 @@
     ├── Overloaded                  no capacity now; retry later (carries retry_after seconds)
     ├── DeadlineExceeded            a timeout fired before the generation ended
     └── EngineFailure               the model backend failed while generating
+        └── UpstreamFailure         the remote model server (upstream mode) failed or is unreachable
 
 Errors carry no HTTP status: the server maps each class to a status in exactly one place
 (`tokenmill.server.errors`), so engines and runners stay free of HTTP.
@@ -80,3 +81,7 @@ class DeadlineExceeded(TokenmillError):
 class EngineFailure(TokenmillError):
     error_type = "server_error"
     default_code = "engine_failure"
+
+
+class UpstreamFailure(EngineFailure):
+    default_code = "upstream_failure"

@@ -28,7 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --spawn: comma-separated serving modes, each optionally ENGINE:MODE to compare engines "
         "in one run (e.g. llamacpp:batch,torch:batch) [async,batch]",
     )
-    parser.add_argument("--serve-args", default="", help="with --spawn: extra `tokenmill serve` flags, quoted")
+    parser.add_argument(
+        "--serve-args",
+        action="append",
+        help="with --spawn: extra `tokenmill serve` flags, quoted; give it several times to compare "
+        "variants in one run (each mode runs once per variant)",
+    )
     load = parser.add_mutually_exclusive_group()
     load.add_argument("--concurrency", default=None, help="closed loop: concurrency levels, comma-separated [1,8,32]")
     load.add_argument("--rate", default=None, help="open loop: Poisson arrival rates in requests/s, comma-separated")
@@ -57,11 +62,12 @@ def run(args: argparse.Namespace) -> int:
     if args.url:
         rows += asyncio.run(_sweep(args.url, args.url, levels, workload, args, latencies))
     else:
-        for entry in args.modes.split(","):
+        variants = [(entry, extra) for entry in args.modes.split(",") for extra in args.serve_args or [""]]
+        for entry, extra in variants:
             engine, _, mode = entry.rpartition(":")
-            flags = ["--mode", mode, *(["--engine", engine] if engine else []), *shlex.split(args.serve_args)]
+            flags = ["--mode", mode, *(["--engine", engine] if engine else []), *shlex.split(extra)]
             with SpawnedServer(flags) as server:
-                label = f"{entry} {args.serve_args}".strip()
+                label = f"{entry} {extra}".strip()
                 for row in asyncio.run(_sweep(server.url, label, levels, workload, args, latencies)):
                     row["peak_rss_mb"] = server.peak_rss_mb()
                     row["startup_s"] = server.startup_s
@@ -72,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if args.baselines and not open_loop_rates:
         from tokenmill.bench.baselines import measure_baselines, ratio_table
 
-        baselines = measure_baselines(levels, args, shlex.split(args.serve_args))
+        baselines = measure_baselines(levels, args, shlex.split((args.serve_args or [""])[0]))
         ratios = ratio_table(rows, baselines)
         print(ratios)
     if args.out:

@@ -18,6 +18,10 @@ def build_runner(settings: Settings) -> Runner:
 
 
 def _build(settings: Settings) -> Runner:
+    if settings.engine == "upstream":
+        from tokenmill.runners.upstream import UpstreamRunner
+
+        return UpstreamRunner(settings, settings.served_model_name or settings.upstream_model)
     name = served_model_name(settings)
     if settings.mode in ("async", "sync"):
         from tokenmill.runners.executor import ExecutorRunner

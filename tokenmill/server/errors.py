@@ -19,6 +19,7 @@ from tokenmill.errors import (
     RequestTooLarge,
     TokenmillError,
     Unauthorized,
+    UpstreamFailure,
 )
 from tokenmill.protocol import ErrorDetail, ErrorResponse
 
@@ -31,6 +32,7 @@ _STATUS: dict[type[TokenmillError], int] = {
     ModelNotFound: 404,
     Overloaded: 503,
     DeadlineExceeded: 504,
+    UpstreamFailure: 502,
     EngineFailure: 500,
 }
 
