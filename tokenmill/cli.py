@@ -58,6 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     from tokenmill.bench.command import add_arguments
 
     add_arguments(bench)
+    ray_serve = commands.add_parser(
+        "ray-serve",
+        help="serve on Ray Serve: replicas across a Ray cluster (needs tokenmill[ray])",
+        description="Deploy tokenmill on Ray Serve (a local Ray cluster, or --ray-address). Every replica runs "
+        "the app `serve` runs, with the same flags; Ray routes between replicas.",
+    )
+    _add_settings_flags(ray_serve)
+    ray_serve.add_argument("--num-replicas", type=int, default=1, help="Ray replicas (each loads the model) [default: 1]")
+    ray_serve.add_argument("--autoscale-min", type=int, default=None, help="autoscale on ongoing requests, from this many replicas")
+    ray_serve.add_argument("--autoscale-max", type=int, default=None, help="... up to this many")
+    ray_serve.add_argument("--cpus-per-replica", type=float, default=None, help="Ray CPUs reserved per replica [default: --threads, else 1]")
+    ray_serve.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto' = the local head) instead of starting one")
     return parser
 
 
@@ -106,4 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "serve":
         return serve(settings)
+    if args.command == "ray-serve":
+        from tokenmill.deploy.ray import RayOptions, run
+
+        options = RayOptions(args.num_replicas, args.autoscale_min, args.autoscale_max, args.cpus_per_replica)
+        return run(settings, options, args.ray_address)
     return 2
