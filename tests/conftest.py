@@ -49,3 +49,14 @@ def serve_process() -> Iterator[Callable[..., SpawnedServer]]:
     yield start
     for server in started:
         server.stop()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--long", action="store_true", help="run the reliability suite's full loads and the soak")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--long"):
+        import os
+
+        os.environ["TOKENMILL_LONG"] = "1"

@@ -1,0 +1,78 @@
+"""Drain under load (SIGTERM with capacity full and a queue) and a storm of clients dropping mid-stream."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import time
+
+import httpx
+import pytest
+
+from tests.reliability.harness import CAPACITY, MODE_FLAGS, MODES, Tally, metric, record, stream_chat
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+async def test_sigterm_under_load_finishes_the_admitted_and_refuses_the_queued(serve_process, mode):
+    server = serve_process("--mode", mode, *MODE_FLAGS[mode], "--drain-timeout", "60")
+    capacity = CAPACITY[mode]
+    max_tokens = 48
+    async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+        running = [asyncio.ensure_future(stream_chat(client, max_tokens)) for _ in range(capacity)]
+        await _until(lambda: _in_flight(server.url) >= capacity)
+        queued = [asyncio.ensure_future(stream_chat(client, max_tokens)) for _ in range(3)]
+        await _until(lambda: _queue_depth(server.url) >= 3)
+        server.process.send_signal(signal.SIGTERM)
+        admitted = await asyncio.gather(*running)
+        waiting = await asyncio.gather(*queued)
+    tally = Tally()
+    for outcome in [*admitted, *waiting]:
+        tally.add(outcome, max_tokens)
+    exit_code = server.process.wait(timeout=60)
+    record("drain under load", mode, f"{capacity} running + 3 queued, 48 tokens each", "SIGTERM", tally, exit_code=exit_code)
+    assert all(o.completed and o.completion_tokens == max_tokens for o in admitted)
+    assert all(o.status == 503 and o.error["code"] == "draining" and o.retry_after for o in waiting)
+    assert tally.lost == 0 and exit_code == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_disconnect_storm_leaves_nothing_behind(serve_process, mode):
+    clients = 100
+    server = serve_process("--mode", mode, *MODE_FLAGS[mode], "--max-queue", str(clients))
+    rng = random.Random(7)
+    async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=httpx.Limits(max_connections=clients + 5)) as client:
+        outcomes = await asyncio.gather(*(stream_chat(client, 64, drop_after=rng.randint(1, 12)) for _ in range(clients)))
+        tally = Tally()
+        for outcome in outcomes:
+            tally.add(outcome, 64)
+        await _until(lambda: _in_flight(server.url) == 0, timeout=30)
+        text = (await client.get("/metrics")).text
+        started = time.monotonic()
+        follow = await client.post("/v1/completions", json={"prompt": "Still here?", "max_tokens": 4})
+        follow_s = time.monotonic() - started
+    record("disconnect storm", mode, f"{clients} streams, each dropped after 1-12 tokens", "client hang-ups",
+           tally, follow_up_s=round(follow_s, 2))
+    assert tally.dropped == clients and tally.lost == 0
+    assert metric(text, "tokenmill_in_flight_requests") == 0
+    assert metric(text, "tokenmill_kv_cache_used_tokens") == 0
+    assert metric(text, "tokenmill_queue_depth") == 0
+    assert follow.status_code == 200 and follow_s < 2.0  # runs at once: nothing is still holding a place
+
+
+def _in_flight(url: str) -> float:
+    return metric(httpx.get(f"{url}/metrics").text, "tokenmill_in_flight_requests")
+
+
+def _queue_depth(url: str) -> float:
+    return metric(httpx.get(f"{url}/metrics").text, "tokenmill_queue_depth")
+
+
+async def _until(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
+
