@@ -41,7 +41,6 @@ class TorchEngine:
         *,
         context_window: int = 4096,
         max_sequences: int = 1,
-        kv_tokens: int | None = None,
         threads: int | None = None,
         max_step_tokens: int = 512,
         dtype: str = "bfloat16",
