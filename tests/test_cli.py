@@ -48,3 +48,14 @@ def test_unknown_choice_is_refused_by_the_parser():
 def test_python_dash_m_entry_point_works():
     result = subprocess.run([sys.executable, "-m", "tokenmill", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and "tokenmill" in result.stdout
+
+
+def test_optional_engines_without_their_extra_are_refused_clearly(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("torch", "ray") else real(name, *a))
+    assert main(["serve", "--engine", "torch"]) == 2
+    assert main(["ray-serve"]) == 2
+    said = capsys.readouterr().err
+    assert "pip install 'tokenmill[torch]'" in said and "pip install 'tokenmill[ray]'" in said

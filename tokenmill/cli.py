@@ -119,6 +119,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         return serve(settings)
     if args.command == "ray-serve":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            print("tokenmill: ray-serve needs the ray extra: pip install 'tokenmill[ray]' (or -e '.[ray]')", file=sys.stderr)
+            return 2
         from tokenmill.deploy.ray import RayOptions, run
 
         options = RayOptions(args.num_replicas, args.autoscale_min, args.autoscale_max, args.cpus_per_replica)

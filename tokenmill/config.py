@@ -6,6 +6,7 @@ Each field is a `tokenmill serve` flag (`--field-name`) and an environment varia
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Literal
 
@@ -123,6 +124,12 @@ class Settings(BaseSettings):
     def _step_fits_batch(self) -> Settings:
         if self.mode == "batch" and self.max_step_tokens < self.max_batch:
             raise ValueError("max_step_tokens must be at least max_batch (one decode row per sequence)")
+        return self
+
+    @model_validator(mode="after")
+    def _torch_is_installed(self) -> Settings:
+        if self.engine == "torch" and any(importlib.util.find_spec(m) is None for m in ("torch", "gguf")):
+            raise ValueError("--engine torch needs the torch extra: pip install 'tokenmill[torch]' (or -e '.[torch]')")
         return self
 
     @model_validator(mode="after")
