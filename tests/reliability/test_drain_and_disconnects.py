@@ -21,9 +21,9 @@ async def test_sigterm_under_load_finishes_the_admitted_and_refuses_the_queued(s
     max_tokens = 48
     async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
         running = [asyncio.ensure_future(stream_chat(client, max_tokens)) for _ in range(capacity)]
-        await _until(lambda: _in_flight(server.url) >= capacity)
+        await _until(lambda: _gauge(client, "tokenmill_in_flight_requests"), lambda v: v >= capacity)
         queued = [asyncio.ensure_future(stream_chat(client, max_tokens)) for _ in range(3)]
-        await _until(lambda: _queue_depth(server.url) >= 3)
+        await _until(lambda: _gauge(client, "tokenmill_queue_depth"), lambda v: v >= 3)
         server.process.send_signal(signal.SIGTERM)
         admitted = await asyncio.gather(*running)
         waiting = await asyncio.gather(*queued)
@@ -48,7 +48,9 @@ async def test_a_disconnect_storm_leaves_nothing_behind(serve_process, mode):
         tally = Tally()
         for outcome in outcomes:
             tally.add(outcome, 64)
-        await _until(lambda: _in_flight(server.url) == 0, timeout=30)
+        # admission frees a place at once; the engine thread frees the KV cells at its next step
+        for gauge in ("tokenmill_in_flight_requests", "tokenmill_kv_cache_used_tokens"):
+            await _until(lambda g=gauge: _gauge(client, g), lambda v: v == 0, timeout=30)
         text = (await client.get("/metrics")).text
         started = time.monotonic()
         follow = await client.post("/v1/completions", json={"prompt": "Still here?", "max_tokens": 4})
@@ -62,17 +64,13 @@ async def test_a_disconnect_storm_leaves_nothing_behind(serve_process, mode):
     assert follow.status_code == 200 and follow_s < 2.0  # runs at once: nothing is still holding a place
 
 
-def _in_flight(url: str) -> float:
-    return metric(httpx.get(f"{url}/metrics").text, "tokenmill_in_flight_requests")
+async def _gauge(client: httpx.AsyncClient, name: str) -> float:
+    return metric((await client.get("/metrics")).text, name)
 
 
-def _queue_depth(url: str) -> float:
-    return metric(httpx.get(f"{url}/metrics").text, "tokenmill_queue_depth")
-
-
-async def _until(condition, timeout: float = 20.0) -> None:
+async def _until(read, condition, timeout: float = 20.0) -> None:
+    """Poll `read()` (on the test's own client, never blocking the loop) until `condition` holds."""
     deadline = time.monotonic() + timeout
-    while not condition():
+    while not condition(await read()):
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.05)
-

@@ -57,9 +57,9 @@ class RetryPolicy:
     max_retry_after: float = 30.0  # a server asking for longer than this is not waited for
     retry_statuses: frozenset[int] = frozenset({429, 503})
 
-    def delay(self, retry: int, retry_after: float | None, rng: random.Random = random._inst) -> float:  # noqa: SLF001
+    def delay(self, retry: int, retry_after: float | None, rng: random.Random | None = None) -> float:
         """Seconds to wait before retry number `retry` (1 = the first retry)."""
-        jittered = rng.uniform(0.0, min(self.max_delay, self.base_delay * 2 ** (retry - 1)))
+        jittered = (rng or random).uniform(0.0, min(self.max_delay, self.base_delay * 2 ** (retry - 1)))
         return max(jittered, retry_after or 0.0)
 
 

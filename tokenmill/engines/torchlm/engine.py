@@ -76,10 +76,9 @@ class TorchEngine:
         ordered = sorted(chunks, key=lambda c: (c.num_tokens != 1, slot_of(c.seq.seq_id)))
         self.cache.reserve(max(c.seq.num_computed + c.num_tokens for c in chunks))
         inputs, sampled_chunks = self._pack(ordered)
+        logits = self.model.forward(inputs, self.cache)  # writes every token's KV even when nothing is sampled
         if not sampled_chunks:
-            self.model.forward(inputs, self.cache)
             return [None] * len(chunks)
-        logits = self.model.forward(inputs, self.cache)
         seqs = [chunk.seq for chunk in sampled_chunks]
         tokens = self.sampler.sample(
             logits,
