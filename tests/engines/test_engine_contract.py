@@ -81,12 +81,13 @@ def test_ignore_eos_and_min_tokens_generate_past_the_natural_end(engine):
 
 
 def test_utf8_is_never_emitted_broken(engine):
-    # Greedy continuations full of multi-byte characters, some split across tokens (same on both engines).
+    # Greedy continuations full of multi-byte characters split across tokens: the byte-level vocabulary
+    # spells most kana's three UTF-8 bytes in two tokens.
     accents, _ = complete(engine, "Les mots français avec accents: café, crème brûlée, déjà vu, naïve, résumé, élève, été, où, ", temperature=0, max_tokens=40)
     japanese, _ = complete(engine, "日本の首都は", temperature=0, max_tokens=40)
     assert "\ufffd" not in accents + japanese
     assert "été" in accents
-    assert "アプリ" in japanese
+    assert sum("\u3040" <= ch <= "\u30ff" for ch in japanese) >= 10  # kana came through whole
 
 
 def test_cancellation_stops_within_one_step(engine):

@@ -70,6 +70,7 @@ def build_engine(settings: Settings) -> StepEngine:
             max_step_tokens=settings.max_step_tokens if batched else 512,
             dtype=settings.torch_dtype,
             device=settings.torch_device,
+            four_bit_rows=settings.torch_four_bit_rows,
         )
     raise ValueError(f"unknown engine {settings.engine!r}")
 

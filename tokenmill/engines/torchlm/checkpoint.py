@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tokenmill.engines.torchlm.four_bit import FourBitBlocks, read_gguf_blocks
+
 
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
@@ -43,6 +45,7 @@ class LayerWeights:
     mlp_norm: torch.Tensor
     gate_up: torch.Tensor  # [gate rows; up rows] x hidden
     down: torch.Tensor
+    four_bit: dict[str, FourBitBlocks]  # "qkv", "out", "gate_up", "down" where the file stores them in 4 bits
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,20 +59,41 @@ class Checkpoint:
 
 def load_checkpoint(path: Path, dtype: torch.dtype, device: torch.device) -> Checkpoint:
     """Weights from `path`: a .gguf file, or a folder with config.json and *.safetensors."""
+    blocks: dict[str, FourBitBlocks] = {}
     if path.is_dir():
         config, tensors = _read_hf_folder(path)
     else:
-        config, tensors = _read_gguf(path)
-    return _assemble(config, tensors, dtype, device)
+        config, tensors, blocks = _read_gguf(path)
+    return _assemble(config, tensors, blocks, dtype, device)
 
 
-def _assemble(config: ModelConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> Checkpoint:
+def _assemble(
+    config: ModelConfig,
+    tensors: dict[str, torch.Tensor],
+    blocks: dict[str, FourBitBlocks],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Checkpoint:
     def take(name: str) -> torch.Tensor:
         # pop: each fp32 source tensor is freed as soon as its converted copy exists (peak memory)
         return tensors.pop(name).to(device=device, dtype=dtype).contiguous()
 
     def fused(*names: str) -> torch.Tensor:
         return torch.cat([tensors.pop(n).to(dtype) for n in names]).to(device).contiguous()
+
+    def four_bit(p: str) -> dict[str, FourBitBlocks]:
+        groups = {
+            "qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            "out": ("self_attn.o_proj",),
+            "gate_up": ("mlp.gate_proj", "mlp.up_proj"),
+            "down": ("mlp.down_proj",),
+        }
+        found = {}
+        for key, names in groups.items():
+            parts = [blocks.pop(f"{p}{n}.weight", None) for n in names]
+            if all(part is not None for part in parts):
+                found[key] = FourBitBlocks.stacked(parts)
+        return found
 
     layers = []
     for i in range(config.num_layers):
@@ -82,6 +106,7 @@ def _assemble(config: ModelConfig, tensors: dict[str, torch.Tensor], dtype: torc
                 mlp_norm=take(p + "post_attention_layernorm.weight"),
                 gate_up=fused(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
                 down=take(p + "mlp.down_proj.weight"),
+                four_bit=four_bit(p),
             )
         )
     embedding = take("model.embed_tokens.weight")
@@ -138,7 +163,7 @@ _GGUF_NAMES = {
 _GGUF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
-def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, FourBitBlocks]]:
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
@@ -161,17 +186,20 @@ def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         trained_context=int(_field(reader, "llama.context_length", 2048)),
         head_dim=int(_field(reader, "llama.rope.dimension_count", hidden // heads)),
     )
-    tensors = {}
-    for name, tensor in _gguf_tensors(reader, dequantize):
-        if name.endswith("q_proj.weight"):
-            tensor = _unpermute_rotary(tensor, heads)
-        elif name.endswith("k_proj.weight"):
-            tensor = _unpermute_rotary(tensor, kv_heads)
+    tensors, blocks = {}, {}
+    for name, tensor, four_bit in _gguf_tensors(reader, dequantize):
+        rotary_heads = heads if name.endswith("q_proj.weight") else kv_heads if name.endswith("k_proj.weight") else 0
+        if rotary_heads:
+            order = _rotary_row_order(tensor.shape[0], rotary_heads)
+            tensor = tensor[order]
+            four_bit = four_bit.rows(order) if four_bit is not None else None
         tensors[name] = tensor
-    return config, tensors
+        if four_bit is not None:
+            blocks[name] = four_bit
+    return config, tensors, blocks
 
 
-def _gguf_tensors(reader, dequantize) -> Iterator[tuple[str, torch.Tensor]]:
+def _gguf_tensors(reader, dequantize) -> Iterator[tuple[str, torch.Tensor, FourBitBlocks | None]]:
     for info in reader.tensors:
         parts = info.name.split(".")
         if parts[0] == "blk":
@@ -183,13 +211,14 @@ def _gguf_tensors(reader, dequantize) -> Iterator[tuple[str, torch.Tensor]]:
         values = dequantize(info.data, info.tensor_type)
         if values.dtype != np.float32 or not values.flags.writeable or not values.flags.c_contiguous:
             values = np.array(values, dtype=np.float32)  # float tensors come back as read-only file views
-        yield name, torch.from_numpy(values)
+        yield name, torch.from_numpy(values), read_gguf_blocks(info.data, info.tensor_type.name)
 
 
-def _unpermute_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """Undo llama.cpp's conversion-time permutation of query/key rows (interleaved -> rotate-half)."""
-    half = weight.shape[0] // heads // 2
-    return weight.reshape(heads, half, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+def _rotary_row_order(rows: int, heads: int) -> torch.Tensor:
+    """Row order undoing llama.cpp's conversion-time permutation of query/key rows (interleaved ->
+    rotate-half): `weight[order]` is the Hugging Face layout."""
+    half = rows // heads // 2
+    return torch.arange(rows).reshape(heads, half, 2).transpose(1, 2).reshape(rows)
 
 
 def _field(reader, key: str, default=None):

@@ -45,6 +45,7 @@ class TorchEngine:
         max_step_tokens: int = 512,
         dtype: str = "bfloat16",
         device: str = "auto",
+        four_bit_rows: int = 4,
     ):
         started = time.perf_counter()
         if threads:
@@ -53,7 +54,7 @@ class TorchEngine:
         checkpoint = load_checkpoint(model_path, DTYPES[dtype], self.device)
         window = min(context_window, checkpoint.config.trained_context)
         self.tokenizer = load_tokenizer(model_path, window)
-        self.model = LlamaModel(checkpoint, max_positions=window)
+        self.model = LlamaModel(checkpoint, max_positions=window, four_bit_rows=four_bit_rows)
         self.cache = SlotKVCache(checkpoint.config, max_sequences, window, DTYPES[dtype], self.device)
         self.sampler = BatchSampler(self.tokenizer.eog_ids, self.device)
         self.max_chunk_tokens = max_step_tokens
@@ -121,7 +122,8 @@ class TorchEngine:
                 size=len(decode_slots),
                 slots=tensor(decode_slots),
                 covers_all_slots=len(decode_slots) == self.cache.num_slots,
-                mask=(cells < tensor(lengths)[:, None])[:, None, None, :],
+                bias=torch.zeros(len(lengths), 1, 1, self.cache.capacity, dtype=self.cache.dtype, device=self.device)
+                .masked_fill_((cells >= tensor(lengths)[:, None])[:, None, None, :], -torch.inf),
             )
         inputs = StepInputs(
             token_ids=tensor(token_ids),

@@ -29,7 +29,7 @@ class SlotKVCache:
         self._config = config
         self._max_slots = max_slots
         self._max_length = max_length
-        self._dtype, self._device = dtype, device
+        self.dtype, self._device = dtype, device
         self._order: list[int] = []  # slot i holds the sequence self._order[i]
         self._slot: dict[int, int] = {}
         self.capacity = 0
@@ -97,4 +97,4 @@ class SlotKVCache:
         c = self._config
         self.capacity = capacity
         shape = (c.num_layers, 2, self._max_slots, c.num_kv_heads, capacity, c.head_dim)
-        return torch.empty(shape, dtype=self._dtype, device=self._device)
+        return torch.empty(shape, dtype=self.dtype, device=self._device)

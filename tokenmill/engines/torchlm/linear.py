@@ -1,4 +1,5 @@
-"""Weight-times-activation products, with the weight laid out once for the CPU's bf16 kernels.
+"""Weight-times-activation products, with the weight laid out once for the CPU's bf16 kernels,
+and the checkpoint's own 4-bit blocks for steps with only a few rows (four_bit.py says why).
 
 `F.linear` on a CPU re-lays the weight out in oneDNN's blocked format on every call; doing that
 once at load (the same prepacking torch.compile's CPU freezing does) made the model's matmuls
@@ -13,25 +14,33 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from tokenmill.engines.torchlm.four_bit import FourBitBlocks, FourBitMatmul, four_bit_matmul
+
 log = logging.getLogger(__name__)
 _PACKED_FOR_ROWS = 32  # the batch size oneDNN tunes the packed layout for; others still run well
 
 
 class Projection:
-    __slots__ = ("weight", "_packed")
+    __slots__ = ("weight", "_packed", "_few_rows", "_few_rows_kernel")
 
-    def __init__(self, weight: torch.Tensor | None, packed: torch.Tensor | None):
-        self.weight = None if packed is not None else weight  # never hold both copies
+    def __init__(self, weight: torch.Tensor | None, packed: torch.Tensor | None, few_rows: int, few_rows_kernel: FourBitMatmul | None):
+        self.weight = None if packed is not None else weight  # never hold both dense copies
         self._packed = packed
+        self._few_rows = few_rows if few_rows_kernel is not None else 0
+        self._few_rows_kernel = few_rows_kernel
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= self._few_rows:
+            return self._few_rows_kernel(x)
         if self._packed is None:
             return F.linear(x, self.weight)
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, None, "none", [], "")
 
 
-def projection(weight: torch.Tensor, prepack: bool) -> Projection:
-    return Projection(weight, _prepacked(weight) if prepack else None)
+def projection(weight: torch.Tensor, prepack: bool, four_bit: FourBitBlocks | None = None, four_bit_rows: int = 0) -> Projection:
+    """`four_bit_rows`: steps with at most this many rows use `four_bit` (when given and usable)."""
+    kernel = four_bit_matmul(four_bit, weight) if four_bit is not None and four_bit_rows > 0 else None
+    return Projection(weight, _prepacked(weight) if prepack else None, four_bit_rows, kernel)
 
 
 def can_prepack(weight: torch.Tensor) -> bool:
