@@ -65,3 +65,33 @@ def test_loop_lag_p99_from_prometheus_bucket_differences():
     assert lag_p99(before, {0.001: 199.0, 0.01: 200.0, 0.1: 200.0, math.inf: 200.0}) == 0.001  # 99 of 100 within 1 ms
     assert lag_p99(before, {0.001: 198.0, 0.01: 200.0, 0.1: 200.0, math.inf: 200.0}) == 0.01
     assert lag_p99(None, after) is None
+
+
+def test_steady_throughput_counts_tokens_between_the_first_completion_and_the_last_send():
+    # tokens at 0.75, 1.0, 1.25 (the first completion) / 1.0, 1.25 ... 3.25 / 3.25, 3.5 (sent at 3.0, the last)
+    records = [ok(0.5, 0.25, [0.25] * 2, 3), ok(0.75, 0.25, [0.25] * 9, 10), ok(3.0, 0.25, [0.25], 2)]
+    s = summarize(records, duration_s=4.0)
+    # in [1.25, 3.0): the first one's last token and the second one's 1.25 ... 2.75
+    assert s.steady_output_tokens_per_s == pytest.approx((1 + 7) / 1.75)
+    assert math.isnan(summarize([ok(0.0, 0.1, [], 1)], duration_s=1.0).steady_output_tokens_per_s)
+
+
+async def test_ramp_up_starts_the_clients_evenly(monkeypatch):
+    import asyncio
+    import time
+
+    from tokenmill.bench import loadgen
+    from tokenmill.bench.workload import Workload
+
+    first_sends: dict[int, float] = {}
+
+    async def fake_stream_one(client, body, run_started):
+        first_sends.setdefault(len(first_sends), time.perf_counter() - run_started)
+        await asyncio.sleep(0.5)
+        return ok(0.0, 0.01, [], 1)
+
+    monkeypatch.setattr(loadgen, "stream_one", fake_stream_one)
+    records, _ = await loadgen.closed_loop("http://127.0.0.1:9", "m", Workload.from_spec("4"), 4, 4, ramp_up=0.4)
+    assert len(records) == 4
+    starts = [first_sends[i] for i in range(4)]
+    assert starts[0] < 0.05 and all(0.07 <= b - a <= 0.2 for a, b in zip(starts, starts[1:], strict=False))

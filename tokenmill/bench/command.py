@@ -39,6 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--rate", default=None, help="open loop: Poisson arrival rates in requests/s, comma-separated")
     parser.add_argument("--requests", type=int, default=None, help="requests per level [closed: 4 x concurrency, at least 8]")
     parser.add_argument("--duration", type=float, default=None, help="seconds per level: stop sending after this")
+    parser.add_argument(
+        "--ramp-up",
+        type=float,
+        default=0.0,
+        help="closed loop: start the clients evenly over this many seconds (about one request's duration "
+        "gives steady-state arrivals; with fixed lengths, clients started together arrive in bursts) [0]",
+    )
     parser.add_argument("--warmup", type=int, default=2, help="closed loop: warm-up requests per level, not counted [2]")
     parser.add_argument("--max-tokens", default="64", help="output tokens per request (ignore_eos): N, or LOW:HIGH drawn per request [64]")
     parser.add_argument("--slo-ttft", type=float, default=None, help="goodput SLO: time to first token, seconds")
@@ -105,7 +112,9 @@ async def _sweep(url: str, label: str, levels: list, workload: Workload, args: a
                 else:
                     requests = args.requests or (None if args.duration else max(8, 4 * level))
                     warmup = min(args.warmup, level) if args.warmup else 0
-                    records, seconds = await closed_loop(url, model, workload, level, requests, warmup=warmup, duration=args.duration)
+                    records, seconds = await closed_loop(
+                        url, model, workload, level, requests, warmup=warmup, duration=args.duration, ramp_up=args.ramp_up
+                    )
             server_lag = lag_p99(before, await scrape_lag_buckets(metrics_client))
             summary = summarize(records, seconds, args.slo_ttft, args.slo_itl)
             row = {"target": label, ("rate" if args.rate else "concurrency"): level, **summary.as_row(),

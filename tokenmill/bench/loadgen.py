@@ -91,10 +91,14 @@ def _within(run_started: float, duration: float | None) -> bool:
 
 async def closed_loop(
     base_url: str, model: str, workload: Workload, concurrency: int, requests: int | None,
-    warmup: int = 0, timeout: float = 600.0, duration: float | None = None,
+    warmup: int = 0, timeout: float = 600.0, duration: float | None = None, ramp_up: float = 0.0,
 ) -> tuple[list[RequestRecord], float]:
     """`concurrency` clients, each sending its next request when the last one ends, until
-    `requests` were sent or `duration` seconds passed. Returns records (warm-up excluded) and wall time."""
+    `requests` were sent or `duration` seconds passed. Returns records (warm-up excluded) and wall time.
+
+    `ramp_up` starts the clients evenly over that many seconds instead of all at once: with fixed
+    output lengths, clients that start together stay in lock-step, so every wave of replacements
+    reaches the server as one burst, for the whole run."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout) as client:
         if warmup:
@@ -103,14 +107,15 @@ async def closed_loop(
         records: list[RequestRecord] = []
         run_started = time.perf_counter()
 
-        async def client_loop() -> None:
+        async def client_loop(number: int) -> None:
             nonlocal next_index
+            await asyncio.sleep(ramp_up * number / concurrency)
             while (requests is None or next_index < requests) and _within(run_started, duration):
                 index, next_index = next_index, next_index + 1
                 records.append(await stream_one(client, workload.request_body(index, model), run_started))
 
         with Progress(f"concurrency {concurrency}", requests, records):
-            await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+            await asyncio.gather(*(client_loop(number) for number in range(concurrency)))
         return records, time.perf_counter() - run_started
 
 

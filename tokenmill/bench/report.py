@@ -14,6 +14,7 @@ COLUMNS = [
     ("rejected", "503", "{}"),
     ("errors", "err", "{}"),
     ("output_tokens_per_s", "tok/s", "{:.1f}"),
+    ("steady_output_tokens_per_s", "steady tok/s", "{:.1f}"),
     ("request_throughput", "req/s", "{:.2f}"),
     ("ttft_p50", "TTFT p50 ms", "{:.0f}"),
     ("ttft_p99", "TTFT p99 ms", "{:.0f}"),

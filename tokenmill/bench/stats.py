@@ -51,6 +51,7 @@ class Summary:
     goodput: float  # requests/s that met the SLO
     steady_ttft_p50: float  # TTFT of requests sent after the first one finished (first wave excluded)
     steady_ttft_p99: float
+    steady_output_tokens_per_s: float  # from the first completion to the last request sent: every client busy
 
     def as_row(self) -> dict:
         return dict(self.__dict__)
@@ -72,6 +73,7 @@ def summarize(records: list[RequestRecord], duration_s: float, slo_ttft: float |
     good = sum(1 for r in ok if meets_slo(r))
     first_done = min((r.started + r.latency for r in ok if r.latency is not None), default=math.inf)
     steady = [r.ttft for r in ok if r.ttft is not None and r.started >= first_done]
+    last_sent = max((r.started for r in records), default=-math.inf)
     per_s = (lambda n: n / duration_s) if duration_s > 0 else (lambda n: math.nan)
     return Summary(
         requests=len(records),
@@ -93,4 +95,21 @@ def summarize(records: list[RequestRecord], duration_s: float, slo_ttft: float |
         goodput=per_s(good),
         steady_ttft_p50=percentile(steady, 50),
         steady_ttft_p99=percentile(steady, 99),
+        steady_output_tokens_per_s=_tokens_per_s_between(ok, first_done, last_sent),
     )
+
+
+def _tokens_per_s_between(records: list[RequestRecord], start: float, end: float) -> float:
+    """Streamed tokens that arrived in [start, end), per second (each token's time rebuilt from TTFT and gaps)."""
+    if not end > start:
+        return math.nan
+    arrived = 0
+    for r in records:
+        if r.ttft is None:
+            continue
+        at = r.started + r.ttft
+        arrived += start <= at < end
+        for gap in r.gaps:
+            at += gap
+            arrived += start <= at < end
+    return arrived / (end - start)
