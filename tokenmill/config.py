@@ -101,7 +101,7 @@ class Settings(BaseSettings):
         4,
         ge=0,
         description="Torch engine on a CPU: steps with at most this many rows use the GGUF file's own 4-bit weights "
-        "(Q4_0/Q4_1; 2.5x less to read than bf16, faster at low concurrency); 0 = always the dense weights.",
+        "(Q4_0/Q4_1; 3.6x fewer bytes to read than bf16, faster at low concurrency); 0 = always the dense weights.",
     )
 
     # -- upstream engine (relay to a remote OpenAI-compatible API)
