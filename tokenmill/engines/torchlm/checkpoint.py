@@ -57,13 +57,14 @@ class Checkpoint:
     lm_head: torch.Tensor  # the embedding itself when the model ties them
 
 
-def load_checkpoint(path: Path, dtype: torch.dtype, device: torch.device) -> Checkpoint:
-    """Weights from `path`: a .gguf file, or a folder with config.json and *.safetensors."""
+def load_checkpoint(path: Path, dtype: torch.dtype, device: torch.device, four_bit: bool = True) -> Checkpoint:
+    """Weights from `path`: a .gguf file, or a folder with config.json and *.safetensors.
+    `four_bit`: also keep a GGUF's 4-bit blocks (four_bit.py); off where nothing would use them."""
     blocks: dict[str, FourBitBlocks] = {}
     if path.is_dir():
         config, tensors = _read_hf_folder(path)
     else:
-        config, tensors, blocks = _read_gguf(path)
+        config, tensors, blocks = _read_gguf(path, four_bit)
     return _assemble(config, tensors, blocks, dtype, device)
 
 
@@ -163,7 +164,7 @@ _GGUF_NAMES = {
 _GGUF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
-def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, FourBitBlocks]]:
+def _read_gguf(path: Path, four_bit: bool) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, FourBitBlocks]]:
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
@@ -187,19 +188,19 @@ def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[s
         head_dim=int(_field(reader, "llama.rope.dimension_count", hidden // heads)),
     )
     tensors, blocks = {}, {}
-    for name, tensor, four_bit in _gguf_tensors(reader, dequantize):
+    for name, tensor, small_step in _gguf_tensors(reader, dequantize, four_bit):
         rotary_heads = heads if name.endswith("q_proj.weight") else kv_heads if name.endswith("k_proj.weight") else 0
         if rotary_heads:
             order = _rotary_row_order(tensor.shape[0], rotary_heads)
             tensor = tensor[order]
-            four_bit = four_bit.rows(order) if four_bit is not None else None
+            small_step = small_step.rows(order) if small_step is not None else None
         tensors[name] = tensor
-        if four_bit is not None:
-            blocks[name] = four_bit
+        if small_step is not None:
+            blocks[name] = small_step
     return config, tensors, blocks
 
 
-def _gguf_tensors(reader, dequantize) -> Iterator[tuple[str, torch.Tensor, FourBitBlocks | None]]:
+def _gguf_tensors(reader, dequantize, four_bit: bool) -> Iterator[tuple[str, torch.Tensor, FourBitBlocks | None]]:
     for info in reader.tensors:
         parts = info.name.split(".")
         if parts[0] == "blk":
@@ -211,7 +212,7 @@ def _gguf_tensors(reader, dequantize) -> Iterator[tuple[str, torch.Tensor, FourB
         values = dequantize(info.data, info.tensor_type)
         if values.dtype != np.float32 or not values.flags.writeable or not values.flags.c_contiguous:
             values = np.array(values, dtype=np.float32)  # float tensors come back as read-only file views
-        yield name, torch.from_numpy(values), read_gguf_blocks(info.data, info.tensor_type.name)
+        yield name, torch.from_numpy(values), read_gguf_blocks(info.data, info.tensor_type.name) if four_bit else None
 
 
 def _rotary_row_order(rows: int, heads: int) -> torch.Tensor:

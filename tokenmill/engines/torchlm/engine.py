@@ -51,7 +51,8 @@ class TorchEngine:
         if threads:
             torch.set_num_threads(threads)
         self.device = pick_device(device)
-        checkpoint = load_checkpoint(model_path, DTYPES[dtype], self.device)
+        # the int4 kernel behind four_bit_rows is a CPU one (four_bit.py)
+        checkpoint = load_checkpoint(model_path, DTYPES[dtype], self.device, four_bit=four_bit_rows > 0 and self.device.type == "cpu")
         window = min(context_window, checkpoint.config.trained_context)
         self.tokenizer = load_tokenizer(model_path, window)
         self.model = LlamaModel(checkpoint, max_positions=window, four_bit_rows=four_bit_rows)
