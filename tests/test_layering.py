@@ -46,6 +46,11 @@ def forbidden(paths: list[Path], prefixes: tuple[str, ...]) -> list[str]:
         ("sampling.py", (*HTTP, "asyncio", "tokenmill.engines", "tokenmill.runners", "tokenmill.server")),
         ("generation.py", (*HTTP, "asyncio", "tokenmill.engines", "tokenmill.runners", "tokenmill.server")),
         ("errors.py", (*HTTP, "tokenmill")),
+        # the engine core and the engine process's loop do no asyncio and no HTTP: plain blocking code
+        ("runners/engine_core.py", (*HTTP, "asyncio", "llama_cpp", "torch")),
+        ("runners/engine_worker.py", (*HTTP, "asyncio", "tokenmill.config")),
+        ("runners/scheduler.py", (*HTTP, "asyncio", "llama_cpp", "torch")),
+        ("cpus.py", (*HTTP, "asyncio", "tokenmill")),
         # the client stands alone: usable against any server, importing nothing of tokenmill's server side
         ("client", ("fastapi", "starlette", "uvicorn", "tokenmill.server", "tokenmill.runners", "tokenmill.engines",
                     "tokenmill.config", "tokenmill.protocol")),

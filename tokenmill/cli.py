@@ -99,8 +99,9 @@ def serve(settings: Settings) -> int:
         timeout_keep_alive=int(settings.keep_alive_timeout),
         timeout_graceful_shutdown=int(settings.drain_timeout) + 10,
     )
-    DrainingServer(config, app.state.serving.lifecycle, settings.drain_timeout).run()
-    return 0
+    lifecycle = app.state.serving.lifecycle
+    DrainingServer(config, lifecycle, settings.drain_timeout, app.state.start_runner).run()
+    return lifecycle.exit_code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

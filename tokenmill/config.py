@@ -7,11 +7,12 @@ Each field is a `tokenmill serve` flag (`--field-name`) and an environment varia
 from __future__ import annotations
 
 import importlib.util
-import os
 from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tokenmill.cpus import available_cpus
 
 EngineName = Literal["llamacpp", "torch", "upstream", "simulated"]
 ModeName = Literal["sync", "async", "process", "batch"]
@@ -50,7 +51,16 @@ class Settings(BaseSettings):
     replicas: int = Field(1, ge=1, le=64, description="Model instances (replica patterns: one request each at a time).")
     sync_threads: int = Field(40, ge=1, le=1024, description="Sync mode: blocking worker threads (FastAPI's default pool is 40).")
     threads: int | None = Field(
-        None, ge=1, description="CPU threads per model instance. Default: CPU cores / replicas."
+        None,
+        ge=1,
+        description="CPU threads per model instance. Default: the CPUs this process may use (its affinity mask, "
+        "capped by its cgroup CPU quota) / replicas.",
+    )
+    llama_extra_buffers: bool = Field(
+        False,
+        description="llama.cpp engine: let the CPU backend put weights in its extra buffer types (AMX tiles, "
+        "repacked layouts). Off by default: llama.cpp's AMX path segfaults at the first decode on some Intel Xeons "
+        "(4th generation and later), so it is opt-in.",
     )
     context_window: int = Field(
         4096, ge=16, description="Tokens of context per sequence (prompt + completion)."
@@ -67,6 +77,18 @@ class Settings(BaseSettings):
     max_step_tokens: int = Field(
         512, ge=1, description="Batch mode: most tokens fed to the model in one step (prefill is chunked to fit)."
     )
+
+    engine_process: bool = Field(
+        True,
+        description="Batch mode: run the engine (model, scheduler, KV cache) in a supervised child process, so a "
+        "crash in it fails only the requests in flight and the engine restarts; --no-engine-process runs it on a "
+        "thread of the server process.",
+    )
+    engine_restart_limit: int = Field(
+        5, ge=0, description="Engine restarts allowed within --engine-restart-window; one more failure ends the "
+        "server with a non-zero exit (a crash loop: let the orchestrator replace it)."
+    )
+    engine_restart_window: float = Field(60.0, gt=0, description="Seconds over which engine restarts are counted.")
 
     # -- admission and backpressure
     max_concurrency: int | None = Field(
@@ -123,6 +145,16 @@ class Settings(BaseSettings):
         description="Simulated engine: 'release' sleeps (native code / I/O), 'hold' spins in Python holding the GIL.",
     )
     sim_reply_tokens: int = Field(48, ge=1, description="Simulated engine: mean natural reply length in tokens.")
+    sim_fault: Literal["none", "crash", "raise", "bad_token"] = Field(
+        "none",
+        description="Simulated engine, fault injection: at step --sim-fault-at-step, 'crash' kills the process "
+        "running the engine with SIGSEGV, 'raise' raises inside step(), 'bad_token' returns a token id the "
+        "tokenizer cannot decode (fails after the step, while its tokens are turned into text).",
+    )
+    sim_fault_at_step: int = Field(
+        1, ge=1, description="Simulated engine: the step (counted from the engine's start; its warm-up is steps "
+        "1 and 2) at which --sim-fault fires."
+    )
 
     # -- operations
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
@@ -171,4 +203,4 @@ class Settings(BaseSettings):
     def threads_per_replica(self) -> int:
         if self.threads is not None:
             return self.threads
-        return max(1, (os.cpu_count() or 1) // self.replicas)
+        return max(1, available_cpus() // self.replicas)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import llama_cpp
 import pytest
 
-from tokenmill.engines.llamacpp import LlamaCppEngine
+from tokenmill.engines.llamacpp import LlamaCppEngine, portable_llama
 from tokenmill.engines.model_files import default_model_path
 from tokenmill.engines.replica import generate
 from tokenmill.engines.sequence import prepare_sequence
@@ -23,7 +23,9 @@ def engine():
 def test_greedy_output_equals_llama_cpp_llama(engine):
     # Llama() defaults flash attention off; this llama.cpp enables it on CPU ('auto'), and the
     # two kernels round differently, so the reference is built with the same attention kernel.
-    reference = llama_cpp.Llama(str(default_model_path()), n_ctx=2048, n_threads=2, flash_attn=True, verbose=False)
+    # Its weights sit in plain CPU buffers, as the engine's do (the AMX buffers crash some Xeons).
+    with portable_llama():
+        reference = llama_cpp.Llama(str(default_model_path()), n_ctx=2048, n_threads=2, flash_attn=True, verbose=False)
     try:
         for prompt in PROMPTS:
             expected = reference.create_completion(prompt, max_tokens=32, temperature=0)["choices"][0]["text"]
@@ -69,3 +71,39 @@ def test_prefix_cache_on_an_identical_prompt_recomputes_only_its_last_token(engi
     prompt_length = len(engine.tokenizer.encode(PROMPTS[1]))
     assert engine.prompt_tokens_reused - before == prompt_length - 1
     assert again == complete(engine, PROMPTS[1], temperature=0, max_tokens=16)[0]
+
+
+def test_weights_stay_out_of_the_extra_buffers_unless_asked(engine, caplog):
+    # llama.cpp's AMX weight buffer segfaults at the first decode on some Xeons: the engine, its
+    # tokenizer and every reference load with use_extra_bufts off; only the setting turns it on.
+    assert engine.model_params.use_extra_bufts is False
+    assert llama_cpp.llama_model_default_params().use_extra_bufts is True  # the library's own default
+    with portable_llama():
+        reference = llama_cpp.Llama(str(default_model_path()), n_ctx=64, n_threads=1, verbose=False)
+    try:
+        assert reference.model_params.use_extra_bufts is False
+    finally:
+        reference.close()
+    assert llama_cpp.llama_model_default_params().use_extra_bufts is True  # restored afterwards
+    opted_in = LlamaCppEngine(default_model_path(), context_window=256, threads=1, extra_buffers=True)
+    try:
+        assert opted_in.model_params.use_extra_bufts is True
+    finally:
+        opted_in.close()
+
+
+def test_build_engine_passes_the_setting_and_warms_up(monkeypatch):
+    from tokenmill.config import Settings
+    from tokenmill.engines import build_engine, engine_spec
+
+    steps = []
+    original_step = LlamaCppEngine.step
+    monkeypatch.setattr(LlamaCppEngine, "step", lambda self, chunks: steps.append(len(chunks)) or original_step(self, chunks))
+    built = build_engine(engine_spec(Settings(context_window=256, threads=1)))
+    try:
+        assert built.model_params.use_extra_bufts is False
+        assert len(steps) == 2  # the warm-up: one prefill, one decode, before anyone is served
+    finally:
+        built.close()
+    opted = engine_spec(Settings(context_window=256, threads=1, llama_extra_buffers=True))
+    assert opted.llama_extra_buffers is True

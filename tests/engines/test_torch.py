@@ -16,6 +16,7 @@ from tokenmill.engines.torchlm.sampler import BatchSampler  # noqa: E402
 from tokenmill.generation import GenerationRequest  # noqa: E402
 from tokenmill.runners.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 from tokenmill.sampling import SamplingParams  # noqa: E402
+from tests.engines.near_ties import assert_exact_up_to_a_near_tie, first_divergence  # noqa: E402
 
 PROMPTS = ["Once upon a time", "def fibonacci(n):", "La capitale de la France est", "The three laws of robotics are"]
 TOKENS = 24
@@ -30,38 +31,71 @@ def reference():
     return transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
 
 
-def greedy_batched(engine: TorchEngine, prompts: list[str], tokens: int) -> list[list[int]]:
-    """Run prompts through the real scheduler, all in one batch, and return each one's new tokens."""
+def greedy_batched(engine: TorchEngine, prompts: list[str], tokens: int, join_every: int = 0) -> list[list[int]]:
+    """Run prompts through the real scheduler and return each one's new tokens: all in one batch,
+    or (join_every=N) each joining N steps after the one before, while the others decode."""
     scheduler = Scheduler(SchedulerConfig(max_batch=8, kv_tokens=4096, max_step_tokens=64))  # chunked prefill
     seqs = []
     for i, prompt in enumerate(prompts):
         params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
         seqs.append(prepare_sequence(GenerationRequest(str(i), params, prompt=prompt), engine.tokenizer))
-        scheduler.add(seqs[-1])
-    while scheduler.has_work:
+    waiting, step = list(seqs), 0
+    while waiting or scheduler.has_work:
+        if waiting and (not join_every or step % join_every == 0):
+            scheduler.add(waiting.pop(0))
+            if not join_every:
+                continue
+        step += 1
         for seq in scheduler.admit():
             engine.add_sequence(seq)
         chunks = scheduler.plan()
+        if not chunks:
+            continue
         outcome = scheduler.postprocess(chunks, engine.step(chunks))
         for seq in outcome.finished:
             engine.remove_sequence(seq)
     return [seq.token_ids[seq.num_prompt_tokens :] for seq in seqs]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_greedy_tokens_equal_transformers_generate_alone_and_batched(reference, dtype):
-    engine = TorchEngine(default_model_path(), context_window=1024, threads=2, max_sequences=8, dtype=dtype)
-    model = reference.to(getattr(torch, dtype))
+def test_greedy_tokens_equal_transformers_generate_alone_and_batched(reference):
+    """fp32 arithmetic is the same on every x86 CPU: the tokens must be exactly transformers' own."""
+    engine = TorchEngine(default_model_path(), context_window=1024, threads=2, max_sequences=8, dtype="float32")
     expected = []
     for prompt in PROMPTS:
         ids = engine.tokenizer.encode(prompt)
-        out = model.generate(torch.tensor([ids]), max_new_tokens=TOKENS, do_sample=False, min_new_tokens=TOKENS)
+        out = reference.generate(torch.tensor([ids]), max_new_tokens=TOKENS, do_sample=False, min_new_tokens=TOKENS)
         expected.append(out[0, len(ids) :].tolist())
     alone = [greedy_batched(engine, [p], TOKENS)[0] for p in PROMPTS]
     assert alone == expected
-    if dtype == "float32":  # in bf16 a row's rounding depends on the batch (see test_batching_real_engines)
-        assert greedy_batched(engine, PROMPTS, TOKENS) == expected
+    assert greedy_batched(engine, PROMPTS, TOKENS) == expected
     assert engine.cache.num_slots == 0
+
+
+@pytest.mark.parametrize("how", ["alone", "batched", "ragged"])
+def test_bf16_greedy_tokens_follow_the_fp32_model_up_to_a_near_tie(reference, how):
+    """bf16 rounds differently on AVX-512 and AMX, and with the rows in a step: held to the fp32
+    model by the near-tie rule of tests/engines/near_ties.py, alone, in one batch, and joining a
+    batch that is already decoding (chunked prefill mixed into decode steps)."""
+    engine = TorchEngine(default_model_path(), context_window=1024, threads=2, max_sequences=8, dtype="bfloat16")
+    tokens = 2 * TOKENS
+    if how == "alone":
+        outputs = [greedy_batched(engine, [p], tokens)[0] for p in PROMPTS]
+    else:
+        outputs = greedy_batched(engine, PROMPTS, tokens, join_every=5 if how == "ragged" else 0)
+    for prompt, got in zip(PROMPTS, outputs, strict=True):
+        assert len(got) == tokens
+        assert_exact_up_to_a_near_tie(reference, engine.tokenizer.encode(prompt), got, f"{how} {prompt!r}")
+    assert engine.cache.num_slots == 0
+
+
+def test_the_near_tie_rule_fails_a_token_the_model_ranks_clearly_lower(reference):
+    engine = TorchEngine(default_model_path(), context_window=1024, threads=2, max_sequences=1, dtype="float32")
+    ids = engine.tokenizer.encode(PROMPTS[0])
+    good = greedy_batched(engine, [PROMPTS[0]], 8)[0]
+    assert first_divergence(reference, ids, good) is None
+    bad = good[:3] + [engine.tokenizer.encode(" zebra")[-1]] + good[4:]
+    with pytest.raises(AssertionError, match="token 3 is"):
+        assert_exact_up_to_a_near_tie(reference, ids, bad)
 
 
 def test_kv_slots_stay_packed_and_keep_their_cells():

@@ -111,3 +111,39 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.mark.slow
+async def test_a_worker_that_cannot_restart_is_retried_and_capacity_tells_the_truth(serve_process, tmp_path):
+    # The worker's model file disappears, then a worker is killed: its restarts fail until the file
+    # is back. Meanwhile capacity is one, /ready says so, and the server keeps serving on the other.
+    import shutil
+
+    from tokenmill.engines.model_files import default_model_path
+
+    model = tmp_path / "model.gguf"
+    shutil.copy(default_model_path(), model)
+    server = serve_process("--mode", "process", "--replicas", "2", "--threads", "1", "--model", str(model))
+
+    async def capacity(client: httpx.AsyncClient) -> float:
+        return metric((await client.get("/metrics")).text, "tokenmill_capacity")
+
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+        assert await capacity(client) == 2
+        model.rename(tmp_path / "moved.gguf")
+        os.kill(worker_pids(server.process.pid)[0], signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while "restart_failed" not in (text := (await client.get("/metrics")).text):
+            assert time.monotonic() < deadline, "the failed restart was never retried"
+            await asyncio.sleep(0.05)
+        assert metric(text, "tokenmill_capacity") == 1
+        ready = await client.get("/ready")
+        assert ready.status_code == 200 and ready.json()["capacity"] == 1  # one worker still serves
+        short = await stream_chat(client, 8)
+        (tmp_path / "moved.gguf").rename(model)
+        while await capacity(client) < 2:
+            assert time.monotonic() < deadline + 20, "the worker never came back"
+            await asyncio.sleep(0.1)
+        again = await asyncio.gather(*(stream_chat(client, 8) for _ in range(2)))
+    assert short.completed and all(o.completed for o in again)
+    assert server.process.poll() is None

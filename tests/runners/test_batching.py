@@ -7,9 +7,10 @@ import asyncio
 import pytest
 
 from tokenmill.engines.simulated import SimulatedEngine
-from tokenmill.errors import ContextLengthExceeded, EngineFailure
+from tokenmill.errors import ContextLengthExceeded, EngineFailure, Overloaded
 from tokenmill.generation import Finished, GenerationRequest, TextDelta
 from tokenmill.runners.batching import BatchingRunner
+from tokenmill.runners.restarts import RestartPolicy
 from tokenmill.runners.scheduler import SchedulerConfig
 from tokenmill.sampling import SamplingParams
 
@@ -41,6 +42,14 @@ async def runner_with(engine, max_batch=4, kv_tokens=1000, max_step_tokens=64) -
 
 async def drain(handle) -> list:
     return [event async for event in handle]
+
+
+async def wait_until(condition, timeout: float = 5.0) -> None:
+    async def poll():
+        while not condition():
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(poll(), timeout)
 
 
 async def test_concurrent_requests_share_steps_and_all_complete():
@@ -113,9 +122,79 @@ async def test_engine_failure_ends_running_requests_with_errors_and_the_runner_r
         for handle in handles:
             with pytest.raises(EngineFailure, match="device lost"):
                 await drain(handle)
+        assert not runner.ready  # the engine is being rebuilt: new work is refused, not queued
+        with pytest.raises(Overloaded) as refused:
+            await runner.submit(request(4))
+        assert refused.value.code == "engine_restarting"
+        await wait_until(lambda: runner.ready)
         after = await drain(await runner.submit(request(4)))
         assert isinstance(after[-1], Finished)
         assert runner.in_flight == 0 and runner.kv_tokens_reserved == 0
+        assert runner.restarts() == {"exception": 1}
+    finally:
+        await runner.stop()
+
+
+class FailsAfterTheStep(SimulatedEngine):
+    """The step succeeds; freeing a finished sequence raises (outside the engine's step)."""
+
+    def remove_sequence(self, seq):
+        if seq.request_id != "warm-up" and seq.num_generated >= 3:
+            raise KeyError("slot table corrupted")
+        super().remove_sequence(seq)
+
+
+@pytest.mark.parametrize(
+    "engine",
+    [
+        pytest.param(lambda: SimulatedEngine(ttft_ms=0, itl_ms=1, fault="bad_token", fault_at_step=2), id="postprocess"),
+        pytest.param(lambda: FailsAfterTheStep(ttft_ms=0, itl_ms=1), id="remove_sequence"),
+    ],
+)
+async def test_a_failure_outside_the_engine_step_ends_every_request_and_the_engine_is_rebuilt(engine):
+    # Before: anything raising outside the guarded engine.step() killed the engine thread silently,
+    # every request hung and new ones were still admitted.
+    built = []
+
+    def factory():  # the first engine is faulty, its replacement is not
+        built.append(engine() if not built else SimulatedEngine(ttft_ms=0, itl_ms=1))
+        return built[-1]
+
+    config = SchedulerConfig(max_batch=4, kv_tokens=1000, max_step_tokens=64)
+    runner = BatchingRunner(factory, config, "simulated")
+    await runner.start()
+    try:
+        handles = [await runner.submit(request(3)) for _ in range(3)]
+        for handle in handles:
+            with pytest.raises(EngineFailure, match="model engine failed"):
+                await asyncio.wait_for(drain(handle), 2)
+        assert runner.in_flight == 0
+        await wait_until(lambda: runner.ready)
+        assert len(built) == 2  # a fresh engine, not the broken one
+        after = await asyncio.wait_for(drain(await runner.submit(request(2))), 2)
+        assert isinstance(after[-1], Finished)
+    finally:
+        await runner.stop()
+
+
+async def test_a_crash_loop_gives_up_and_tells_the_server():
+    fatal = []
+    config = SchedulerConfig(max_batch=2, kv_tokens=1000, max_step_tokens=64)
+    engine = lambda: SimulatedEngine(ttft_ms=0, itl_ms=0, fault="raise", fault_at_step=1)  # noqa: E731
+    runner = BatchingRunner(engine, config, "simulated", RestartPolicy(limit=2, window=60, first_delay=0.01))
+    runner.on_fatal = fatal.append
+    await runner.start()
+    try:
+        for _ in range(3):
+            await wait_until(lambda: runner.ready or fatal)
+            if fatal:
+                break
+            with pytest.raises(EngineFailure):
+                await asyncio.wait_for(drain(await runner.submit(request(2))), 2)
+        await wait_until(lambda: bool(fatal))
+        assert "failed 3 times" in fatal[0]
+        assert runner.restarts() == {"exception": 2}
+        assert not runner.ready
     finally:
         await runner.stop()
 

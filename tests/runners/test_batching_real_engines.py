@@ -51,15 +51,12 @@ async def test_llamacpp_batched_greedy_equals_one_at_a_time():
 
 
 @pytest.mark.skipif(not _has_torch(), reason="needs tokenmill[torch]")
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-async def test_torch_batched_decode_with_ragged_joins_matches_alone(dtype):
+async def test_torch_batched_decode_with_ragged_joins_matches_alone():
     """Prompts of different lengths join a batch that is already decoding (prefill chunks mixed
-    into decode steps). In float32 every sequence gets exactly its solo greedy tokens (the 4-bit
-    kernel of small steps multiplies by the same values as the dense weights). In bfloat16 a row's
-    rounding depends on how many rows share the step (and on the kernel: bf16 scales in the 4-bit
-    one up to 4 rows, bf16 weights above), so a near-tie can flip late in a sequence (seen at
-    token ~20 of the French prompt): the documented limit is the first 16 tokens."""
-    tokens = 32 if dtype == "float32" else 16
-    alone = await greedy_texts("torch", "async", PROMPTS, torch_dtype=dtype, max_tokens=tokens)
-    together = await greedy_texts("torch", "batch", PROMPTS, stagger=0.15, torch_dtype=dtype, max_tokens=tokens)
+    into decode steps). In float32 every sequence gets exactly its solo greedy tokens on any x86
+    CPU (the 4-bit kernel of small steps multiplies by the same values as the dense weights).
+    bfloat16 rounds differently with the rows in a step and with the CPU (AVX-512 or AMX): its
+    ragged joins are held to the fp32 model by the near-tie rule in tests/engines/test_torch.py."""
+    alone = await greedy_texts("torch", "async", PROMPTS, torch_dtype="float32", max_tokens=32)
+    together = await greedy_texts("torch", "batch", PROMPTS, stagger=0.15, torch_dtype="float32", max_tokens=32)
     assert together == alone

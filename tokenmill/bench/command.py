@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import json
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -57,6 +59,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also measure in-process baselines (bare llama_decode loop, batch runner without HTTP, "
         "llama_cpp.Llama loop), each in a fresh process, and print the ratios",
     )
+    parser.add_argument(
+        "--server-cpus",
+        default=None,
+        help="with --spawn: CPUs the server may use, as taskset -c takes them (e.g. 0 or 0-1); models a container "
+        "given fewer CPUs than the machine has",
+    )
+    parser.add_argument(
+        "--noisy-neighbours",
+        type=int,
+        default=0,
+        help="start this many CPU-bound processes beside the server for each level's load (they stop with it) [0]",
+    )
     parser.add_argument("--out", type=Path, default=None, help="directory for results.json/.csv/.md, requests.json and PNG plots")
 
 
@@ -73,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         for entry, extra in variants:
             engine, _, mode = entry.rpartition(":")
             flags = ["--mode", mode, *(["--engine", engine] if engine else []), *shlex.split(extra)]
-            with SpawnedServer(flags) as server:
+            with SpawnedServer(flags, cpus=_cpu_list(args.server_cpus)) as server:
                 label = f"{entry} {extra}".strip()
                 for row in asyncio.run(_sweep(server.url, label, levels, workload, args, latencies)):
                     row["peak_rss_mb"] = server.peak_rss_mb()
@@ -106,21 +120,51 @@ async def _sweep(url: str, label: str, levels: list, workload: Workload, args: a
     async with httpx.AsyncClient(base_url=url) as metrics_client:
         for level in levels:
             before = await scrape_lag_buckets(metrics_client)
-            with OwnLoopLag() as own_lag:
-                if args.rate:
-                    records, seconds = await open_loop(url, model, workload, level, args.requests, duration=args.duration)
-                else:
-                    requests = args.requests or (None if args.duration else max(8, 4 * level))
-                    warmup = min(args.warmup, level) if args.warmup else 0
-                    records, seconds = await closed_loop(
-                        url, model, workload, level, requests, warmup=warmup, duration=args.duration, ramp_up=args.ramp_up
-                    )
-            server_lag = lag_p99(before, await scrape_lag_buckets(metrics_client))
+            neighbours = NoisyNeighbours(args.noisy_neighbours)
+            try:
+                with OwnLoopLag() as own_lag:
+                    if args.rate:
+                        records, seconds = await open_loop(url, model, workload, level, args.requests, duration=args.duration)
+                    else:
+                        requests = args.requests or (None if args.duration else max(8, 4 * level))
+                        warmup = min(args.warmup, level) if args.warmup else 0
+                        records, seconds = await closed_loop(
+                            url, model, workload, level, requests, warmup=warmup, duration=args.duration, ramp_up=args.ramp_up
+                        )
+                server_lag = lag_p99(before, await scrape_lag_buckets(metrics_client))
+            finally:
+                neighbours.stop()
             summary = summarize(records, seconds, args.slo_ttft, args.slo_itl)
-            row = {"target": label, ("rate" if args.rate else "concurrency"): level, **summary.as_row(),
+            row = {"target": label + (f" +{args.noisy_neighbours} busy" if args.noisy_neighbours else ""),
+                   ("rate" if args.rate else "concurrency"): level, **summary.as_row(),
                    "server_loop_lag_p99": server_lag, "client_loop_lag_max": own_lag.worst}
             if args.cost_per_hour is not None and summary.output_tokens_per_s > 0:
                 row["cost_per_million_tokens"] = args.cost_per_hour / (summary.output_tokens_per_s * 3600) * 1e6
             rows.append(row)
             latencies[f"{label} @ {level}"] = sorted(r.latency for r in records if r.latency is not None)
     return rows
+
+
+def _cpu_list(spec: str | None) -> set[int] | None:
+    """'0-2,5' -> {0, 1, 2, 5}."""
+    if not spec:
+        return None
+    cpus: set[int] = set()
+    for part in spec.split(","):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
+
+
+class NoisyNeighbours:
+    """CPU-bound processes that spin beside the server while a level runs (bounded: 15 minutes)."""
+
+    def __init__(self, count: int):
+        busy = "import time\nend = time.time() + 900\nwhile time.time() < end:\n    pass\n"
+        self._processes = [subprocess.Popen([sys.executable, "-c", busy]) for _ in range(count)]
+
+    def stop(self) -> None:
+        for process in self._processes:
+            process.kill()
+            process.wait()
+        self._processes = []

@@ -83,7 +83,9 @@ def bare_decode_loop(settings: Settings, workload: Workload, concurrency: int, r
 
     from tokenmill.engines.llamacpp import LlamaCppEngine  # noqa: F401  (quiets llama.cpp's logs)
 
-    model = llama_cpp.llama_model_load_from_file(str(resolve_model_path(settings.model)).encode(), llama_cpp.llama_model_default_params())
+    from tokenmill.engines.llamacpp import model_params
+
+    model = llama_cpp.llama_model_load_from_file(str(resolve_model_path(settings.model)).encode(), model_params())
     params = llama_cpp.llama_context_default_params()
     params.n_ctx = settings.kv_tokens + settings.max_step_tokens
     params.n_batch = params.n_ubatch = settings.max_step_tokens
@@ -135,12 +137,13 @@ def llama_library_loop(settings: Settings, workload: Workload, requests: int) ->
     """llama_cpp.Llama.create_completion on the same rendered prompts, one at a time."""
     import llama_cpp
 
-    from tokenmill.engines.llamacpp import LlamaCppTokenizer
+    from tokenmill.engines.llamacpp import LlamaCppTokenizer, portable_llama
 
-    llm = llama_cpp.Llama(
-        str(resolve_model_path(settings.model)), n_ctx=settings.context_window, n_threads=settings.threads_per_replica(),
-        flash_attn=True, verbose=False,
-    )
+    with portable_llama():
+        llm = llama_cpp.Llama(
+            str(resolve_model_path(settings.model)), n_ctx=settings.context_window, n_threads=settings.threads_per_replica(),
+            flash_attn=True, verbose=False,
+        )
     tokenizer = LlamaCppTokenizer(llm.model, llama_cpp.llama_model_get_vocab(llm.model), settings.context_window)
     eog_bias = {t: -1e9 for t in tokenizer.eog_ids}  # ignore_eos, as in the workload
 

@@ -6,6 +6,7 @@ temporary file, never to an unread pipe (a busy server would fill the pipe and b
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -17,7 +18,9 @@ import httpx
 
 
 class SpawnedServer:
-    def __init__(self, serve_args: list[str], ready_timeout: float = 180.0, log_level: str = "warning"):
+    def __init__(
+        self, serve_args: list[str], ready_timeout: float = 180.0, log_level: str = "warning", cpus: set[int] | None = None
+    ):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -26,7 +29,10 @@ class SpawnedServer:
         cmd = [sys.executable, "-m", "tokenmill", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                "--log-level", log_level, *serve_args]
         started = time.monotonic()
-        self.process = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        # `cpus`: the server's affinity mask (as `taskset -c` would set it), e.g. to model a container
+        # given fewer CPUs than the machine has.
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+        self.process = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=pin)
         self.startup_s: float | None = None  # from launch to /ready: imports, model load, warm-up
         deadline = started + ready_timeout
         while time.monotonic() < deadline:
@@ -46,13 +52,10 @@ class SpawnedServer:
         return self._log.read().decode("utf-8", "replace")
 
     def peak_rss_mb(self) -> float | None:
-        try:
-            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            return None
-        return None
+        """Peak resident memory of the server and its engine or worker processes, added up."""
+        peaks = [_peak_rss_kb(pid) for pid in [self.process.pid, *child_pids(self.process.pid)]]
+        known = [kb for kb in peaks if kb is not None]
+        return sum(known) / 1024 if known else None
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -69,3 +72,24 @@ class SpawnedServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def child_pids(pid: int) -> list[int]:
+    """The direct children of `pid` (engine and worker processes), from /proc."""
+    children: list[int] = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            children += [int(c) for c in (task / "children").read_text().split()]
+    except OSError:
+        pass
+    return children
+
+
+def _peak_rss_kb(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None

@@ -1,78 +1,174 @@
-"""Model backends. `build_engine` is the only place that knows which class backs which name."""
+"""Model backends. `build_engine` is the only place that knows which class backs which name.
+
+    spec = engine_spec(settings)     # small, picklable: what to build (crosses into engine processes)
+    engine = build_engine(spec)      # loads the model and runs a warm-up decode before returning
+"""
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+
 from tokenmill.config import Settings
+from tokenmill.cpus import available_cpus
 from tokenmill.engines.base import Chunk, StepEngine, Tokenizer
 
-__all__ = ["Chunk", "StepEngine", "Tokenizer", "build_engine", "build_tokenizer", "served_model_name"]
+__all__ = [
+    "Chunk", "EngineSpec", "StepEngine", "Tokenizer", "build_engine", "build_tokenizer", "engine_spec", "served_model_name",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatedSpec:
+    ttft_ms: float
+    itl_ms: float
+    batch_cost: float
+    gil: str
+    reply_tokens: int
+    fault: str
+    fault_at_step: int
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSpec:
+    """Everything needed to build one engine instance, and nothing else (never the whole Settings)."""
+
+    engine: str
+    model_path: str | None  # resolved; None for the simulated engine
+    context_window: int
+    threads: int
+    batched: bool  # one engine stepping many sequences (batch mode) or one sequence at a time
+    max_sequences: int
+    kv_tokens: int
+    max_step_tokens: int
+    llama_extra_buffers: bool = False
+    torch_dtype: str = "bfloat16"
+    torch_device: str = "auto"
+    torch_four_bit_rows: int = 4
+    simulated: SimulatedSpec | None = None
+
+
+def engine_spec(settings: Settings) -> EngineSpec:
+    from tokenmill.engines.model_files import resolve_model_path
+
+    batched = settings.mode == "batch"
+    model_path = None
+    if settings.engine in ("llamacpp", "torch"):
+        model_path = str(resolve_model_path(settings.model, folders=settings.engine == "torch"))
+    simulated = None
+    if settings.engine == "simulated":
+        simulated = SimulatedSpec(
+            settings.sim_ttft_ms, settings.sim_itl_ms, settings.sim_batch_cost, settings.sim_gil,
+            settings.sim_reply_tokens, settings.sim_fault, settings.sim_fault_at_step,
+        )
+    return EngineSpec(
+        engine=settings.engine,
+        model_path=model_path,
+        context_window=settings.context_window,
+        threads=settings.threads_per_replica(),
+        batched=batched,
+        max_sequences=settings.max_batch if batched else 1,
+        kv_tokens=settings.kv_tokens,
+        max_step_tokens=settings.max_step_tokens if batched else 512,
+        llama_extra_buffers=settings.llama_extra_buffers,
+        torch_dtype=settings.torch_dtype,
+        torch_device=settings.torch_device,
+        torch_four_bit_rows=settings.torch_four_bit_rows,
+        simulated=simulated,
+    )
 
 
 def build_tokenizer(settings: Settings) -> Tokenizer:
-    """The engine's tokenizer without its weights (process mode validates in the parent)."""
+    """The engine's tokenizer without its weights (for processes that only validate requests)."""
     if settings.engine == "simulated":
         from tokenmill.engines.simulated import SimulatedTokenizer
 
         return SimulatedTokenizer(settings.context_window)
+    from tokenmill.engines.model_files import resolve_model_path
+
     if settings.engine == "torch":
-        from tokenmill.engines.model_files import resolve_model_path
-        from tokenmill.engines.torchlm.tokenizer import load_tokenizer as load_torch_tokenizer
+        from tokenmill.engines.torchlm.tokenizer import (
+            load_tokenizer as load_torch_tokenizer,
+        )
 
         return load_torch_tokenizer(resolve_model_path(settings.model, folders=True), settings.context_window)
     from tokenmill.engines.llamacpp import load_tokenizer
-    from tokenmill.engines.model_files import resolve_model_path
 
     return load_tokenizer(resolve_model_path(settings.model), settings.context_window)
 
 
-def build_engine(settings: Settings) -> StepEngine:
-    if settings.engine == "simulated":
+def build_engine(spec: EngineSpec) -> StepEngine:
+    """Load the engine and run one warm-up decode, so a native fault shows now, not on a request."""
+    from tokenmill.engines.warmup import warm_up
+
+    engine = _construct(spec)
+    log.info(
+        "engine %s: %d threads (%d CPUs usable by this process)%s",
+        spec.engine, spec.threads, available_cpus(), "" if spec.engine != "llamacpp" else
+        f"; llama.cpp extra weight buffers {'on' if spec.llama_extra_buffers else 'off'}",
+    )
+    try:
+        warm_up(engine)
+    except BaseException:
+        engine.close()
+        raise
+    return engine
+
+
+def _construct(spec: EngineSpec) -> StepEngine:
+    if spec.engine == "simulated":
         from tokenmill.engines.simulated import SimulatedEngine
 
+        sim = spec.simulated
+        assert sim is not None
         return SimulatedEngine(
-            context_window=settings.context_window,
-            ttft_ms=settings.sim_ttft_ms,
-            itl_ms=settings.sim_itl_ms,
-            batch_cost=settings.sim_batch_cost,
-            gil=settings.sim_gil,
-            mean_reply_tokens=settings.sim_reply_tokens,
+            context_window=spec.context_window,
+            ttft_ms=sim.ttft_ms,
+            itl_ms=sim.itl_ms,
+            batch_cost=sim.batch_cost,
+            gil=sim.gil,  # type: ignore[arg-type]
+            mean_reply_tokens=sim.reply_tokens,
+            fault=sim.fault,  # type: ignore[arg-type]
+            fault_at_step=sim.fault_at_step,
         )
-    if settings.engine == "llamacpp":
-        from tokenmill.engines.llamacpp import LlamaCppEngine
-        from tokenmill.engines.model_files import resolve_model_path
+    assert spec.model_path is not None
+    from pathlib import Path
 
-        if settings.mode == "batch":
+    if spec.engine == "llamacpp":
+        from tokenmill.engines.llamacpp import LlamaCppEngine
+
+        if spec.batched:
             return LlamaCppEngine(
-                resolve_model_path(settings.model),
-                context_window=settings.context_window,
-                max_sequences=settings.max_batch,
+                Path(spec.model_path),
+                context_window=spec.context_window,
+                max_sequences=spec.max_sequences,
                 # Headroom over the scheduler's budget: the cells the prefix cache holds on its own
                 # (at most one prompt), and slack so a step never lacks free cells to place its tokens.
-                kv_tokens=settings.kv_tokens + settings.context_window + settings.max_step_tokens,
-                threads=settings.threads_per_replica(),
-                max_step_tokens=settings.max_step_tokens,
+                kv_tokens=spec.kv_tokens + spec.context_window + spec.max_step_tokens,
+                threads=spec.threads,
+                max_step_tokens=spec.max_step_tokens,
+                extra_buffers=spec.llama_extra_buffers,
             )
         return LlamaCppEngine(
-            resolve_model_path(settings.model),
-            context_window=settings.context_window,
-            threads=settings.threads_per_replica(),
+            Path(spec.model_path), context_window=spec.context_window, threads=spec.threads,
+            extra_buffers=spec.llama_extra_buffers,
         )
-    if settings.engine == "torch":
-        from tokenmill.engines.model_files import resolve_model_path
+    if spec.engine == "torch":
         from tokenmill.engines.torchlm.engine import TorchEngine
 
-        batched = settings.mode == "batch"
         return TorchEngine(
-            resolve_model_path(settings.model, folders=True),
-            context_window=settings.context_window,
-            max_sequences=settings.max_batch if batched else 1,
-            threads=settings.threads_per_replica(),
-            max_step_tokens=settings.max_step_tokens if batched else 512,
-            dtype=settings.torch_dtype,
-            device=settings.torch_device,
-            four_bit_rows=settings.torch_four_bit_rows,
+            Path(spec.model_path),
+            context_window=spec.context_window,
+            max_sequences=spec.max_sequences,
+            threads=spec.threads,
+            max_step_tokens=spec.max_step_tokens,
+            dtype=spec.torch_dtype,
+            device=spec.torch_device,
+            four_bit_rows=spec.torch_four_bit_rows,
         )
-    raise ValueError(f"unknown engine {settings.engine!r}")
+    raise ValueError(f"unknown engine {spec.engine!r}")
 
 
 def served_model_name(settings: Settings) -> str:

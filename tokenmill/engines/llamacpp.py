@@ -10,14 +10,22 @@ A new sequence whose prompt starts the same way (a chat template, a system promp
 so far) shares those cells -- in a unified cache that is bookkeeping, not a copy -- and only
 prefills the rest. The cache is trimmed to what each newcomer shares, so the cells it holds on its
 own never exceed one prompt.
+
+Weights stay in plain CPU buffers unless `extra_buffers` opts in: llama.cpp's "extra buffer types"
+(AMX tiles, repacked layouts) are on by default in the library, and its AMX matmul segfaults at the
+first decode on some Intel Xeons (4th generation and later), as llama-server does without
+`--no-repack`. Every model this project loads -- engine, tokenizer, references, baselines -- takes
+its parameters from `model_params()` (or, for `llama_cpp.Llama`, `portable_llama()`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import math
 import os
+from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from pathlib import Path
 
@@ -35,9 +43,15 @@ _LLAMA_LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level: 2 
 
 @llama_cpp.llama_log_callback
 def _forward_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
-    # llama.cpp is chatty at load time; keep its warnings and errors, in our logs.
-    if level in _LLAMA_LOG_LEVELS and text:
-        log.log(_LLAMA_LOG_LEVELS[level], "llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
+    # llama.cpp is chatty at load time; keep its warnings and errors, and which buffer types the
+    # backend chose for the weights and caches (what decides whether the AMX/repack paths run).
+    if not text:
+        return
+    line = text.decode("utf-8", "replace").rstrip()
+    if level in _LLAMA_LOG_LEVELS:
+        log.log(_LLAMA_LOG_LEVELS[level], "llama.cpp: %s", line)
+    elif "buffer size =" in line:
+        log.info("llama.cpp: %s", line.strip())
 
 
 llama_cpp.llama_log_set(_forward_llama_log, ctypes.c_void_p(0))
@@ -112,9 +126,34 @@ def _trained_context(model) -> int:
     return int(value) if value and value.isdigit() else 2048
 
 
+_library_model_defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+
+def model_params(extra_buffers: bool = False) -> llama_cpp.llama_model_params:
+    """llama.cpp's default model parameters, with the extra weight buffers off unless asked for."""
+    params = _library_model_defaults()
+    params.use_extra_bufts = extra_buffers
+    return params
+
+
+@contextlib.contextmanager
+def portable_llama() -> Iterator[None]:
+    """While open, `llama_cpp.Llama(...)` loads with the extra weight buffers off.
+
+    `Llama.__init__` builds its own model parameters from `llama_model_default_params()` and has no
+    argument for this one; references and baselines built on it must not crash where the engine
+    does not."""
+    library = llama_cpp.llama_cpp  # the module `Llama` reads it from
+    library.llama_model_default_params = model_params
+    try:
+        yield
+    finally:
+        library.llama_model_default_params = _library_model_defaults
+
+
 def load_tokenizer(model_path: Path, context_window: int) -> LlamaCppTokenizer:
     """Just the vocabulary, template and window (no weights): for processes that only validate."""
-    params = llama_cpp.llama_model_default_params()
+    params = model_params()
     params.vocab_only = True
     model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), params)
     if not model:
@@ -136,9 +175,11 @@ class LlamaCppEngine:
         threads: int | None = None,
         max_step_tokens: int = 512,
         prefix_cache: bool = True,
+        extra_buffers: bool = False,
     ):
         threads = threads or os.cpu_count() or 1
-        self._model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), llama_cpp.llama_model_default_params())
+        self.model_params = model_params(extra_buffers)
+        self._model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), self.model_params)
         if not self._model:
             raise EngineFailure(f"llama.cpp could not load the model file {model_path}")
         window = min(context_window, _trained_context(self._model))

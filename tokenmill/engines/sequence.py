@@ -41,8 +41,9 @@ class Sequence:
         params: SamplingParams,
         max_new_tokens: int,
         tokenizer: Tokenizer,
+        seq_id: int | None = None,  # given when the sequence is rebuilt in another process
     ):
-        self.seq_id = next(_sequence_ids)
+        self.seq_id = next(_sequence_ids) if seq_id is None else seq_id
         self.request_id = request_id
         self.params = params
         self.max_new_tokens = max_new_tokens

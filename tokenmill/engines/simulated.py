@@ -10,6 +10,10 @@ the same `StepEngine` protocol, so every serving pattern runs unchanged on it.
   decoding b sequences costs `itl_ms * (1 + batch_cost * (b - 1))`; the two add up.
 - `gil="release"` waits in `time.sleep` (like a native library or I/O: other threads run);
   `gil="hold"` spins in pure Python (CPU-bound, competing for the GIL).
+- Fault injection, for the reliability tests: at its `fault_at_step`-th step (counted from the
+  engine's construction, so its warm-up is steps 1 and 2) `fault="crash"` kills the process it runs
+  in with a real SIGSEGV, `"raise"` raises from `step()`, and `"bad_token"` returns a token id the
+  tokenizer cannot decode, so the failure surfaces after the step, while tokens become text.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import hashlib
 import os
 import random
 import re
+import signal
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -28,6 +33,7 @@ from tokenmill.engines.sequence import Sequence
 from tokenmill.generation import ChatMessage
 
 GilMode = Literal["release", "hold"]
+FaultKind = Literal["none", "crash", "raise", "bad_token"]
 
 _WORDS = (
     "the a model token stream server batch request queue latency throughput engine serves "
@@ -102,6 +108,8 @@ class SimulatedEngine:
         batch_cost: float = 0.1,
         gil: GilMode = "release",
         mean_reply_tokens: int = 48,
+        fault: FaultKind = "none",
+        fault_at_step: int = 1,
     ):
         self.tokenizer = SimulatedTokenizer(context_window)
         self._ttft_s = ttft_ms / 1000
@@ -110,6 +118,9 @@ class SimulatedEngine:
         self._gil = gil
         self._mean_reply = mean_reply_tokens
         self._states: dict[int, _SimState] = {}
+        self._fault = fault
+        self._fault_at_step = fault_at_step
+        self.steps = 0
 
     def add_sequence(self, seq: Sequence) -> None:
         rng = random.Random(self._seed_material(seq))
@@ -120,10 +131,18 @@ class SimulatedEngine:
         self._states.pop(seq.seq_id, None)
 
     def step(self, chunks: Seq[Chunk]) -> list[int | None]:
+        self.steps += 1
+        fault = self._fault if self.steps == self._fault_at_step else "none"
+        if fault == "crash":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        if fault == "raise":
+            raise RuntimeError(f"simulated engine fault at step {self.steps}")
         started = time.perf_counter()
         prefills = sum(1 for c in chunks if c.seq.num_computed < c.seq.num_prompt_tokens)
         decodes = len(chunks) - prefills
         self._burn(started, self._cost(prefills, self._ttft_s) + self._cost(decodes, self._itl_s))
+        if fault == "bad_token":
+            return [EOS_ID + 1000 if c.completes_sequence_input else None for c in chunks]
         return [self._next_token(c.seq) if c.completes_sequence_input else None for c in chunks]
 
     def close(self) -> None:

@@ -5,7 +5,12 @@ from __future__ import annotations
 import functools
 
 from tokenmill.config import Settings
-from tokenmill.engines import build_engine, served_model_name
+from tokenmill.engines import (
+    build_engine,
+    build_tokenizer,
+    engine_spec,
+    served_model_name,
+)
 from tokenmill.runners.base import RequestHandle, RequestLimits, Runner, RunnerStats
 
 __all__ = ["RequestHandle", "RequestLimits", "Runner", "RunnerStats", "build_runner"]
@@ -27,17 +32,25 @@ def _build(settings: Settings) -> Runner:
         from tokenmill.runners.executor import ExecutorRunner
 
         threads = settings.sync_threads if settings.mode == "sync" else None
-        return ExecutorRunner(functools.partial(build_engine, settings), settings.replicas, name, threads=threads)
+        return ExecutorRunner(functools.partial(build_engine, engine_spec(settings)), settings.replicas, name, threads=threads)
     if settings.mode == "process":
         from tokenmill.runners.processes import ProcessRunner
 
         return ProcessRunner(settings, name)
     if settings.mode == "batch":
-        from tokenmill.runners.batching import BatchingRunner
+        from tokenmill.runners.restarts import RestartPolicy
         from tokenmill.runners.scheduler import SchedulerConfig
 
         config = SchedulerConfig(
             max_batch=settings.max_batch, kv_tokens=settings.kv_tokens, max_step_tokens=settings.max_step_tokens
         )
-        return BatchingRunner(functools.partial(build_engine, settings), config, name)
+        policy = RestartPolicy(settings.engine_restart_limit, settings.engine_restart_window)
+        if settings.engine_process:
+            from tokenmill.runners.engine_process import EngineProcessRunner
+
+            tokenizer = functools.partial(build_tokenizer, settings)
+            return EngineProcessRunner(engine_spec(settings), config, name, tokenizer, policy, settings.log_level.upper())
+        from tokenmill.runners.batching import BatchingRunner
+
+        return BatchingRunner(functools.partial(build_engine, engine_spec(settings)), config, name, policy)
     raise ValueError(f"unknown mode {settings.mode!r}")

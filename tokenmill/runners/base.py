@@ -78,10 +78,33 @@ class RunnerStats:
 
 
 class Runner(ABC):
-    """A serving pattern: how admitted requests reach the model."""
+    """A serving pattern: how admitted requests reach the model.
+
+    A runner that supervises its engines says so through `ready` (False while an engine restarts)
+    and `restarts()`; when it gives up (a crash loop) it calls `on_fatal`, which the server sets."""
 
     model_name: str
     limits: RequestLimits = RequestLimits()
+    on_fatal: Callable[[str], None] | None = None
+    on_capacity_change: Callable[[int, int], None] | None = None  # (engines up, engines configured)
+
+    @property
+    def ready(self) -> bool:
+        """Whether a submitted request can start now (False while an engine is being replaced)."""
+        return True
+
+    def restarts(self) -> dict[str, int]:
+        """Engine (or worker) restarts since start, by reason."""
+        return {}
+
+    def retry_after(self) -> float:
+        """While not ready: seconds until it likely is again."""
+        return 1.0
+
+    def give_up(self, message: str) -> None:
+        """The runner cannot serve any more: tell the server, which exits non-zero."""
+        if self.on_fatal is not None:
+            self.on_fatal(message)
 
     def prepare(self, request: GenerationRequest, tokenizer) -> Sequence:
         return prepare_sequence(request, tokenizer, self.limits.max_prompt_tokens, self.limits.max_tokens)

@@ -1,26 +1,33 @@
-"""`batch` mode: continuous batching. One engine thread owns the model and all its state.
+"""`batch` mode with the engine on a thread of the server process (`--no-engine-process`).
 
-Like llama.cpp's server: requests and cancellations reach that thread as typed messages; every
-step it lets the scheduler decide who runs, runs one forward pass for all of them, and sends that
-step's events back to the event loop in a single callback. Sequences join and leave the batch at
+Like llama.cpp's server: one engine thread owns the model and all its state; requests and
+cancellations reach it as typed messages; every step it runs the engine core once and sends that
+step's report back to the event loop in a single callback. Sequences join and leave the batch at
 step boundaries, so an aborted request leaves within one step and frees its KV cells at once.
+
+An exception anywhere in the loop (the engine's step, the bookkeeping after it, freeing a
+sequence) ends every request the engine holds with an error, and the thread builds a fresh engine
+before taking work again. A native crash here still takes the whole server down: the default,
+an engine process (`engine_process.py`), contains those too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tokenmill.engines.base import StepEngine
+from tokenmill.engines.base import StepEngine, Tokenizer
 from tokenmill.engines.sequence import Sequence
-from tokenmill.errors import ContextLengthExceeded, EngineFailure
-from tokenmill.generation import GenerationRequest, TokenEvent
-from tokenmill.runners.base import RequestHandle, Runner, RunnerStats
-from tokenmill.runners.scheduler import Scheduler, SchedulerConfig
+from tokenmill.errors import EngineFailure
+from tokenmill.runners.batch_front import BatchFront
+from tokenmill.runners.engine_core import EngineCore
+from tokenmill.runners.restarts import RestartPolicy
+from tokenmill.runners.scheduler import SchedulerConfig
 
 log = logging.getLogger(__name__)
 
@@ -28,31 +35,33 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class _Add:
     seq: Sequence
-    handle: RequestHandle
 
 
 @dataclass(frozen=True, slots=True)
 class _Abort:
-    seq: Sequence
+    seq_id: int
 
 
 _Message = _Add | _Abort
 
 
-class BatchingRunner(Runner):
-    def __init__(self, engine_factory: Callable[[], StepEngine], config: SchedulerConfig, model_name: str):
-        self.model_name = model_name
+class BatchingRunner(BatchFront):
+    def __init__(
+        self,
+        engine_factory: Callable[[], StepEngine],
+        config: SchedulerConfig,
+        model_name: str,
+        policy: RestartPolicy | None = None,
+    ):
+        super().__init__(config, model_name, policy)
         self._engine_factory = engine_factory
-        self._scheduler = Scheduler(config)
-        self._engine: StepEngine | None = None
+        self._core: EngineCore | None = None
         self._inbox: deque[_Message] = deque()
         self._wakeup = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._handles: dict[int, RequestHandle] = {}  # engine thread only
-        self._in_flight = 0  # event loop only
-        self.aborted_total = 0
+        self._delays: queue.SimpleQueue[float | None] = queue.SimpleQueue()  # restart delays, loop -> thread
 
     async def start(self) -> None:
         # The engine is built on the thread that will step it: one thread owns all model state, and
@@ -64,57 +73,40 @@ class BatchingRunner(Runner):
         self._thread = threading.Thread(target=self._own_engine, args=(built,), name="tokenmill-batch-engine", daemon=True)
         self._thread.start()
         await built
+        self._ready = True
+
+    def _tokenizer(self) -> Tokenizer:
+        assert self._core is not None, "runner not started"
+        return self._core.engine.tokenizer
 
     def _own_engine(self, built: asyncio.Future[None]) -> None:
         assert self._loop is not None
         try:
-            self._engine = self._engine_factory()
+            self._core = EngineCore(self._engine_factory(), self.config)
         except BaseException as error:  # noqa: BLE001 -- handed to start()'s caller, whatever it is
             self._loop.call_soon_threadsafe(_settle, built, error)
             return
         self._loop.call_soon_threadsafe(_settle, built, None)
-        self._run()
+        while self._serve():
+            if not self._replace_engine():
+                return
 
     async def stop(self) -> None:
         with self._wakeup:
             self._stopping = True
             self._wakeup.notify()
+        self._delays.put(None)  # a thread waiting to restart its engine stops waiting
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
-        if self._engine is not None:
-            self._engine.close()
+        self._fail(None, EngineFailure("the server is shutting down"))
+        if self._core is not None:
+            self._core.close()
 
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
+    def _send_add(self, seq: Sequence) -> None:
+        self._send(_Add(seq))
 
-    def stats(self) -> RunnerStats:
-        scheduler = self._scheduler
-        return RunnerStats(
-            running=len(scheduler.running),
-            waiting=len(scheduler.waiting) + len(self._inbox),
-            kv_tokens_used=scheduler.kv_reserved,
-            kv_tokens_capacity=scheduler.config.kv_tokens,
-            aborted=self.aborted_total,
-        )
-
-    @property
-    def kv_tokens_reserved(self) -> int:
-        return self._scheduler.kv_reserved
-
-    async def submit(self, request: GenerationRequest) -> RequestHandle:
-        assert self._engine is not None, "runner not started"
-        seq = self.prepare(request, self._engine.tokenizer)
-        if not self._scheduler.fits_at_all(seq):
-            raise ContextLengthExceeded(
-                f"The request needs {seq.kv_tokens_needed} KV cache tokens (prompt + max_tokens) but the "
-                f"whole cache holds {self._scheduler.config.kv_tokens}. Lower max_tokens.",
-                param="max_tokens",
-            )
-        handle = RequestHandle(request.request_id, on_abort=lambda: self._send(_Abort(seq)))
-        self._in_flight += 1
-        self._send(_Add(seq, handle))
-        return handle
+    def _send_abort(self, seq_id: int) -> None:
+        self._send(_Abort(seq_id))
 
     def _send(self, message: _Message) -> None:
         with self._wakeup:
@@ -122,84 +114,78 @@ class BatchingRunner(Runner):
             self._wakeup.notify()
 
     # -- engine thread
-    def _run(self) -> None:
-        engine = self._engine
-        assert engine is not None
+    def _serve(self) -> bool:
+        """Step until stopped (False) or until the engine fails (True: replace it)."""
+        core = self._core
+        assert core is not None
         while True:
             with self._wakeup:
-                while not self._inbox and not self._scheduler.has_work and not self._stopping:
+                while not self._inbox and not core.has_work and not self._stopping:
                     self._wakeup.wait()
+                if self._stopping:
+                    return False
                 messages = list(self._inbox)
                 self._inbox.clear()
-                if self._stopping:
-                    # requests submitted in the last instant: never registered, but admitted
-                    for message in messages:
-                        if isinstance(message, _Add):
-                            self._handles[message.seq.seq_id] = message.handle
-                    break
-            for message in messages:
-                self._handle_message(engine, message)
-            if self._scheduler.has_work:
-                self._step(engine)
-        self._fail_everything(EngineFailure("the server is shutting down"))
+            try:
+                for message in messages:
+                    if isinstance(message, _Add):
+                        core.add(message.seq)
+                    else:
+                        core.abort(message.seq_id)
+                report = core.step() if core.has_work else core.report()
+            except Exception as error:  # the engine's state can no longer be trusted
+                self._ready = False  # at once: no new request is prepared for this engine
+                log.exception("engine loop failed")
+                lost = core.sequence_ids + [m.seq.seq_id for m in messages if isinstance(m, _Add)]
+                with self._wakeup:  # requests submitted meanwhile were prepared for this engine too
+                    lost += [m.seq.seq_id for m in self._inbox if isinstance(m, _Add)]
+                    self._inbox.clear()
+                failure = EngineFailure(f"the model engine failed: {type(error).__name__}: {error}")
+                self._call_loop(self._on_engine_failed, "exception", lost, failure)
+                return True
+            self._call_loop(self._dispatch, report)
 
-    def _handle_message(self, engine: StepEngine, message: _Message) -> None:
-        if isinstance(message, _Add):
-            self._handles[message.seq.seq_id] = message.handle
-            self._scheduler.add(message.seq)
-        elif message.seq.seq_id in self._handles:  # an abort for a request still here
-            if self._scheduler.abort(message.seq):
-                engine.remove_sequence(message.seq)
-            self._handles.pop(message.seq.seq_id)
-            self.aborted_total += 1
-            self._deliver([], settled=1)
-
-    def _step(self, engine: StepEngine) -> None:
+    def _replace_engine(self) -> bool:
+        """Build a fresh engine, with backoff; False when giving up or stopping."""
+        assert self._core is not None
         try:
-            for seq in self._scheduler.admit():
-                engine.add_sequence(seq)
-            chunks = self._scheduler.plan()
-            if not chunks:
-                return
-            tokens = engine.step(chunks)
-        except Exception as error:  # any failure in the step: the running requests end with it
-            log.exception("engine step failed; failing the %d running requests", len(self._scheduler.running))
-            failed = self._scheduler.fail_all_running()
-            for seq in failed:
-                engine.remove_sequence(seq)
-            deliveries = [(self._handles.pop(s.seq_id), error) for s in failed]
-            self._deliver(deliveries, settled=len(failed))
-            return
-        outcome = self._scheduler.postprocess(chunks, tokens)
-        for seq in outcome.finished:
-            engine.remove_sequence(seq)
-        deliveries = []
-        for seq, events in outcome.events:
-            handle = self._handles[seq.seq_id] if not seq.is_finished else self._handles.pop(seq.seq_id)
-            deliveries.extend((handle, event) for event in events)
-        self._deliver(deliveries, settled=len(outcome.finished))
+            self._core.close()
+        except Exception:
+            log.exception("closing the failed engine")
+        while True:
+            delay = self._delays.get()
+            if delay is None:
+                return False
+            with self._wakeup:
+                if self._wakeup.wait_for(lambda: self._stopping, timeout=delay):
+                    return False
+            try:
+                self._core = EngineCore(self._engine_factory(), self.config)
+            except Exception as error:
+                log.exception("restarting the engine failed")
+                self._call_loop(self._on_engine_failed, "restart_failed", [], EngineFailure(f"engine restart failed: {error}"))
+                continue
+            with self._wakeup:  # submitted in the instant the old engine failed: prepared for it
+                stale = [m.seq.seq_id for m in self._inbox if isinstance(m, _Add)]
+                self._inbox.clear()
+            self._call_loop(self._fail, stale, EngineFailure("the model engine failed before this request started"))
+            self._call_loop(self._on_engine_back)
+            return True
 
-    def _fail_everything(self, error: EngineFailure) -> None:
-        handles = list(self._handles.values())
-        self._handles.clear()
-        self._deliver([(h, error) for h in handles], settled=len(handles))
-
-    def _deliver(self, deliveries: list[tuple[RequestHandle, TokenEvent | Exception]], settled: int) -> None:
-        if not deliveries and not settled:
-            return
+    def _call_loop(self, callback, *args) -> None:
+        assert self._loop is not None
         try:
-            self._loop.call_soon_threadsafe(self._dispatch, deliveries, settled)
+            self._loop.call_soon_threadsafe(callback, *args)
         except RuntimeError:  # the loop has closed: nobody is listening any more
             pass
 
     # -- event loop
-    def _dispatch(self, deliveries: list[tuple[RequestHandle, TokenEvent | Exception]], settled: int) -> None:
-        self._in_flight -= settled
-        for handle, item in deliveries:
-            if isinstance(item, Exception):
-                handle.fail(item)
-            else:
-                handle.put(item)
+    def _on_engine_failed(self, reason: str, seq_ids: list[int], error: EngineFailure) -> None:
+        self._delays.put(self._engine_lost(reason, error, seq_ids))
+
+    def _on_engine_back(self) -> None:
+        log.info("model engine restarted; serving again")
+        self._ready = True
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
@@ -209,3 +195,4 @@ def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
         future.set_result(None)
     else:
         future.set_exception(error)
+

@@ -11,7 +11,7 @@ import signal
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
-from tokenmill.config import Settings
+from tokenmill.engines import EngineSpec
 from tokenmill.errors import EngineFailure, TokenmillError
 from tokenmill.generation import Finished, TokenEvent
 from tokenmill.sampling import SamplingParams
@@ -54,13 +54,13 @@ class Done:
     error: TokenmillError | None = None
 
 
-def worker_main(settings: Settings, conn: Connection) -> None:
+def worker_main(spec: EngineSpec, conn: Connection) -> None:
     # The parent owns shutdown: a Ctrl-C reaching the whole process group must not kill the
     # workers before the parent has drained their requests.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from tokenmill.engines import build_engine
 
-    engine = build_engine(settings)
+    engine = build_engine(spec)
     conn.send(Ready(os.getpid()))
     try:
         while True:

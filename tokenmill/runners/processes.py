@@ -3,7 +3,9 @@
 Processes sidestep the GIL entirely (useful when an engine holds it) at the price of one model
 copy per process and IPC per token. The parent keeps only the tokenizer, to validate requests
 before dispatch. One reader thread per worker turns its pipe into loop callbacks; when a worker
-dies, its request ends with an explicit error event and a new worker is started in its place.
+dies, its request ends with an explicit error event and a new worker is started in its place,
+with backoff if the new one fails too (a crash loop ends the server). While workers are missing,
+the admission capacity shrinks to the workers alive, and with none alive the runner is not ready.
 Shutdown escalates: Stop message -> join with timeout -> terminate -> kill.
 """
 
@@ -14,15 +16,25 @@ import itertools
 import logging
 import multiprocessing
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
 from tokenmill.config import Settings
-from tokenmill.engines import build_tokenizer
-from tokenmill.errors import EngineFailure
+from tokenmill.engines import build_tokenizer, engine_spec
+from tokenmill.errors import EngineFailure, Overloaded
 from tokenmill.generation import GenerationRequest
 from tokenmill.runners.base import RequestHandle, Runner, RunnerStats
-from tokenmill.runners.process_worker import Abort, Done, Emit, Job, Ready, Stop, worker_main
+from tokenmill.runners.process_worker import (
+    Abort,
+    Done,
+    Emit,
+    Job,
+    Ready,
+    Stop,
+    worker_main,
+)
+from tokenmill.runners.restarts import RestartPolicy, exit_reason
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +54,11 @@ class ProcessRunner(Runner):
     def __init__(self, settings: Settings, model_name: str):
         self.model_name = model_name
         # Each process gets its share of the cores unless told otherwise.
-        self._settings = settings.model_copy(update={"threads": settings.threads_per_replica()})
+        self._settings = settings
+        self._spec = engine_spec(settings)
         self._replicas = settings.replicas
+        self._policy = RestartPolicy(settings.engine_restart_limit, settings.engine_restart_window)
+        self._restarts: Counter[str] = Counter()
         self._context = multiprocessing.get_context("spawn")
         self._job_ids = itertools.count()
         self._workers: list[_Worker] = []
@@ -52,6 +67,21 @@ class ProcessRunner(Runner):
         self._in_flight = 0
         self._aborted = 0
         self._stopping = False
+        self._started = False
+
+    @property
+    def ready(self) -> bool:
+        return self._live() > 0
+
+    def restarts(self) -> dict[str, int]:
+        return dict(self._restarts)
+
+    def _live(self) -> int:
+        return sum(1 for w in self._workers if w.ready.done() and not w.ready.exception() and not w.dead)
+
+    def _capacity_changed(self) -> None:
+        if self.on_capacity_change is not None:
+            self.on_capacity_change(self._live(), self._replicas)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -59,11 +89,12 @@ class ProcessRunner(Runner):
         self._tokenizer = await self._loop.run_in_executor(None, build_tokenizer, self._settings)
         self._workers = [self._spawn(i) for i in range(self._replicas)]
         await asyncio.gather(*(w.ready for w in self._workers))
+        self._started = True
 
     def _spawn(self, index: int) -> _Worker:
         parent_end, child_end = self._context.Pipe()
         process = self._context.Process(
-            target=worker_main, args=(self._settings, child_end), name=f"tokenmill-worker-{index}", daemon=True
+            target=worker_main, args=(self._spec, child_end), name=f"tokenmill-worker-{index}", daemon=True
         )
         process.start()
         child_end.close()
@@ -90,6 +121,9 @@ class ProcessRunner(Runner):
             if not worker.ready.done():
                 worker.ready.set_result(None)
             self._idle.put_nowait(worker)
+            if self._started:
+                log.info("worker %d (pid %s) is back", worker.index, worker.process.pid)
+                self._capacity_changed()
         elif isinstance(message, Emit):
             if worker.job and worker.job[0] == message.job_id:
                 worker.job[1].put(message.event)
@@ -116,13 +150,33 @@ class ProcessRunner(Runner):
             worker.job = None
             self._in_flight -= 1
             handle.fail(EngineFailure(f"the worker process serving this request died (exit code {code})"))
-        if not worker.ready.done():
+        failed_to_start = not worker.ready.done()
+        if failed_to_start:
             worker.ready.set_exception(EngineFailure(f"worker process {worker.index} failed to start (exit code {code})"))
-            return  # a worker that cannot even start would crash-loop; start() reports it
-        log.error("worker %d (pid %s) died with exit code %s; restarting it", worker.index, worker.process.pid, code)
-        self._workers[worker.index] = self._spawn(worker.index)
+            worker.ready.exception()  # retrieved: the restart below reports it
+            if not self._started:
+                return  # start() reports it
+        self._capacity_changed()
+        reason = "restart_failed" if failed_to_start else exit_reason(code)
+        delay = self._policy.next_delay()
+        if delay is None and self._live() > 0:
+            delay = self._policy.max_delay  # the others still serve: keep trying, slowly
+        if delay is None:
+            message = f"worker processes failed {self._policy.limit + 1} times within {self._policy.window:g}s (last: {reason}); giving up"
+            log.critical(message)
+            self.give_up(message)
+            return
+        self._restarts[reason] += 1
+        log.error("worker %d (pid %s) %s; restarting it in %.1fs", worker.index, worker.process.pid, reason, delay)
+        self._loop.call_later(delay, self._respawn, worker.index)
+
+    def _respawn(self, index: int) -> None:
+        if not self._stopping:
+            self._workers[index] = self._spawn(index)
 
     async def submit(self, request: GenerationRequest) -> RequestHandle:
+        if not self.ready:
+            raise Overloaded("Every worker process is restarting after a failure; retry shortly.", retry_after=1.0, code="engine_restarting")
         seq = self.prepare(request, self._tokenizer)
         job = Job(next(self._job_ids), request.request_id, seq.token_ids, seq.params, seq.max_new_tokens)
         handle = RequestHandle(request.request_id, on_abort=lambda: self._abort(job.job_id))
@@ -185,3 +239,4 @@ class ProcessRunner(Runner):
                 worker.process.kill()
                 worker.process.join()
             worker.conn.close()
+

@@ -24,7 +24,14 @@ from tokenmill.client import (
     Timeouts,
 )
 from tokenmill.config import Settings
-from tokenmill.errors import DeadlineExceeded, EngineFailure, InvalidRequest, Overloaded, TokenmillError, UpstreamFailure
+from tokenmill.errors import (
+    DeadlineExceeded,
+    EngineFailure,
+    InvalidRequest,
+    Overloaded,
+    TokenmillError,
+    UpstreamFailure,
+)
 from tokenmill.generation import Finished, GenerationRequest, TextDelta, Usage
 from tokenmill.runners.base import RequestHandle, Runner, RunnerStats
 

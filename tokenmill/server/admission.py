@@ -71,7 +71,7 @@ class Admission:
         self._waiters.append(waiter)
         try:
             await asyncio.wait_for(asyncio.shield(waiter), timeout=self.queue_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if waiter.done() and not waiter.cancelled():
                 return Ticket(self)  # a place arrived just as the timer fired: keep it
             waiter.cancel()
@@ -92,12 +92,22 @@ class Admission:
 
     def _release(self) -> None:
         self._recent_releases.append(time.monotonic())
-        while self._waiters:
+        while self._waiters and self.active <= self.capacity:  # still a place (capacity may have shrunk)
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)  # the place passes straight to the next in line
                 return
         self.active -= 1
+
+    def set_capacity(self, capacity: int) -> None:
+        """The runner can now serve this many at once (a worker died, or came back). Running requests
+        keep their places; a larger capacity lets queued ones in at once."""
+        self.capacity = capacity
+        while self._waiters and self.active < self.capacity:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.active += 1
+                waiter.set_result(None)
 
     def refuse_new(self) -> None:
         """Drain: new requests are refused; queued ones too (they have done no work yet)."""

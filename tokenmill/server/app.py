@@ -37,9 +37,21 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None) -
     deadlines = Deadlines(settings.first_token_timeout, settings.inter_token_timeout, settings.request_timeout)
     serving = Serving(runner, admission, lifecycle, metrics, deadlines)
 
+    runner.on_fatal = lifecycle.fatal
+    configured = settings.capacity()
+    runner.on_capacity_change = lambda up, total: admission.set_capacity(configured * up // total)
+    started = False
+
+    async def start_runner() -> None:
+        """Load the model; idempotent, so a server may call it before the lifespan to fail cleanly."""
+        nonlocal started
+        if not started:
+            await runner.start()
+            started = True
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await runner.start()
+        await start_runner()
         lifecycle.ready = True
         watcher = asyncio.create_task(watch_event_loop(metrics))
         try:
@@ -55,6 +67,7 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None) -
     app = FastAPI(title="tokenmill", version=tokenmill.__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.serving = serving
+    app.state.start_runner = start_runner
     app.state.started_at = now()
     install_error_handlers(app)
     app.include_router(router)
@@ -80,9 +93,14 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None) -
 def _metrics_for(runner: Runner, admission: Admission, lifecycle: Lifecycle) -> Metrics:
     metrics = Metrics()
     metrics.gauge("tokenmill_in_flight_requests", "Admitted requests not yet finished", lambda: admission.active)
+    metrics.gauge("tokenmill_capacity", "Requests admitted to run at once now (fewer while engines are down)", lambda: admission.capacity)
     metrics.gauge("tokenmill_queue_depth", "Requests waiting for a place", lambda: admission.queued)
     metrics.gauge("tokenmill_batch_running_sequences", "Sequences the model is working on", lambda: runner.stats().running)
     metrics.gauge("tokenmill_kv_cache_used_tokens", "KV cache cells reserved by running sequences", lambda: runner.stats().kv_tokens_used)
     metrics.gauge("tokenmill_kv_cache_capacity_tokens", "KV cache cells in the budget", lambda: runner.stats().kv_tokens_capacity)
     metrics.gauge("tokenmill_draining", "1 while the server drains for shutdown", lambda: float(lifecycle.draining))
+    metrics.gauge("tokenmill_engine_ready", "1 while the model engine can take requests", lambda: float(runner.ready))
+    metrics.labelled_counter(
+        "tokenmill_engine_restarts", "Engine (or worker process) restarts after a failure, by reason", "reason", runner.restarts
+    )
     return metrics

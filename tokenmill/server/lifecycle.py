@@ -3,6 +3,9 @@
 On the first SIGTERM/SIGINT: readiness turns false, admission refuses new and queued requests with
 503, and every admitted request runs to its end for up to the drain timeout. Requests still running
 then are ended with an explicit error event (never cut silently). A second signal ends them at once.
+
+When the runner gives up (its engine is in a crash loop), `fatal()` records a non-zero exit code and
+asks the server to stop, so that an orchestrator replaces this instance.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from tokenmill.errors import Overloaded
 from tokenmill.runners import RequestHandle
@@ -24,6 +28,15 @@ class Lifecycle:
         self._active: set[RequestHandle] = set()
         self.ready = False
         self.draining = False
+        self.exit_code = 0
+        self.on_fatal: Callable[[], None] | None = None  # set by the server that runs the app
+
+    def fatal(self, message: str) -> None:
+        self.ready = False
+        self.exit_code = 1
+        self.end_all(f"The server is stopping: {message}.")
+        if self.on_fatal is not None:
+            self.on_fatal()
 
     def track(self, handle: RequestHandle) -> None:
         self._active.add(handle)

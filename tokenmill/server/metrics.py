@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,21 @@ class Metrics:
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         Gauge(name, help_text, registry=self.registry).set_function(read)
+
+    def labelled_counter(self, name: str, help_text: str, label: str, read: Callable[[], dict[str, int]]) -> None:
+        """A counter kept elsewhere (a runner's own tally), read at each scrape."""
+        self.registry.register(_CounterReader(name, help_text, label, read))
+
+
+class _CounterReader(Collector):
+    def __init__(self, name: str, help_text: str, label: str, read: Callable[[], dict[str, int]]):
+        self._name, self._help, self._label, self._read = name, help_text, label, read
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(self._name, self._help, labels=[self._label])
+        for value, count in sorted(self._read().items()):
+            family.add_metric([value], count)
+        yield family
 
 
 async def watch_event_loop(metrics: Metrics, interval: float = 0.05, warn_after: float = 0.1) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable
 from typing import Annotated, TypeVar
 
@@ -145,12 +146,19 @@ async def health() -> JSONResponse:
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
-    """Readiness: the model is loaded and the server is not draining."""
-    lifecycle = _serving(request).lifecycle
-    if lifecycle.ready:
-        return JSONResponse({"status": "ready"})
-    state = "draining" if lifecycle.draining else "starting"
-    return JSONResponse({"status": state}, status_code=503, headers={"Retry-After": "1"})
+    """Readiness: the model is loaded and its engine is up, and the server is not draining."""
+    serving = _serving(request)
+    lifecycle, runner = serving.lifecycle, serving.runner
+    if lifecycle.ready and runner.ready:
+        return JSONResponse({"status": "ready", "capacity": serving.admission.capacity})
+    if lifecycle.draining:
+        state = "draining"
+    elif lifecycle.ready:
+        state = "engine_restarting"
+    else:
+        state = "stopped" if lifecycle.exit_code else "starting"
+    retry_after = max(1, math.ceil(runner.retry_after()))
+    return JSONResponse({"status": state}, status_code=503, headers={"Retry-After": str(retry_after)})
 
 
 @router.get("/metrics", include_in_schema=False)

@@ -30,17 +30,31 @@ class Serving:
     async def start(self, request: GenerationRequest, timeout: float | None = None) -> Generation:
         arrived = time.monotonic()
         try:
+            if not self.runner.ready:  # an engine is being replaced: say so at once, do not queue
+                raise self._restarting()
             ticket = await self.admission.acquire()
         except Overloaded as error:
             self.metrics.rejections.labels(error.code or "overloaded").inc()
             raise
         try:
             handle = await self.runner.submit(request)
+        except Overloaded as error:  # the engine failed while this request was queued
+            ticket.release()
+            self.metrics.rejections.labels(error.code or "overloaded").inc()
+            raise
         except BaseException:
             ticket.release()
             raise
         self.lifecycle.track(handle)
         return Generation(self, handle, ticket, arrived, self.deadlines.shortened_to(timeout))
+
+
+    def _restarting(self) -> Overloaded:
+        return Overloaded(
+            "The model engine is restarting after a failure; retry shortly.",
+            retry_after=self.runner.retry_after(),
+            code="engine_restarting",
+        )
 
 
 class Generation:

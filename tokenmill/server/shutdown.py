@@ -11,18 +11,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from types import FrameType
 
 import uvicorn
 
+from tokenmill.errors import TokenmillError
 from tokenmill.server.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, drain_timeout: float):
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        lifecycle: Lifecycle,
+        drain_timeout: float,
+        start_runner: Callable[[], Awaitable[None]] | None = None,
+    ):
         super().__init__(config)
+        self._start_runner = start_runner
         self._lifecycle = lifecycle
         self._drain_timeout = drain_timeout
         self._drain_requested = False
@@ -31,7 +40,21 @@ class DrainingServer(uvicorn.Server):
 
     async def serve(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
+        self._lifecycle.on_fatal = self._exit_now
+        if self._start_runner is not None:
+            # The model loads (and passes its warm-up) before the port opens: a failure is one log
+            # line and a non-zero exit, never a listening server that is not ready.
+            try:
+                await self._start_runner()
+            except Exception as error:  # noqa: BLE001 -- whatever failed, the message says it
+                log.critical("tokenmill could not start its model engine: %s", _describe(error))
+                self._lifecycle.exit_code = 1
+                return
         await super().serve(sockets)
+
+    def _exit_now(self) -> None:
+        """The runner gave up (crash loop): stop serving; the exit code is the lifecycle's."""
+        self._stop_now()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Not calling super(): it would record the signal and re-raise it after shutdown, turning
@@ -66,3 +89,8 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
         asyncio.ensure_future(exit_when_sent())
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error)
+    return text if isinstance(error, TokenmillError) and text else f"{type(error).__name__}: {text}"
