@@ -74,7 +74,8 @@ async def test_an_engine_fault_under_load_ends_every_stream_explicitly_and_the_e
         failed_at = time.monotonic()
         while watch.states[-1] != 200 or len(watch.states) < 3:
             assert time.monotonic() - failed_at < 20, f"/ready never came back: {watch.states}"
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.02)
+        back = time.monotonic() - failed_at
         await watch.stop()
         after = await asyncio.gather(*(stream_chat(client, 8) for _ in range(3)))
         metrics = (await client.get("/metrics")).text
@@ -82,7 +83,8 @@ async def test_an_engine_fault_under_load_ends_every_stream_explicitly_and_the_e
     tally = Tally()
     for outcome in outcomes:
         tally.add(outcome, max_tokens)
-    record("engine fault", "batch", "4 streams of 60 tokens", f"{fault} at the engine's step 40", tally)
+    record("engine fault", "batch (simulated engine)", "4 streams of 60 tokens", f"{fault} at the engine's step 40", tally,
+           ready_again_s=round(back, 2))
     assert tally.lost == 0 and tally.errored == 4  # every stream: text, then an error event, then [DONE]
     for outcome in outcomes:
         assert outcome.text and outcome.done and outcome.error["code"] == "engine_restarting"
@@ -117,20 +119,26 @@ async def test_the_engine_fault_reaches_streams_within_a_second(serve_process):
 
 async def test_a_crash_loop_ends_the_server_with_a_non_zero_exit(serve_process):
     server = serve_process(*SIM, "--sim-fault", "crash", "--sim-fault-at-step", "3", "--engine-restart-limit", "2")
-    codes = []
+    outcomes = []
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
         deadline = time.monotonic() + 30
         while server.process.poll() is None and time.monotonic() < deadline:
-            try:
-                codes.append((await stream_chat(client, 4)).error)
-            except httpx.HTTPError:
-                pass
+            outcome = await stream_chat(client, 4)
+            if outcome.exception is None:  # the last ones meet a server that has closed its port
+                outcomes.append(outcome)
             await asyncio.sleep(0.05)
-    assert server.process.wait(timeout=15) != 0
+    exit_code = server.process.wait(timeout=15)
+    tally = Tally()
+    for outcome in outcomes:
+        tally.add(outcome, 4)
+    record("crash loop", "batch (simulated engine)", "one request at a time", "SIGSEGV at every engine's first step", tally,
+           exit_code=exit_code)
+    assert exit_code != 0
     log = server.output()
     assert log.count("giving up so that the orchestrator can replace this server") == 1
     assert "failed 3 times within 60s" in log
-    assert sum(1 for c in codes if c and c["code"] == "engine_restarting") >= 3  # each crash ended its request
+    assert tally.lost == 0 and tally.errored >= 3  # each crash ended its request with an error event
+    assert all(o.error["code"] == "engine_restarting" for o in outcomes)
 
 
 @pytest.mark.parametrize("fault, words", [("crash", "SIGSEGV"), ("raise", "simulated engine fault at step 1")])
@@ -138,6 +146,7 @@ def test_start_up_fails_cleanly_when_the_warm_up_decode_fails(fault, words):
     server_cmd = [sys.executable, "-m", "tokenmill", "serve", "--port", "0", *SIM, "--sim-fault", fault, "--sim-fault-at-step", "1"]
     done = subprocess.run(server_cmd, capture_output=True, text=True, timeout=60)
     log = done.stdout + done.stderr
+    record("warm-up fails", "batch (simulated engine)", "none", f"{fault} in the warm-up decode", Tally(), exit_code=done.returncode)
     assert done.returncode != 0
     fatal = [line for line in log.splitlines() if "could not start its model engine" in line]
     assert len(fatal) == 1 and words in fatal[0], log[-2000:]
@@ -148,13 +157,20 @@ async def test_the_in_thread_engine_also_recovers_from_an_exception(serve_proces
     server = serve_process(*SIM, "--no-engine-process", "--sim-fault", "raise", "--sim-fault-at-step", "20")
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
         first = await asyncio.gather(*(stream_chat(client, 40) for _ in range(3)))
+        failed_at = time.monotonic()
         for _ in range(200):
             if (await client.get("/ready")).status_code == 200:
                 break
             await asyncio.sleep(0.02)
+        back = time.monotonic() - failed_at
         after = await stream_chat(client, 5)
         metrics = (await client.get("/metrics")).text
-    assert all(o.error and o.done for o in first)
+    tally = Tally()
+    for outcome in first:
+        tally.add(outcome, 40)
+    record("engine fault", "batch --no-engine-process (simulated engine)", "3 streams of 40 tokens", "raise at the engine's step 20",
+           tally, ready_again_s=round(back, 2))
+    assert tally.lost == 0 and all(o.error and o.done for o in first)
     assert after.completed
     assert restarts(metrics) == {"exception": 1.0}
 

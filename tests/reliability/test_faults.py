@@ -141,9 +141,16 @@ async def test_a_worker_that_cannot_restart_is_retried_and_capacity_tells_the_tr
         assert ready.status_code == 200 and ready.json()["capacity"] == 1  # one worker still serves
         short = await stream_chat(client, 8)
         (tmp_path / "moved.gguf").rename(model)
+        restored = time.monotonic()
         while await capacity(client) < 2:
             assert time.monotonic() < deadline + 20, "the worker never came back"
             await asyncio.sleep(0.1)
+        back = time.monotonic() - restored
         again = await asyncio.gather(*(stream_chat(client, 8) for _ in range(2)))
+    tally = Tally()
+    for outcome in [short, *again]:
+        tally.add(outcome, 8)
+    record("worker cannot restart", "process", "3 streams, one while short", "model file moved away, one worker killed",
+           tally, worker_back_after_restore_s=round(back, 2))
     assert short.completed and all(o.completed for o in again)
     assert server.process.poll() is None

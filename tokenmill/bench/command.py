@@ -135,13 +135,13 @@ async def _sweep(url: str, label: str, levels: list, workload: Workload, args: a
             finally:
                 neighbours.stop()
             summary = summarize(records, seconds, args.slo_ttft, args.slo_itl)
-            row = {"target": label + (f" +{args.noisy_neighbours} busy" if args.noisy_neighbours else ""),
-                   ("rate" if args.rate else "concurrency"): level, **summary.as_row(),
+            target = label + (f" +{args.noisy_neighbours} busy" if args.noisy_neighbours else "")
+            row = {"target": target, ("rate" if args.rate else "concurrency"): level, **summary.as_row(),
                    "server_loop_lag_p99": server_lag, "client_loop_lag_max": own_lag.worst}
             if args.cost_per_hour is not None and summary.output_tokens_per_s > 0:
                 row["cost_per_million_tokens"] = args.cost_per_hour / (summary.output_tokens_per_s * 3600) * 1e6
             rows.append(row)
-            latencies[f"{label} @ {level}"] = sorted(r.latency for r in records if r.latency is not None)
+            latencies[f"{target} @ {level}"] = sorted(r.latency for r in records if r.latency is not None)
     return rows
 
 

@@ -1,4 +1,7 @@
-"""PNG plots of a bench run: one line per target (serving mode), all on one chart each."""
+"""PNG plots of a bench run: one line per target (serving mode and flags), all on one chart each.
+
+A target measured several times in one run (variants alternated to even out drift) is drawn as
+the mean of its runs at each level."""
 
 from __future__ import annotations
 
@@ -20,10 +23,15 @@ def plot_all(rows: list[dict], latencies: dict[str, list[float]], out: Path) -> 
     def by_target(metric: str, scale: float, ylabel: str, title: str, filename: str) -> None:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for target in targets:
-            points = [(r[level_key], r[metric] * scale) for r in rows
-                      if r["target"] == target and r.get(metric) is not None and not math.isnan(r[metric])]
-            if points:
-                ax.plot(*zip(*points, strict=True), marker="o", label=target.split(" --")[0])
+            runs: dict[float, list[float]] = {}
+            for r in rows:
+                if r["target"] == target and r.get(metric) is not None and not math.isnan(r[metric]):
+                    runs.setdefault(r[level_key], []).append(r[metric] * scale)
+            if runs:
+                points = [(level, sum(values) / len(values)) for level, values in sorted(runs.items())]
+                repeats = max(len(values) for values in runs.values())
+                label = target if repeats == 1 else f"{target} (mean of {repeats} runs)"
+                ax.plot(*zip(*points, strict=True), marker="o", label=label)
         ax.set_xscale("log", base=2)
         levels = sorted({r[level_key] for r in rows})
         ax.set_xticks(levels, [f"{v:g}" for v in levels])
@@ -46,7 +54,7 @@ def plot_all(rows: list[dict], latencies: dict[str, list[float]], out: Path) -> 
         top = max(r[level_key] for r in rows if r["target"] == target)
         values = latencies.get(f"{target} @ {top}", [])
         if values:
-            ax.plot(values, [(i + 1) / len(values) for i in range(len(values))], label=f"{target.split(' --')[0]} @ {top:g}")
+            ax.plot(values, [(i + 1) / len(values) for i in range(len(values))], label=f"{target} @ {top:g}")
     ax.set_xlabel("end-to-end latency (s)")
     ax.set_ylabel("fraction of requests")
     ax.set_title("Latency CDF at the highest load")
