@@ -1,7 +1,7 @@
 """The engine process of `batch` mode: the model, the scheduler and the KV cache, alone in a process.
 
 The parent (`engine_process.py`) sends typed messages keyed by sequence id -- AddSequence,
-AbortSequence, Stop -- and this process answers Ready once its engine has passed a warm-up
+AbortSequence, and process mode's Stop -- and this process answers (process mode's) Ready once its engine has passed a warm-up
 decode, then one StepReport per step carrying every sequence's new events, and Fatal (then exit)
 when anything in the loop fails. A native crash needs no message: the parent sees the pipe close.
 
@@ -21,6 +21,10 @@ from multiprocessing.connection import Connection
 from tokenmill.engines import EngineSpec
 from tokenmill.engines.sequence import Sequence
 from tokenmill.runners.engine_core import EngineCore
+from tokenmill.runners.process_worker import (  # the same lifecycle messages as process mode's workers
+    Ready,
+    Stop,
+)
 from tokenmill.runners.scheduler import SchedulerConfig
 from tokenmill.sampling import SamplingParams
 
@@ -37,16 +41,6 @@ class AddSequence:
 @dataclass(frozen=True, slots=True)
 class AbortSequence:
     seq_id: int
-
-
-@dataclass(frozen=True, slots=True)
-class Stop:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Ready:
-    pid: int
 
 
 @dataclass(frozen=True, slots=True)
