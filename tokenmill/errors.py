@@ -8,6 +8,7 @@
     ├── ModelNotFound               the request names a model this server does not serve
     ├── Overloaded                  no capacity now; retry later (carries retry_after seconds)
     ├── DeadlineExceeded            a timeout fired before the generation ended
+    ├── ClientGone                  the client left before its request started (nobody to answer)
     └── EngineFailure               the model backend failed while generating
         └── UpstreamFailure         the remote model server (upstream mode) failed or is unreachable
 
@@ -76,6 +77,11 @@ class Overloaded(TokenmillError):
 class DeadlineExceeded(TokenmillError):
     error_type = "timeout_error"
     default_code = "timeout"
+
+
+class ClientGone(TokenmillError):
+    error_type = "client_closed_request"
+    default_code = "client_gone"
 
 
 class EngineFailure(TokenmillError):

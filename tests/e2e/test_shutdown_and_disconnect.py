@@ -129,3 +129,36 @@ async def test_flood_on_a_real_server_refuses_fast_and_keeps_serving(serve_proce
         refusal_times = sorted(t for _, t in refused)
         assert refusal_times[len(refusal_times) // 2] < 0.5  # refused at once, not after the admitted work
         assert (await client.post("/v1/completions", json=body)).status_code == 200
+
+
+def _gauge(text: str, name: str) -> float:
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+@pytest.mark.parametrize(
+    ("mode", "stream"),
+    [("sync", True), ("async", True), ("process", True), ("batch", True), ("batch", False)],
+    ids=["sync", "async", "process", "batch", "batch-not-streamed"],
+)
+async def test_a_client_that_leaves_while_queued_leaves_the_queue_at_once(serve_process, mode, stream):
+    # Before: six clients that hung up after 0.3 s in the queue kept their places until admitted,
+    # seconds later, and under overload the queue filled with ghosts while live clients got 503.
+    server = serve_process(*SIM, "--mode", mode, "--sim-itl-ms", "20", "--max-concurrency", "1", "--max-queue", "8")
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        running = asyncio.ensure_future(stream_chat(client, 150))  # holds the one place for about 3 s
+        while _gauge((await client.get("/metrics")).text, "tokenmill_in_flight_requests") < 1:
+            await asyncio.sleep(0.01)
+        body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 5, "stream": stream}
+        ghosts = [asyncio.ensure_future(client.post("/v1/chat/completions", json=body)) for _ in range(6)]
+        while _gauge((await client.get("/metrics")).text, "tokenmill_queue_depth") < 6:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+        for ghost in ghosts:
+            ghost.cancel()  # the client hangs up: its connection closes
+        left = time.monotonic()
+        while (depth := _gauge((await client.get("/metrics")).text, "tokenmill_queue_depth")) > 0:
+            assert time.monotonic() - left < 1.0, f"{depth} ghosts still queued"
+            await asyncio.sleep(0.02)
+        assert not running.done()  # they left long before a place came free
+        live = await stream_chat(client, 3)  # queued behind the running one, then served
+        assert (await running)["finish"] == "length" and live["finish"] == "length"

@@ -56,6 +56,10 @@ class Admission:
         rate = len(self._recent_releases) / window
         return max(1.0, math.ceil((self.queued + 1) / rate))
 
+    def has_place(self) -> bool:
+        """Whether acquire() would admit at once (no waiting, no refusal)."""
+        return not self.draining and self.active < self.capacity and not self._waiters
+
     async def acquire(self) -> Ticket:
         if self.draining:
             raise Overloaded("The server is shutting down; retry on another instance.", retry_after=self.retry_after(), code="draining")

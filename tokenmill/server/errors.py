@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenmill.errors import (
+    ClientGone,
     DeadlineExceeded,
     EngineFailure,
     InvalidRequest,
@@ -32,6 +33,7 @@ _STATUS: dict[type[TokenmillError], int] = {
     ModelNotFound: 404,
     Overloaded: 503,
     DeadlineExceeded: 504,
+    ClientGone: 499,  # nginx's "client closed request": the answer goes nowhere
     UpstreamFailure: 502,
     EngineFailure: 500,
 }

@@ -87,6 +87,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     generation = await serving.start(
         GenerationRequest(request_id=completion_id, params=body.to_sampling_params(), messages=body.chat_messages()),
         timeout=body.timeout,
+        client_gone=lambda: _until_disconnected(request),
     )
     if body.stream:
         return _streamed(generation, streams.chat_stream(generation, completion_id, created, model, body.include_usage))
@@ -101,6 +102,7 @@ async def completions(body: CompletionRequest, request: Request):
     generation = await serving.start(
         GenerationRequest(request_id=completion_id, params=body.to_sampling_params(), prompt=body.prompt_text()),
         timeout=body.timeout,
+        client_gone=lambda: _until_disconnected(request),
     )
     if body.stream:
         return _streamed(generation, streams.completion_stream(generation, completion_id, created, model, body.include_usage))
@@ -116,7 +118,8 @@ async def list_models(request: Request) -> ModelList:
 @router.post("/generate", response_model=GenerateResponse, responses=_ERRORS)
 async def generate(body: GenerateRequest, request: Request):
     generation = await _serving(request).start(
-        GenerationRequest(request_id=new_id("gen"), params=body.to_sampling_params(), prompt=body.prompt)
+        GenerationRequest(request_id=new_id("gen"), params=body.to_sampling_params(), prompt=body.prompt),
+        client_gone=lambda: _until_disconnected(request),
     )
 
     async def build(g: Generation) -> GenerateResponse:
@@ -133,7 +136,8 @@ async def stream(
     max_tokens: Annotated[int, Query(ge=1)] = 256,
 ):
     generation = await _serving(request).start(
-        GenerationRequest(request_id=new_id("gen"), params=SamplingParams(max_tokens=max_tokens), prompt=prompt)
+        GenerationRequest(request_id=new_id("gen"), params=SamplingParams(max_tokens=max_tokens), prompt=prompt),
+        client_gone=lambda: _until_disconnected(request),
     )
     return _streamed(generation, streams.token_stream(generation))
 

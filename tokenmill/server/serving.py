@@ -7,10 +7,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
-from tokenmill.errors import DeadlineExceeded, Overloaded
+from tokenmill.errors import ClientGone, DeadlineExceeded, Overloaded
 from tokenmill.generation import Finished, GenerationRequest, TextDelta, TokenEvent
 from tokenmill.runners import RequestHandle, Runner
 from tokenmill.server.admission import Admission, Ticket
@@ -27,12 +29,22 @@ class Serving:
         self.metrics = metrics
         self.deadlines = deadlines
 
-    async def start(self, request: GenerationRequest, timeout: float | None = None) -> Generation:
+    async def start(
+        self,
+        request: GenerationRequest,
+        timeout: float | None = None,
+        client_gone: Callable[[], Awaitable[None]] | None = None,
+    ) -> Generation:
+        """`client_gone`: completes when the client disconnects; a request waiting in the queue
+        then leaves it at once (ClientGone) instead of holding its place until admitted."""
         arrived = time.monotonic()
         try:
             if not self.runner.ready:  # an engine is being replaced: say so at once, do not queue
                 raise self._restarting()
-            ticket = await self.admission.acquire()
+            if self.admission.has_place() or client_gone is None:
+                ticket = await self.admission.acquire()
+            else:
+                ticket = await self._queue(client_gone)
         except Overloaded as error:
             self.metrics.rejections.labels(error.code or "overloaded").inc()
             raise
@@ -48,6 +60,21 @@ class Serving:
         self.lifecycle.track(handle)
         return Generation(self, handle, ticket, arrived, self.deadlines.shortened_to(timeout))
 
+
+    async def _queue(self, client_gone: Callable[[], Awaitable[None]]) -> Ticket:
+        waiting = asyncio.ensure_future(self.admission.acquire())
+        gone = asyncio.ensure_future(client_gone())
+        try:
+            await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if waiting.done():
+            return waiting.result()
+        waiting.cancel()  # leaves the queue; a place granted in the same instant is given back
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+        self.metrics.aborts.labels("client_disconnect").inc()
+        raise ClientGone("The client disconnected while the request waited in the queue.")
 
     def _restarting(self) -> Overloaded:
         return Overloaded(
