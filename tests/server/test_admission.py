@@ -49,11 +49,47 @@ async def test_queue_timeout_refuses_with_its_own_code():
     assert admission.active == 0
 
 
-async def test_retry_after_follows_the_drain_rate():
-    admission = Admission(capacity=1, max_queue=0, queue_timeout=1)
-    for _ in range(5):
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_retry_after_is_the_queue_over_the_measured_drain_rate():
+    # A constant (or a rate from the wrong window) cannot give these three different answers.
+    clock = Clock()
+    admission = Admission(capacity=1, max_queue=8, queue_timeout=60, clock=clock)
+    assert admission.retry_after() == 1  # nothing measured yet
+    for _ in range(10):  # one place freed per second for 10 s
         (await admission.acquire()).release()
-    assert admission.retry_after() == 1  # five releases in well under a second: places free up fast
+        clock.now += 1.0
+    holder = await admission.acquire()
+    waiters = [asyncio.ensure_future(admission.acquire()) for _ in range(4)]
+    await asyncio.sleep(0)
+    assert admission.queued == 4
+    assert admission.retry_after() == 5  # (4 queued + this one) / 1 per second
+    for _ in range(10):  # then twice as fast: 10 more in 5 s, so 20 in the last 15 s
+        admission._releases.record()
+        clock.now += 0.5
+    assert admission.retry_after() == 4  # ceil(5 / (20 / 15))
+    clock.now += 31  # the window forgets: nothing measured, the floor again
+    assert admission.retry_after() == 1
+    for waiter in waiters:
+        waiter.cancel()
+    holder.release()
+
+
+async def test_admission_memory_stays_bounded_however_many_requests_pass():
+    clock = Clock()
+    admission = Admission(capacity=1, max_queue=0, queue_timeout=1, clock=clock)
+    for i in range(200_000):  # 2,000 requests a second for 100 s, none refused
+        (await admission.acquire()).release()
+        if i % 2_000 == 0:
+            clock.now += 1.0
+    assert admission._releases.buckets <= 32  # one per second of the 30 s window
+    assert admission.retry_after() == 1
 
 
 async def test_draining_refuses_new_and_queued_requests():

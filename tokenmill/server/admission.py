@@ -12,10 +12,46 @@ import asyncio
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 
 from tokenmill.errors import Overloaded
 
 _RATE_WINDOW_S = 30.0
+
+
+class ReleaseRate:
+    """Places freed per second over the last `window` seconds, counted in one-second buckets: its
+    memory is bounded by the window (at most window + 1 buckets), however many requests pass."""
+
+    def __init__(self, window: float, clock: Callable[[], float] = time.monotonic):
+        self.window = window
+        self._clock = clock
+        self._buckets: deque[list[int]] = deque()  # [whole second, releases in it], oldest first
+
+    def record(self) -> None:
+        now = self._clock()
+        second = math.floor(now)
+        if self._buckets and self._buckets[-1][0] == second:
+            self._buckets[-1][1] += 1
+        else:
+            self._buckets.append([second, 1])
+        self._forget_before(now)
+
+    def per_second(self) -> float | None:
+        now = self._clock()
+        self._forget_before(now)
+        if not self._buckets:
+            return None
+        span = max(now - self._buckets[0][0], 1.0)
+        return sum(count for _, count in self._buckets) / span
+
+    @property
+    def buckets(self) -> int:
+        return len(self._buckets)
+
+    def _forget_before(self, now: float) -> None:
+        while self._buckets and now - self._buckets[0][0] > self.window:
+            self._buckets.popleft()
 
 
 class Ticket:
@@ -32,13 +68,13 @@ class Ticket:
 
 
 class Admission:
-    def __init__(self, capacity: int, max_queue: int, queue_timeout: float):
+    def __init__(self, capacity: int, max_queue: int, queue_timeout: float, clock: Callable[[], float] = time.monotonic):
         self.capacity = capacity
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
         self.active = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
-        self._recent_releases: deque[float] = deque()
+        self._releases = ReleaseRate(_RATE_WINDOW_S, clock)
         self.draining = False
 
     @property
@@ -47,13 +83,9 @@ class Admission:
 
     def retry_after(self) -> float:
         """Seconds until a place is likely free for one more request: queue length over drain rate."""
-        now = time.monotonic()
-        while self._recent_releases and now - self._recent_releases[0] > _RATE_WINDOW_S:
-            self._recent_releases.popleft()
-        if not self._recent_releases:
+        rate = self._releases.per_second()
+        if not rate:
             return 1.0
-        window = max(now - self._recent_releases[0], 1.0)
-        rate = len(self._recent_releases) / window
         return max(1.0, math.ceil((self.queued + 1) / rate))
 
     def has_place(self) -> bool:
@@ -95,7 +127,7 @@ class Admission:
         return Ticket(self)
 
     def _release(self) -> None:
-        self._recent_releases.append(time.monotonic())
+        self._releases.record()
         while self._waiters and self.active <= self.capacity:  # still a place (capacity may have shrunk)
             waiter = self._waiters.popleft()
             if not waiter.done():
