@@ -194,3 +194,28 @@ def test_retry_after_parsing_and_sync_wrapper():
     with SyncLLMClient("http://upstream.test", transport=httpx.MockTransport(script)) as llm:
         assert llm.chat(CHAT).text == "Hello"
         assert list(llm.stream_chat(CHAT)) == ["Hel", "lo"]
+
+
+async def test_the_first_token_deadline_covers_a_server_that_never_sends_headers():
+    # A real TCP server that accepts, reads the request and never answers: before, the stream
+    # waited with read=None for headers that never came, forever, whatever the timeouts said.
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(3600)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        async with LLMClient(url, model="m", timeouts=Timeouts(first_token=0.3, between_tokens=5)) as llm:
+            started = asyncio.get_running_loop().time()
+            async def consume() -> None:
+                async for _ in llm.stream_chat_events([{"role": "user", "content": "hi"}]):
+                    pass
+
+            with pytest.raises(TimedOut) as timed_out:  # not the 5 s guard: that would be a hang
+                await asyncio.wait_for(consume(), 5)
+            waited = asyncio.get_running_loop().time() - started
+        assert timed_out.value.phase == "first_token"
+        assert 0.25 < waited < 2.0  # the deadline, not a hang (and no retry of a timed-out stream)
+    finally:
+        server.close()

@@ -14,6 +14,7 @@ second, different answer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -180,7 +181,17 @@ class LLMClient:
     async def _stream_once(self, path: str, body: dict, chat: bool, started: float, deadline: float | None) -> AsyncIterator[StreamEvent]:
         t = self.timeouts
         try:
-            async with self._http.stream("POST", path, json=body) as response:
+            async with contextlib.AsyncExitStack() as stack:
+                # The first-token deadline covers the wait for the response headers too: a server
+                # that accepts the connection and never answers must not hang the stream forever.
+                phase, limit = "first_token", t.first_token - (time.monotonic() - started)
+                if deadline is not None and deadline - time.monotonic() < limit:
+                    phase, limit = "total", deadline - time.monotonic()
+                try:
+                    async with asyncio.timeout(max(0.0, limit)):
+                        response = await stack.enter_async_context(self._http.stream("POST", path, json=body))
+                except TimeoutError:
+                    raise TimedOut(phase, t.first_token if phase == "first_token" else t.total or 0.0) from None
                 if response.status_code >= 400:
                     raise _status_error(response.status_code, await response.aread(), response.headers)
                 lines = response.aiter_lines()
