@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 
@@ -57,6 +58,28 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("--long"):
-        import os
-
         os.environ["TOKENMILL_LONG"] = "1"
+
+
+def _skips_fail() -> bool:
+    """Under CI (CI=true), where the README's test command installs every extra, nothing may skip:
+    a missing extra or a skipped test is a failure, with the skip's reason."""
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and _skips_fail():
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI, where nothing may skip: {report.longrepr}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and _skips_fail():  # a module-level importorskip
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI, where nothing may skip: {report.longrepr}"

@@ -59,3 +59,23 @@ def test_optional_engines_without_their_extra_are_refused_clearly(monkeypatch, c
     assert main(["ray-serve"]) == 2
     said = capsys.readouterr().err
     assert "pip install 'tokenmill[torch]'" in said and "pip install 'tokenmill[ray]'" in said
+
+
+@pytest.mark.parametrize(
+    ("model", "said"),
+    [("/nonexistent.gguf", "model file not found: /nonexistent.gguf"), ("/etc/passwd", "is not a GGUF model file")],
+)
+def test_a_bad_model_path_is_one_clear_line_and_exit_2(tmp_path, model, said):
+    # Before: a 20-line traceback for a missing file, another for a file that is not a model.
+    result = subprocess.run([sys.executable, "-m", "tokenmill", "serve", "--model", model, "--port", "0"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tokenmill: ") and said in lines[0]
+
+
+def test_a_fractional_keep_alive_timeout_reaches_uvicorn_as_given():
+    from tokenmill.cli import uvicorn_config
+
+    settings = settings_from_args(build_parser().parse_args(["serve", "--keep-alive-timeout", "0.5", "--engine", "simulated"]))
+    assert uvicorn_config(settings, app=None).timeout_keep_alive == 0.5  # was cut to int: 0, closing at once

@@ -79,8 +79,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def serve(settings: Settings) -> int:
-    import uvicorn
-
     from tokenmill.server import create_app
     from tokenmill.server.shutdown import DrainingServer
 
@@ -90,18 +88,27 @@ def serve(settings: Settings) -> int:
         fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=settings.log_level.upper(), format=fmt)
     app = create_app(settings)
-    config = uvicorn.Config(
+    config = uvicorn_config(settings, app)
+    lifecycle = app.state.serving.lifecycle
+    DrainingServer(config, lifecycle, settings.drain_timeout, app.state.start_runner).run()
+    return lifecycle.exit_code
+
+
+def uvicorn_config(settings: Settings, app):
+    import math
+
+    import uvicorn
+
+    return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,  # tokenmill logs each request itself, with its request id
-        timeout_keep_alive=int(settings.keep_alive_timeout),
-        timeout_graceful_shutdown=int(settings.drain_timeout) + 10,
+        # uvicorn annotates it as int but hands it to loop.call_later: a fraction works as given
+        timeout_keep_alive=settings.keep_alive_timeout,  # type: ignore[arg-type]
+        timeout_graceful_shutdown=math.ceil(settings.drain_timeout) + 10,
     )
-    lifecycle = app.state.serving.lifecycle
-    DrainingServer(config, lifecycle, settings.drain_timeout, app.state.start_runner).run()
-    return lifecycle.exit_code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -115,7 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as error:
         for problem in error.errors():
             where = ".".join(str(p) for p in problem["loc"])
-            print(f"tokenmill: invalid setting {where}: {problem['msg']}", file=sys.stderr)
+            message = str(problem["msg"]).removeprefix("Value error, ")
+            print(f"tokenmill: invalid setting {where}: {message}" if where else f"tokenmill: {message}", file=sys.stderr)
         return 2
     if args.command == "serve":
         return serve(settings)

@@ -172,6 +172,18 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _model_is_readable(self) -> Settings:
+        """A wrong --model is the user's to fix: one line at start-up, not a traceback."""
+        if self.model is not None and self.engine in ("llamacpp", "torch"):
+            from tokenmill.engines.model_files import resolve_model_path
+
+            try:
+                resolve_model_path(self.model, folders=self.engine == "torch")
+            except FileNotFoundError as error:
+                raise ValueError(str(error)) from None
+        return self
+
+    @model_validator(mode="after")
     def _upstream_is_complete(self) -> Settings:
         if self.engine == "upstream":
             if not self.upstream_url:

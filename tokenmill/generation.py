@@ -18,6 +18,7 @@ FinishReason = Literal["stop", "length"]
 class ChatMessage:
     role: str
     content: str
+    name: str | None = None  # the participant's name, for templates that render it
 
 
 @dataclass(frozen=True, slots=True)

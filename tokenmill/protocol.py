@@ -124,7 +124,7 @@ class ChatCompletionRequest(_SamplingFields):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def chat_messages(self) -> tuple[ChatMessage, ...]:
-        return tuple(ChatMessage(role=m.role, content=m.text()) for m in self.messages)
+        return tuple(ChatMessage(role=m.role, content=m.text(), name=m.name) for m in self.messages)
 
 
 class CompletionRequest(_SamplingFields):

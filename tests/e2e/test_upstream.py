@@ -99,3 +99,14 @@ def test_upstream_refuses_other_modes_at_start_up():
         Settings(engine="upstream", mode="batch", upstream_url="http://127.0.0.1:1")
     with pytest.raises(ValidationError, match="needs --upstream-url"):
         Settings(engine="upstream")
+
+
+async def test_max_tokens_limit_caps_requests_that_give_no_max_tokens_upstream_too(serve_process):
+    # Before: the limit refused a larger max_tokens but let a request without one run to the
+    # upstream's own default; the replies of this upstream run to about 300 tokens.
+    upstream = serve_process("--engine", "simulated", "--mode", "batch", "--sim-itl-ms", "0", "--sim-reply-tokens", "300")
+    async with asgi_client(front(upstream.url, max_tokens_limit=7)) as client:
+        reply = (await client.post("/v1/chat/completions", json={"messages": CHAT})).json()
+        refused = await client.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 8})
+    assert reply["usage"]["completion_tokens"] == 7
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"

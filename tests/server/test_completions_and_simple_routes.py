@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import httpx
+import pytest
 
+from tests.conftest import asgi_client, sim_settings
 from tests.server.test_chat_completions import sse_payloads
 
 
@@ -45,9 +47,15 @@ async def test_generate_returns_text_and_token_count(client: httpx.AsyncClient):
     assert 0 < body["tokens"] <= 9 and body["text"]
 
 
-async def test_generate_defaults_max_tokens_to_256(client: httpx.AsyncClient):
-    body = (await client.post("/generate", json={"prompt": "hello"})).json()
-    assert body["tokens"] <= 256
+@pytest.mark.parametrize("mode", ["async", "batch"])
+async def test_generate_defaults_max_tokens_to_256(mode):
+    # The simulated replies run to about 2,000 tokens here, so only the default can stop them,
+    # and exactly at 256 (a default of 255 or 300 fails; so does none).
+    async with asgi_client(sim_settings(mode=mode, sim_reply_tokens=2000, sim_itl_ms=0)) as client:
+        body = (await client.post("/generate", json={"prompt": "hello"})).json()
+        explicit = (await client.post("/generate", json={"prompt": "hello", "max_tokens": 300})).json()
+    assert body["tokens"] == 256
+    assert explicit["tokens"] == 300
 
 
 async def test_stream_route_sends_tokens_then_done(client: httpx.AsyncClient):

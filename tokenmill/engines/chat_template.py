@@ -25,7 +25,8 @@ class ChatTemplate:
         self._special = {"bos_token": bos_token, "eos_token": eos_token}
 
     def render(self, messages: Sequence[ChatMessage]) -> str:
-        turns = [{"role": m.role, "content": m.content} for m in messages]
+        # `name` goes to the template as OpenAI sends it; a template that does not use it ignores it
+        turns = [{"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})} for m in messages]
         try:
             return self._template.render(messages=turns, add_generation_prompt=True, **self._special)
         except InvalidRequest:

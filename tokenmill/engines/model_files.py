@@ -35,6 +35,13 @@ def resolve_model_path(model: str | None, folders: bool = False) -> Path:
         return path
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError as error:
+        raise FileNotFoundError(f"cannot read the model file {path}: {error.strerror}") from None
+    if magic != b"GGUF":
+        raise FileNotFoundError(f"{path} is not a GGUF model file (it does not start with 'GGUF')")
     return path
 
 

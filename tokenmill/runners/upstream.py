@@ -106,6 +106,8 @@ class UpstreamRunner(Runner):
     async def _relay(self, request: GenerationRequest, handle: RequestHandle) -> None:
         client = self.client
         params = _upstream_params(request)
+        if self.limits.max_tokens is not None and "max_tokens" not in params:
+            params["max_tokens"] = self.limits.max_tokens  # --max-tokens-limit caps the default length too
         if request.messages is not None:
             turns = [{"role": m.role, "content": m.content} for m in request.messages]
             events = client.stream_chat_events(turns, **params)
