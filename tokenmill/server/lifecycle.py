@@ -34,6 +34,7 @@ class Lifecycle:
     def fatal(self, message: str) -> None:
         self.ready = False
         self.exit_code = 1
+        self._admission.refuse_new()  # queued requests get their 503 now, not at their queue timeout
         self.end_all(f"The server is stopping: {message}.")
         if self.on_fatal is not None:
             self.on_fatal()

@@ -1,0 +1,32 @@
+"""The lifecycle when the runner gives up: exit code, readiness, queued and running requests."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tokenmill.errors import Overloaded
+from tokenmill.runners import RequestHandle
+from tokenmill.server.admission import Admission
+from tokenmill.server.lifecycle import Lifecycle
+
+
+async def test_fatal_ends_running_and_queued_requests_at_once_and_asks_the_server_to_exit():
+    admission = Admission(capacity=1, max_queue=4, queue_timeout=60)
+    lifecycle = Lifecycle(admission)
+    lifecycle.ready = True
+    stopped = []
+    lifecycle.on_fatal = lambda: stopped.append(True)
+    await admission.acquire()
+    running = RequestHandle("r", on_abort=lambda: None)
+    lifecycle.track(running)
+    queued = asyncio.ensure_future(admission.acquire())
+    await asyncio.sleep(0)
+    lifecycle.fatal("the engine is in a crash loop")
+    with pytest.raises(Overloaded) as refused:  # not after its 60 s queue timeout
+        await asyncio.wait_for(queued, 1)
+    assert refused.value.code == "draining"
+    with pytest.raises(Overloaded, match="crash loop"):
+        await running.__anext__()
+    assert lifecycle.exit_code == 1 and not lifecycle.ready and stopped == [True]
