@@ -54,7 +54,9 @@ def test_optional_engines_without_their_extra_are_refused_clearly(monkeypatch, c
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("torch", "ray") else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in ("torch", "ray") else real(name, *a)
+    )
     assert main(["serve", "--engine", "torch"]) == 2
     assert main(["ray-serve"]) == 2
     said = capsys.readouterr().err
@@ -67,8 +69,12 @@ def test_optional_engines_without_their_extra_are_refused_clearly(monkeypatch, c
 )
 def test_a_bad_model_path_is_one_clear_line_and_exit_2(tmp_path, model, said):
     # Before: a 20-line traceback for a missing file, another for a file that is not a model.
-    result = subprocess.run([sys.executable, "-m", "tokenmill", "serve", "--model", model, "--port", "0"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "tokenmill", "serve", "--model", model, "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tokenmill: ") and said in lines[0]
@@ -77,5 +83,7 @@ def test_a_bad_model_path_is_one_clear_line_and_exit_2(tmp_path, model, said):
 def test_a_fractional_keep_alive_timeout_reaches_uvicorn_as_given():
     from tokenmill.cli import uvicorn_config
 
-    settings = settings_from_args(build_parser().parse_args(["serve", "--keep-alive-timeout", "0.5", "--engine", "simulated"]))
+    settings = settings_from_args(
+        build_parser().parse_args(["serve", "--keep-alive-timeout", "0.5", "--engine", "simulated"])
+    )
     assert uvicorn_config(settings, app=None).timeout_keep_alive == 0.5  # was cut to int: 0, closing at once

@@ -23,7 +23,14 @@ def test_no_cgroup_v2_limit_gives_the_affinity_count():
 
 @pytest.mark.parametrize(
     ("text", "cpus"),
-    [("200000 100000", 2), ("150000 100000", 1), ("50000 100000", 1), ("400000 50000", 8), ("max 100000", None), ("max", None)],
+    [
+        ("200000 100000", 2),
+        ("150000 100000", 1),
+        ("50000 100000", 1),
+        ("400000 50000", 8),
+        ("max 100000", None),
+        ("max", None),
+    ],
 )
 def test_cpu_max_rounds_a_fractional_quota_down_but_never_below_one(text, cpus):
     assert parse_cpu_max(text) == cpus
@@ -43,15 +50,24 @@ def _tree(root: Path, files: dict[str, str]) -> Path:
 
 
 def test_cgroup_v2_limits_are_read_for_the_own_cgroup_and_its_ancestors(tmp_path):
-    root = _tree(tmp_path, {"cpu.max": "max 100000", "kubepods/cpu.max": "max 100000", "kubepods/pod1/cpu.max": "200000 100000"})
+    root = _tree(
+        tmp_path, {"cpu.max": "max 100000", "kubepods/cpu.max": "max 100000", "kubepods/pod1/cpu.max": "200000 100000"}
+    )
     cpu_max, cfs = cgroup_limits(root, proc_cgroup="0::/kubepods/pod1\n")
     assert cpu_max == ["200000 100000", "max 100000", "max 100000"] and cfs == []
     assert usable_cpus(64, cpu_max, cfs) == 2
 
 
 def test_cgroup_v1_limits_are_read_from_the_cpu_controller(tmp_path):
-    root = _tree(tmp_path, {"cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "150000", "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000",
-                            "cpu,cpuacct/cpu.cfs_quota_us": "-1", "cpu,cpuacct/cpu.cfs_period_us": "100000"})
+    root = _tree(
+        tmp_path,
+        {
+            "cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "150000",
+            "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000",
+            "cpu,cpuacct/cpu.cfs_quota_us": "-1",
+            "cpu,cpuacct/cpu.cfs_period_us": "100000",
+        },
+    )
     cpu_max, cfs = cgroup_limits(root, proc_cgroup="4:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\n")
     assert cpu_max == [] and cfs == [("150000", "100000"), ("-1", "100000")]
     assert usable_cpus(64, cpu_max, cfs) == 1

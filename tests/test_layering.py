@@ -52,8 +52,19 @@ def forbidden(paths: list[Path], prefixes: tuple[str, ...]) -> list[str]:
         ("runners/scheduler.py", (*HTTP, "asyncio", "llama_cpp", "torch")),
         ("cpus.py", (*HTTP, "asyncio", "tokenmill")),
         # the client stands alone: usable against any server, importing nothing of tokenmill's server side
-        ("client", ("fastapi", "starlette", "uvicorn", "tokenmill.server", "tokenmill.runners", "tokenmill.engines",
-                    "tokenmill.config", "tokenmill.protocol")),
+        (
+            "client",
+            (
+                "fastapi",
+                "starlette",
+                "uvicorn",
+                "tokenmill.server",
+                "tokenmill.runners",
+                "tokenmill.engines",
+                "tokenmill.config",
+                "tokenmill.protocol",
+            ),
+        ),
     ],
 )
 def test_layer_imports_only_what_it_may(layer, banned):

@@ -65,11 +65,22 @@ def build_parser() -> argparse.ArgumentParser:
         "the app `serve` runs, with the same flags; Ray routes between replicas.",
     )
     _add_settings_flags(ray_serve)
-    ray_serve.add_argument("--num-replicas", type=int, default=1, help="Ray replicas (each loads the model) [default: 1]")
-    ray_serve.add_argument("--autoscale-min", type=int, default=None, help="autoscale on ongoing requests, from this many replicas")
+    ray_serve.add_argument(
+        "--num-replicas", type=int, default=1, help="Ray replicas (each loads the model) [default: 1]"
+    )
+    ray_serve.add_argument(
+        "--autoscale-min", type=int, default=None, help="autoscale on ongoing requests, from this many replicas"
+    )
     ray_serve.add_argument("--autoscale-max", type=int, default=None, help="... up to this many")
-    ray_serve.add_argument("--cpus-per-replica", type=float, default=None, help="Ray CPUs reserved per replica [default: --threads, else 1]")
-    ray_serve.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto' = the local head) instead of starting one")
+    ray_serve.add_argument(
+        "--cpus-per-replica",
+        type=float,
+        default=None,
+        help="Ray CPUs reserved per replica [default: --threads, else 1]",
+    )
+    ray_serve.add_argument(
+        "--ray-address", default=None, help="join this Ray cluster ('auto' = the local head) instead of starting one"
+    )
     return parser
 
 
@@ -123,7 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in error.errors():
             where = ".".join(str(p) for p in problem["loc"])
             message = str(problem["msg"]).removeprefix("Value error, ")
-            print(f"tokenmill: invalid setting {where}: {message}" if where else f"tokenmill: {message}", file=sys.stderr)
+            print(
+                f"tokenmill: invalid setting {where}: {message}" if where else f"tokenmill: {message}", file=sys.stderr
+            )
         return 2
     if args.command == "serve":
         return serve(settings)
@@ -131,7 +144,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         import importlib.util
 
         if importlib.util.find_spec("ray") is None:
-            print("tokenmill: ray-serve needs the ray extra: pip install 'tokenmill[ray]' (or -e '.[ray]')", file=sys.stderr)
+            print(
+                "tokenmill: ray-serve needs the ray extra: pip install 'tokenmill[ray]' (or -e '.[ray]')",
+                file=sys.stderr,
+            )
             return 2
         from tokenmill.deploy.ray import RayOptions, run
 

@@ -49,7 +49,9 @@ class Settings(BaseSettings):
         None, description="Model id reported by /v1/models and accepted in requests. Default: derived from the model."
     )
     replicas: int = Field(1, ge=1, le=64, description="Model instances (replica patterns: one request each at a time).")
-    sync_threads: int = Field(40, ge=1, le=1024, description="Sync mode: blocking worker threads (FastAPI's default pool is 40).")
+    sync_threads: int = Field(
+        40, ge=1, le=1024, description="Sync mode: blocking worker threads (FastAPI's default pool is 40)."
+    )
     threads: int | None = Field(
         None,
         ge=1,
@@ -62,9 +64,7 @@ class Settings(BaseSettings):
         "repacked layouts). Off by default: llama.cpp's AMX path segfaults at the first decode on some Intel Xeons "
         "(4th generation and later), so it is opt-in.",
     )
-    context_window: int = Field(
-        4096, ge=16, description="Tokens of context per sequence (prompt + completion)."
-    )
+    context_window: int = Field(4096, ge=16, description="Tokens of context per sequence (prompt + completion).")
 
     # -- continuous batching (--mode batch)
     max_batch: int = Field(32, ge=1, le=1024, description="Batch mode: most sequences decoding together.")
@@ -85,17 +85,23 @@ class Settings(BaseSettings):
         "thread of the server process.",
     )
     engine_restart_limit: int = Field(
-        5, ge=0, description="Engine restarts allowed within --engine-restart-window; one more failure ends the "
-        "server with a non-zero exit (a crash loop: let the orchestrator replace it)."
+        5,
+        ge=0,
+        description="Engine restarts allowed within --engine-restart-window; one more failure ends the "
+        "server with a non-zero exit (a crash loop: let the orchestrator replace it).",
     )
     engine_restart_window: float = Field(60.0, gt=0, description="Seconds over which engine restarts are counted.")
 
     # -- admission and backpressure
     max_concurrency: int | None = Field(
-        None, ge=1, description="Requests running at once. Default: what the mode runs at once (max-batch in batch mode, upstream-pool for the upstream engine, replicas otherwise)."
+        None,
+        ge=1,
+        description="Requests running at once. Default: what the mode runs at once (max-batch in batch mode, upstream-pool for the upstream engine, replicas otherwise).",
     )
     max_queue: int | None = Field(
-        None, ge=0, description="Requests waiting for a place; beyond it, 503 + Retry-After at once. Default: max(8, 2 x capacity)."
+        None,
+        ge=0,
+        description="Requests waiting for a place; beyond it, 503 + Retry-After at once. Default: max(8, 2 x capacity).",
     )
     queue_timeout: float = Field(30.0, gt=0, description="Seconds a request may wait in the queue before a 503.")
 
@@ -103,22 +109,40 @@ class Settings(BaseSettings):
     first_token_timeout: float = Field(60.0, gt=0, description="Deadline for the first token (includes queueing).")
     inter_token_timeout: float = Field(30.0, gt=0, description="Longest allowed gap between two tokens.")
     request_timeout: float = Field(600.0, gt=0, description="Total deadline; a request's own 'timeout' may shorten it.")
-    drain_timeout: float = Field(30.0, ge=0, description="On SIGTERM: how long in-flight requests may run before they are ended.")
+    drain_timeout: float = Field(
+        30.0, ge=0, description="On SIGTERM: how long in-flight requests may run before they are ended."
+    )
     keep_alive_timeout: float = Field(5.0, gt=0, description="Idle HTTP keep-alive connections are closed after this.")
 
     # -- security and limits
-    api_key: str | None = Field(None, description="Require 'Authorization: Bearer KEY' on inference routes (comma-separate several keys).")
+    api_key: str | None = Field(
+        None, description="Require 'Authorization: Bearer KEY' on inference routes (comma-separate several keys)."
+    )
     api_key_file: str | None = Field(None, description="File with one API key per line (added to --api-key).")
-    metrics_require_key: bool = Field(False, description="Also require the API key on /metrics (/health and /ready stay open).")
-    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest accepted request body, in bytes (413 above).")
-    max_prompt_tokens: int | None = Field(None, ge=1, description="Largest accepted prompt, in tokens. Default: the context window.")
-    max_tokens_limit: int | None = Field(None, ge=1, description="Largest accepted max_tokens per request. Default: the context window.")
-    cors_origins: str | None = Field(None, description="Comma-separated origins allowed by CORS ('*' for any). Default: CORS off.")
+    metrics_require_key: bool = Field(
+        False, description="Also require the API key on /metrics (/health and /ready stay open)."
+    )
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Largest accepted request body, in bytes (413 above)."
+    )
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="Largest accepted prompt, in tokens. Default: the context window."
+    )
+    max_tokens_limit: int | None = Field(
+        None, ge=1, description="Largest accepted max_tokens per request. Default: the context window."
+    )
+    cors_origins: str | None = Field(
+        None, description="Comma-separated origins allowed by CORS ('*' for any). Default: CORS off."
+    )
     log_format: Literal["text", "json"] = Field("text", description="Access and server log format.")
 
     # -- torch engine
-    torch_dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="Torch engine: weight and activation type.")
-    torch_device: str = Field("auto", description="Torch engine: 'cpu', 'cuda', 'cuda:N', or 'auto' (CUDA when present).")
+    torch_dtype: Literal["bfloat16", "float32"] = Field(
+        "bfloat16", description="Torch engine: weight and activation type."
+    )
+    torch_device: str = Field(
+        "auto", description="Torch engine: 'cpu', 'cuda', 'cuda:N', or 'auto' (CUDA when present)."
+    )
     torch_four_bit_rows: int = Field(
         4,
         ge=0,
@@ -127,12 +151,31 @@ class Settings(BaseSettings):
     )
 
     # -- upstream engine (relay to a remote OpenAI-compatible API)
-    upstream_url: str | None = Field(None, description="Upstream engine: base URL of the remote API (e.g. https://api.openai.com or http://10.0.0.5:8000).")
-    upstream_api_key: str | None = Field(None, description="Upstream engine: API key sent upstream as 'Authorization: Bearer'.")
-    upstream_model: str | None = Field(None, description="Upstream engine: model id to request upstream. Default: the first one the upstream lists.")
-    upstream_pool: int = Field(100, ge=1, le=10000, description="Upstream engine: HTTP connections kept to the upstream (one per concurrent request).")
-    upstream_connect_timeout: float = Field(5.0, gt=0, description="Upstream engine: seconds to open a connection upstream.")
-    upstream_attempts: int = Field(4, ge=1, le=20, description="Upstream engine: tries per request (connection errors, 429, 503), with backoff and full jitter.")
+    upstream_url: str | None = Field(
+        None,
+        description="Upstream engine: base URL of the remote API (e.g. https://api.openai.com or http://10.0.0.5:8000).",
+    )
+    upstream_api_key: str | None = Field(
+        None, description="Upstream engine: API key sent upstream as 'Authorization: Bearer'."
+    )
+    upstream_model: str | None = Field(
+        None, description="Upstream engine: model id to request upstream. Default: the first one the upstream lists."
+    )
+    upstream_pool: int = Field(
+        100,
+        ge=1,
+        le=10000,
+        description="Upstream engine: HTTP connections kept to the upstream (one per concurrent request).",
+    )
+    upstream_connect_timeout: float = Field(
+        5.0, gt=0, description="Upstream engine: seconds to open a connection upstream."
+    )
+    upstream_attempts: int = Field(
+        4,
+        ge=1,
+        le=20,
+        description="Upstream engine: tries per request (connection errors, 429, 503), with backoff and full jitter.",
+    )
 
     # -- simulated engine (tests and serving-pattern studies)
     sim_ttft_ms: float = Field(50.0, ge=0, description="Simulated engine: time to prefill a prompt.")
@@ -152,8 +195,10 @@ class Settings(BaseSettings):
         "tokenizer cannot decode (fails after the step, while its tokens are turned into text).",
     )
     sim_fault_at_step: int = Field(
-        1, ge=1, description="Simulated engine: the step (counted from the engine's start; its warm-up is steps "
-        "1 and 2) at which --sim-fault fires."
+        1,
+        ge=1,
+        description="Simulated engine: the step (counted from the engine's start; its warm-up is steps "
+        "1 and 2) at which --sim-fault fires.",
     )
 
     # -- operations

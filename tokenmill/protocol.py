@@ -60,7 +60,9 @@ class _SamplingFields(_Strict):
     user: str | None = None
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
-    timeout: float | None = Field(None, gt=0, description="Seconds; may shorten the server's total timeout, never extend it.")
+    timeout: float | None = Field(
+        None, gt=0, description="Seconds; may shorten the server's total timeout, never extend it."
+    )
     # Accepted at their no-op values only (see the module docstring).
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0

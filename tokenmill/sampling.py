@@ -49,9 +49,7 @@ class SamplingParams:
             if not stop:
                 raise InvalidRequest("stop strings must not be empty", param="stop")
             if len(stop) > MAX_STOP_LENGTH:
-                raise InvalidRequest(
-                    f"stop strings must be at most {MAX_STOP_LENGTH} characters", param="stop"
-                )
+                raise InvalidRequest(f"stop strings must be at most {MAX_STOP_LENGTH} characters", param="stop")
 
     @property
     def greedy(self) -> bool:

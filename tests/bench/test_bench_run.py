@@ -11,14 +11,36 @@ from tokenmill.cli import main
 
 def test_short_bench_against_simulated_server(tmp_path, capsys):
     out = tmp_path / "results"
-    code = main([
-        "bench", "--spawn", "--modes", "async,batch", "--concurrency", "1,4", "--requests", "8",
-        "--max-tokens", "8", "--warmup", "1", "--out", str(out), "--cost-per-hour", "1.0",
-        "--serve-args", "--engine simulated --sim-ttft-ms 40 --sim-itl-ms 10 --replicas 2",
-    ])
+    code = main(
+        [
+            "bench",
+            "--spawn",
+            "--modes",
+            "async,batch",
+            "--concurrency",
+            "1,4",
+            "--requests",
+            "8",
+            "--max-tokens",
+            "8",
+            "--warmup",
+            "1",
+            "--out",
+            str(out),
+            "--cost-per-hour",
+            "1.0",
+            "--serve-args",
+            "--engine simulated --sim-ttft-ms 40 --sim-itl-ms 10 --replicas 2",
+        ]
+    )
     assert code == 0
     rows = json.loads((out / "results.json").read_text())
-    assert [(r["target"].split()[0], r["concurrency"]) for r in rows] == [("async", 1), ("async", 4), ("batch", 1), ("batch", 4)]
+    assert [(r["target"].split()[0], r["concurrency"]) for r in rows] == [
+        ("async", 1),
+        ("async", 4),
+        ("batch", 1),
+        ("batch", 4),
+    ]
     for row in rows:
         assert row["ok"] == 8 and row["errors"] == 0 and row["rejected"] == 0
         assert row["output_tokens_per_s"] > 0
@@ -42,10 +64,24 @@ def test_short_bench_against_simulated_server(tmp_path, capsys):
 
 def test_open_loop_sends_poisson_arrivals_at_the_offered_rate(tmp_path):
     out = tmp_path / "open"
-    code = main([
-        "bench", "--spawn", "--modes", "batch", "--rate", "40", "--duration", "1.5", "--max-tokens", "4:8",
-        "--out", str(out), "--serve-args", "--engine simulated --sim-ttft-ms 5 --sim-itl-ms 5 --max-batch 64",
-    ])
+    code = main(
+        [
+            "bench",
+            "--spawn",
+            "--modes",
+            "batch",
+            "--rate",
+            "40",
+            "--duration",
+            "1.5",
+            "--max-tokens",
+            "4:8",
+            "--out",
+            str(out),
+            "--serve-args",
+            "--engine simulated --sim-ttft-ms 5 --sim-itl-ms 5 --max-batch 64",
+        ]
+    )
     assert code == 0
     (row,) = json.loads((out / "results.json").read_text())
     assert row["rate"] == 40 and row["errors"] == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -23,7 +24,9 @@ def test_percentile_ignores_input_order():
 
 
 def ok(started, ttft, gaps, tokens):
-    return RequestRecord(started=started, status="ok", ttft=ttft, gaps=gaps, latency=ttft + sum(gaps), output_tokens=tokens)
+    return RequestRecord(
+        started=started, status="ok", ttft=ttft, gaps=gaps, latency=ttft + sum(gaps), output_tokens=tokens
+    )
 
 
 def test_summary_counts_throughput_and_statuses():
@@ -94,4 +97,4 @@ async def test_ramp_up_starts_the_clients_evenly(monkeypatch):
     records, _ = await loadgen.closed_loop("http://127.0.0.1:9", "m", Workload.from_spec("4"), 4, 4, ramp_up=0.4)
     assert len(records) == 4
     starts = [first_sends[i] for i in range(4)]
-    assert starts[0] < 0.05 and all(0.07 <= b - a <= 0.2 for a, b in zip(starts, starts[1:], strict=False))
+    assert starts[0] < 0.05 and all(0.07 <= b - a <= 0.2 for a, b in itertools.pairwise(starts))

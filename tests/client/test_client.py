@@ -33,9 +33,17 @@ def delta(text: str, finish: str | None = None) -> dict:
     return {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}]}
 
 
-STREAM = sse(delta("Hel"), delta("lo"), delta("", "stop"), {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}, "[DONE]")
-REPLY = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello"}, "finish_reason": "stop"}],
-         "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+STREAM = sse(
+    delta("Hel"),
+    delta("lo"),
+    delta("", "stop"),
+    {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}},
+    "[DONE]",
+)
+REPLY = {
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello"}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 3, "completion_tokens": 2},
+}
 
 
 class Script:
@@ -157,6 +165,7 @@ async def test_timeouts_first_token_and_between_tokens():
             async for text in llm.stream_chat(CHAT):
                 got.append(text)
         assert raised.value.phase == "between_tokens" and got == ["a"]
+
     # a long healthy stream is not cut: 5 gaps of 0.1 s under a 0.2 s between-token timeout
     class Steady(httpx.AsyncByteStream):
         async def __aiter__(self):
@@ -171,7 +180,9 @@ async def test_timeouts_first_token_and_between_tokens():
 
 async def test_error_events_and_garbage_are_reported():
     error_stream = sse(delta("a"), {"error": {"message": "engine died", "code": "engine_failure"}}, "[DONE]")
-    async with client(Script(httpx.Response(200, content=error_stream), httpx.Response(200, content=b"data: {nope\n\n"))) as llm:
+    async with client(
+        Script(httpx.Response(200, content=error_stream), httpx.Response(200, content=b"data: {nope\n\n"))
+    ) as llm:
         with pytest.raises(StreamError, match="engine died"):
             [t async for t in llm.stream_chat(CHAT)]
         with pytest.raises(MalformedResponse):
@@ -180,7 +191,7 @@ async def test_error_events_and_garbage_are_reported():
 
 async def test_pool_size_is_what_was_configured():
     llm = LLMClient("http://upstream.test", pool_size=7)
-    pool = llm._http._transport._pool  # noqa: SLF001 -- the assertion the issue asks for
+    pool = llm._http._transport._pool
     assert pool._max_connections == 7 and pool._max_keepalive_connections == 7
     await llm.aclose()
     with pytest.raises(ValueError):
@@ -208,6 +219,7 @@ async def test_the_first_token_deadline_covers_a_server_that_never_sends_headers
     try:
         async with LLMClient(url, model="m", timeouts=Timeouts(first_token=0.3, between_tokens=5)) as llm:
             started = asyncio.get_running_loop().time()
+
             async def consume() -> None:
                 async for _ in llm.stream_chat_events([{"role": "user", "content": "hi"}]):
                     pass

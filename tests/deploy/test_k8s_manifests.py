@@ -9,8 +9,8 @@ import pytest
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 yaml = pytest.importorskip("yaml")
 
-from tests.conftest import asgi_client, sim_settings  # noqa: E402
-from tokenmill.cli import build_parser, settings_from_args  # noqa: E402
+from tests.conftest import asgi_client, sim_settings
+from tokenmill.cli import build_parser, settings_from_args
 
 MANIFESTS = sorted((Path(__file__).resolve().parents[2] / "deploy" / "k8s").glob("*.yaml"))
 

@@ -10,10 +10,10 @@ import pytest
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
-from openai import AsyncOpenAI  # noqa: E402
+from openai import AsyncOpenAI
 
-from tokenmill.config import Settings  # noqa: E402
-from tokenmill.deploy.ray import RayOptions, build_application, deployment_options  # noqa: E402
+from tokenmill.config import Settings
+from tokenmill.deploy.ray import RayOptions, build_application, deployment_options
 
 pytestmark = pytest.mark.slow  # Ray start-up and two model loads (~15 s here); runs in CI too
 
@@ -27,8 +27,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def ray_url():
     port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, address="local", log_to_driver=False,
-             _node_ip_address="127.0.0.1")
+    ray.init(num_cpus=2, include_dashboard=False, address="local", log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         settings = Settings(mode="async", threads=1, context_window=1024, max_queue=8)
@@ -41,8 +40,10 @@ def ray_url():
 
 async def test_streams_through_ray_and_spreads_over_both_replicas(ray_url):
     async with AsyncOpenAI(base_url=f"{ray_url}/v1", api_key="unused", max_retries=0, timeout=120) as sdk:
-        messages = [{"role": "system", "content": "You are a helpful assistant."},
-                    {"role": "user", "content": "What is the capital of France?"}]
+        messages = [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "What is the capital of France?"},
+        ]
 
         async def ask() -> tuple[str, str]:
             raw = await sdk.chat.completions.with_raw_response.create(

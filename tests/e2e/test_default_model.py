@@ -28,7 +28,11 @@ async def test_default_model_knows_the_capital_of_france(default_server):
         reply = await sdk.chat.completions.create(model=model.id, messages=messages, temperature=0, max_tokens=30)
         assert "Paris" in reply.choices[0].message.content
         stream = await sdk.chat.completions.create(
-            model=model.id, messages=messages, temperature=0, max_tokens=30, stream=True,
+            model=model.id,
+            messages=messages,
+            temperature=0,
+            max_tokens=30,
+            stream=True,
             stream_options={"include_usage": True},
         )
         text, usage = "", None
@@ -51,7 +55,9 @@ async def test_torch_engine_serves_the_default_model_concurrently(serve_process,
         ]
 
         async def streamed() -> tuple[str, str]:
-            stream = await sdk.chat.completions.create(model="SmolLM2-135M-Instruct.Q4_1", messages=messages, temperature=0, max_tokens=30, stream=True)
+            stream = await sdk.chat.completions.create(
+                model="SmolLM2-135M-Instruct.Q4_1", messages=messages, temperature=0, max_tokens=30, stream=True
+            )
             text, finish = "", None
             async for chunk in stream:
                 text += chunk.choices[0].delta.content or ""
@@ -61,7 +67,17 @@ async def test_torch_engine_serves_the_default_model_concurrently(serve_process,
         replies = await asyncio.gather(*(streamed() for _ in range(4)))
         assert all("Paris" in text and finish == "stop" for text, finish in replies)
         seeded = [
-            (await sdk.completions.create(model="SmolLM2-135M-Instruct.Q4_1", prompt="Tell me a story:", temperature=0.9, seed=7, max_tokens=16)).choices[0].text
+            (
+                await sdk.completions.create(
+                    model="SmolLM2-135M-Instruct.Q4_1",
+                    prompt="Tell me a story:",
+                    temperature=0.9,
+                    seed=7,
+                    max_tokens=16,
+                )
+            )
+            .choices[0]
+            .text
             for _ in range(2)
         ]
         assert seeded[0] == seeded[1] and seeded[0]

@@ -28,7 +28,12 @@ MESSAGES = [{"role": "user", "content": "Say something."}]
 async def test_sdk_chat_non_streamed_and_streamed_agree(sdk: AsyncOpenAI):
     whole = await sdk.chat.completions.create(model="simulated", messages=MESSAGES, max_tokens=20, seed=11)
     stream = await sdk.chat.completions.create(
-        model="simulated", messages=MESSAGES, max_tokens=20, seed=11, stream=True, stream_options={"include_usage": True}
+        model="simulated",
+        messages=MESSAGES,
+        max_tokens=20,
+        seed=11,
+        stream=True,
+        stream_options={"include_usage": True},
     )
     pieces, usage, finish = [], None, None
     async for chunk in stream:
@@ -48,7 +53,11 @@ async def test_sdk_chat_non_streamed_and_streamed_agree(sdk: AsyncOpenAI):
 async def test_sdk_completions_non_streamed_and_streamed(sdk: AsyncOpenAI):
     whole = await sdk.completions.create(model="simulated", prompt="The answer is", max_tokens=12, temperature=0)
     stream = await sdk.completions.create(
-        model="simulated", prompt="The answer is", max_tokens=12, temperature=0, stream=True,
+        model="simulated",
+        prompt="The answer is",
+        max_tokens=12,
+        temperature=0,
+        stream=True,
         stream_options={"include_usage": True},
     )
     text, usage = "", None

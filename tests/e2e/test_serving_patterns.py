@@ -32,7 +32,9 @@ async def test_streams_arrive_token_by_token_in_every_mode(serve_process, mode):
 
 @pytest.mark.parametrize(("mode", "gil"), [("async", "release"), ("async", "hold"), ("process", "hold")])
 async def test_health_answers_while_every_replica_is_busy(serve_process, mode, gil):
-    server = serve_process("--engine", "simulated", "--mode", mode, "--replicas", "2", "--sim-itl-ms", "20", "--sim-gil", gil)
+    server = serve_process(
+        "--engine", "simulated", "--mode", mode, "--replicas", "2", "--sim-itl-ms", "20", "--sim-gil", gil
+    )
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
         started = [asyncio.Event() for _ in range(2)]
         # 200 tokens at 20 ms: each replica is busy for 4 s, so a loop blocked behind them would
@@ -53,7 +55,9 @@ async def test_health_answers_while_every_replica_is_busy(serve_process, mode, g
 
 
 async def test_a_killed_worker_fails_only_its_request_and_comes_back(serve_process):
-    server = serve_process("--engine", "simulated", "--mode", "process", "--replicas", "2", "--sim-itl-ms", "20", "--log-level", "info")
+    server = serve_process(
+        "--engine", "simulated", "--mode", "process", "--replicas", "2", "--sim-itl-ms", "20", "--log-level", "info"
+    )
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
         started = [asyncio.Event() for _ in range(2)]
         streams = [asyncio.ensure_future(stream_chat(client, 60, e)) for e in started]

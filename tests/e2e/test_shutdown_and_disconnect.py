@@ -15,7 +15,12 @@ SIM = ("--engine", "simulated", "--sim-ttft-ms", "5")
 
 async def stream_chat(client: httpx.AsyncClient, max_tokens: int, started: asyncio.Event | None = None) -> dict:
     """Read one streamed chat completion to the end; report what arrived."""
-    body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+    body = {
+        "messages": [{"role": "user", "content": "go"}],
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": True,
+    }
     result = {"text": "", "finish": None, "error": None, "done": False, "status": None}
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:
         result["status"] = response.status_code
@@ -38,7 +43,9 @@ async def stream_chat(client: httpx.AsyncClient, max_tokens: int, started: async
 
 @pytest.mark.parametrize("mode", ["async", "batch"])
 async def test_sigterm_lets_every_running_stream_finish_then_exits_0(serve_process, mode):
-    server = serve_process(*SIM, "--mode", mode, "--replicas", "8", "--max-batch", "8", "--sim-itl-ms", "50", "--drain-timeout", "20")
+    server = serve_process(
+        *SIM, "--mode", mode, "--replicas", "8", "--max-batch", "8", "--sim-itl-ms", "50", "--drain-timeout", "20"
+    )
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
         first_tokens = [asyncio.Event() for _ in range(8)]
         streams = [asyncio.ensure_future(stream_chat(client, 40, e)) for e in first_tokens]
@@ -115,6 +122,7 @@ async def test_flood_on_a_real_server_refuses_fast_and_keeps_serving(serve_proce
     body = {"prompt": "x", "max_tokens": 20, "ignore_eos": True}
     limits = httpx.Limits(max_connections=60)
     async with httpx.AsyncClient(base_url=server.url, timeout=30, limits=limits) as client:
+
         async def timed_post():
             started = time.monotonic()
             response = await client.post("/v1/completions", json=body)

@@ -45,8 +45,9 @@ async def test_streams_and_replies_pass_through_token_by_token(serve_process):
 
 async def test_upstream_503s_are_retried_with_backoff_and_succeed(serve_process):
     # The upstream takes one request at a time and queues none: the second gets 503 + Retry-After.
-    upstream = serve_process("--engine", "simulated", "--mode", "async", "--max-concurrency", "1", "--max-queue", "0",
-                             "--sim-itl-ms", "20")
+    upstream = serve_process(
+        "--engine", "simulated", "--mode", "async", "--max-concurrency", "1", "--max-queue", "0", "--sim-itl-ms", "20"
+    )
     body = {"messages": CHAT, "max_tokens": 20, "ignore_eos": True}
     async with asgi_client(front(upstream.url)) as client:
         replies = await asyncio.gather(*(client.post("/v1/chat/completions", json=body) for _ in range(2)))
@@ -70,8 +71,8 @@ async def test_a_small_pool_queues_requests_instead_of_failing_them(serve_proces
     upstream = serve_process("--engine", "simulated", "--mode", "batch", "--sim-ttft-ms", "5", "--sim-itl-ms", "30")
     settings = front(upstream.url, upstream_pool=2, max_concurrency=6)
     async with asgi_client(settings) as client:
-        pool = client._transport.app.state.serving.runner.client._http._transport._pool  # noqa: SLF001
-        assert pool._max_connections == 2  # noqa: SLF001 -- the pool is what was configured
+        pool = client._transport.app.state.serving.runner.client._http._transport._pool
+        assert pool._max_connections == 2
         body = {"messages": CHAT, "max_tokens": 20, "ignore_eos": True}
         started = time.monotonic()
         replies = await asyncio.gather(*(client.post("/v1/chat/completions", json=body) for _ in range(6)))
@@ -104,7 +105,9 @@ def test_upstream_refuses_other_modes_at_start_up():
 async def test_max_tokens_limit_caps_requests_that_give_no_max_tokens_upstream_too(serve_process):
     # Before: the limit refused a larger max_tokens but let a request without one run to the
     # upstream's own default; the replies of this upstream run to about 300 tokens.
-    upstream = serve_process("--engine", "simulated", "--mode", "batch", "--sim-itl-ms", "0", "--sim-reply-tokens", "300")
+    upstream = serve_process(
+        "--engine", "simulated", "--mode", "batch", "--sim-itl-ms", "0", "--sim-reply-tokens", "300"
+    )
     async with asgi_client(front(upstream.url, max_tokens_limit=7)) as client:
         reply = (await client.post("/v1/chat/completions", json={"messages": CHAT})).json()
         refused = await client.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 8})

@@ -11,7 +11,9 @@ NAMED = "{% for m in messages %}[{{ m['role'] }}{% if m['name'] %}:{{ m['name'] 
 
 def test_a_message_name_reaches_a_template_that_renders_it():
     # Before: `messages[].name` was accepted and then dropped on the way to the template.
-    body = ChatCompletionRequest(messages=[{"role": "user", "content": "hi", "name": "ada"}, {"role": "user", "content": "yo"}])
+    body = ChatCompletionRequest(
+        messages=[{"role": "user", "content": "hi", "name": "ada"}, {"role": "user", "content": "yo"}]
+    )
     text = ChatTemplate(NAMED, bos_token="", eos_token="").render(body.chat_messages())
     assert text == "[user:ada] hi\n[user] yo\n"
 

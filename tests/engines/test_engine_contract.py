@@ -51,14 +51,17 @@ def test_chat_template_comes_from_the_model_metadata(engine):
 
 
 def test_answers_a_factual_question(engine):
-    messages = (ChatMessage("system", "You are a helpful assistant."), ChatMessage("user", "What is the capital of France?"))
+    messages = (
+        ChatMessage("system", "You are a helpful assistant."),
+        ChatMessage("user", "What is the capital of France?"),
+    )
     text, finished = complete(engine, messages=messages, temperature=0, max_tokens=30)
     assert "Paris" in text
     assert finished.reason == "stop"  # the model ended its turn itself
 
 
 def test_seed_repeats_and_varies(engine):
-    run = lambda seed: complete(engine, "Tell me a story:", temperature=0.9, seed=seed, max_tokens=24)[0]  # noqa: E731
+    run = lambda seed: complete(engine, "Tell me a story:", temperature=0.9, seed=seed, max_tokens=24)[0]
     assert run(7) == run(7)
     assert run(7) != run(8)
 
@@ -72,7 +75,10 @@ def test_stop_string_is_honoured_and_not_emitted(engine):
 
 
 def test_ignore_eos_and_min_tokens_generate_past_the_natural_end(engine):
-    messages = (ChatMessage("system", "You are a helpful assistant."), ChatMessage("user", "What is the capital of France?"))
+    messages = (
+        ChatMessage("system", "You are a helpful assistant."),
+        ChatMessage("user", "What is the capital of France?"),
+    )
     natural = complete(engine, messages=messages, temperature=0, max_tokens=60)[1].usage.completion_tokens
     forced = complete(engine, messages=messages, temperature=0, max_tokens=60, ignore_eos=True)[1]
     assert forced.reason == "length" and forced.usage.completion_tokens == 60 > natural
@@ -83,7 +89,12 @@ def test_ignore_eos_and_min_tokens_generate_past_the_natural_end(engine):
 def test_utf8_is_never_emitted_broken(engine):
     # Greedy continuations full of multi-byte characters split across tokens: the byte-level vocabulary
     # spells most kana's three UTF-8 bytes in two tokens.
-    accents, _ = complete(engine, "Les mots français avec accents: café, crème brûlée, déjà vu, naïve, résumé, élève, été, où, ", temperature=0, max_tokens=40)
+    accents, _ = complete(
+        engine,
+        "Les mots français avec accents: café, crème brûlée, déjà vu, naïve, résumé, élève, été, où, ",
+        temperature=0,
+        max_tokens=40,
+    )
     japanese, _ = complete(engine, "日本の首都は", temperature=0, max_tokens=40)
     assert "\ufffd" not in accents + japanese
     assert "été" in accents
@@ -98,7 +109,9 @@ def test_cancellation_stops_within_one_step(engine):
         calls += 1
         return calls > 3
 
-    request = GenerationRequest(request_id="t", params=SamplingParams(max_tokens=100, ignore_eos=True), prompt=PROMPTS[0])
+    request = GenerationRequest(
+        request_id="t", params=SamplingParams(max_tokens=100, ignore_eos=True), prompt=PROMPTS[0]
+    )
     seq = prepare_sequence(request, engine.tokenizer)
     events = list(generate(engine, seq, cancelled))
     assert len(events) == 3 and seq.status.value == "aborted"

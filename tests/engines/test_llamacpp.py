@@ -5,13 +5,14 @@ from __future__ import annotations
 import llama_cpp
 import pytest
 
+from tests.engines.test_engine_contract import PROMPTS, complete
 from tokenmill.engines.llamacpp import LlamaCppEngine, portable_llama
 from tokenmill.engines.model_files import default_model_path
 from tokenmill.engines.replica import generate
 from tokenmill.engines.sequence import prepare_sequence
 from tokenmill.generation import ChatMessage, GenerationRequest
 from tokenmill.sampling import SamplingParams
-from tests.engines.test_engine_contract import PROMPTS, complete
+
 
 @pytest.fixture(scope="module")
 def engine():
@@ -98,7 +99,9 @@ def test_build_engine_passes_the_setting_and_warms_up(monkeypatch):
 
     steps = []
     original_step = LlamaCppEngine.step
-    monkeypatch.setattr(LlamaCppEngine, "step", lambda self, chunks: steps.append(len(chunks)) or original_step(self, chunks))
+    monkeypatch.setattr(
+        LlamaCppEngine, "step", lambda self, chunks: steps.append(len(chunks)) or original_step(self, chunks)
+    )
     built = build_engine(engine_spec(Settings(context_window=256, threads=1)))
     try:
         assert built.model_params.use_extra_bufts is False

@@ -87,7 +87,7 @@ def test_hold_mode_spins_in_python_and_release_mode_sleeps(monkeypatch):
     GIL), 'hold' never sleeps and spins for the whole step instead. What that does to a server
     (loop lag, throughput per mode) is measured by the bench in docs/serving-patterns.md, not
     asserted here: timing ratios on a shared 2-core machine are too noisy for a unit test."""
-    import tokenmill.engines.simulated as simulated
+    from tokenmill.engines import simulated
 
     real_sleep = time.sleep
     sleeps: list[float] = []

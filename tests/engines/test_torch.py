@@ -6,17 +6,17 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tokenmill.engines.base import Chunk  # noqa: E402
-from tokenmill.engines.model_files import default_model_path  # noqa: E402
-from tokenmill.engines.sequence import prepare_sequence  # noqa: E402
-from tokenmill.engines.torchlm.checkpoint import ModelConfig  # noqa: E402
-from tokenmill.engines.torchlm.engine import TorchEngine  # noqa: E402
-from tokenmill.engines.torchlm.kv_cache import GROWTH, SlotKVCache  # noqa: E402
-from tokenmill.engines.torchlm.sampler import BatchSampler  # noqa: E402
-from tokenmill.generation import GenerationRequest  # noqa: E402
-from tokenmill.runners.scheduler import Scheduler, SchedulerConfig  # noqa: E402
-from tokenmill.sampling import SamplingParams  # noqa: E402
-from tests.engines.near_ties import assert_exact_up_to_a_near_tie, first_divergence  # noqa: E402
+from tests.engines.near_ties import assert_exact_up_to_a_near_tie, first_divergence
+from tokenmill.engines.base import Chunk
+from tokenmill.engines.model_files import default_model_path
+from tokenmill.engines.sequence import prepare_sequence
+from tokenmill.engines.torchlm.checkpoint import ModelConfig
+from tokenmill.engines.torchlm.engine import TorchEngine
+from tokenmill.engines.torchlm.kv_cache import GROWTH, SlotKVCache
+from tokenmill.engines.torchlm.sampler import BatchSampler
+from tokenmill.generation import GenerationRequest
+from tokenmill.runners.scheduler import Scheduler, SchedulerConfig
+from tokenmill.sampling import SamplingParams
 
 PROMPTS = ["Once upon a time", "def fibonacci(n):", "La capitale de la France est", "The three laws of robotics are"]
 TOKENS = 24
@@ -99,8 +99,18 @@ def test_the_near_tie_rule_fails_a_token_the_model_ranks_clearly_lower(reference
 
 
 def test_kv_slots_stay_packed_and_keep_their_cells():
-    config = ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=2, num_heads=2,
-                         num_kv_heads=1, rms_norm_eps=1e-5, rope_theta=1e4, trained_context=1024, head_dim=4)
+    config = ModelConfig(
+        vocab_size=8,
+        hidden_size=8,
+        intermediate_size=8,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        rms_norm_eps=1e-5,
+        rope_theta=1e4,
+        trained_context=1024,
+        head_dim=4,
+    )
     cache = SlotKVCache(config, max_slots=3, max_length=1024, dtype=torch.float32, device=torch.device("cpu"))
     for seq_id in (10, 11, 12):
         slot = cache.add(seq_id)
@@ -121,8 +131,12 @@ def test_kv_slots_stay_packed_and_keep_their_cells():
 def test_batch_sampler_rules():
     sampler = BatchSampler(end_of_generation_ids=[0], device=torch.device("cpu"))
     logits = torch.tensor([[9.0, 1.0, 2.0, 3.0]] * 4)
-    rows = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_k=1, seed=1),
-            SamplingParams(temperature=1.0, top_p=0.01, seed=2), SamplingParams(temperature=0)]
+    rows = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=1.0, top_k=1, seed=1),
+        SamplingParams(temperature=1.0, top_p=0.01, seed=2),
+        SamplingParams(temperature=0),
+    ]
     for i, params in enumerate(rows):
         sampler.add(i, params)
     # greedy, top_k=1 and a tiny top_p all take the best token; a forbidden end token is skipped
@@ -151,7 +165,7 @@ def test_batch_sampler_draws_follow_the_distribution():
 
 def test_abort_mid_prefill_frees_the_slot_and_others_continue():
     engine = TorchEngine(default_model_path(), context_window=1024, threads=2, max_sequences=2, max_step_tokens=8)
-    make = lambda prompt: prepare_sequence(  # noqa: E731
+    make = lambda prompt: prepare_sequence(
         GenerationRequest("r", SamplingParams(temperature=0, max_tokens=4), prompt=prompt), engine.tokenizer
     )
     long, short = make("A long prompt that needs several prefill chunks to get through"), make("Hi")

@@ -8,11 +8,11 @@ import pytest
 torch = pytest.importorskip("torch")
 gguf = pytest.importorskip("gguf")
 
-from gguf.quants import dequantize, quantize  # noqa: E402
+from gguf.quants import dequantize, quantize
 
-from tokenmill.engines.model_files import default_model_path  # noqa: E402
-from tokenmill.engines.torchlm.four_bit import FourBitMatmul, read_gguf_blocks  # noqa: E402
-from tokenmill.engines.torchlm.linear import projection  # noqa: E402
+from tokenmill.engines.model_files import default_model_path
+from tokenmill.engines.torchlm.four_bit import FourBitMatmul, read_gguf_blocks
+from tokenmill.engines.torchlm.linear import projection
 
 FOUR_BIT_TYPES = [gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1]
 

@@ -58,8 +58,13 @@ class Outcome:
 
 async def stream_chat(client: httpx.AsyncClient, max_tokens: int, drop_after: int | None = None) -> Outcome:
     """One streamed chat completion with usage; `drop_after` N text chunks, the client hangs up."""
-    body = {"messages": CHAT, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "messages": CHAT,
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     outcome = Outcome()
     started = time.monotonic()
     try:
@@ -117,7 +122,9 @@ class Tally:
             self.completed += 1
         elif outcome.refused:
             self.refused += 1
-        elif outcome.error is not None and (outcome.done or (outcome.status or 500) < 500 or outcome.status in (502, 503, 504)):
+        elif outcome.error is not None and (
+            outcome.done or (outcome.status or 500) < 500 or outcome.status in (502, 503, 504)
+        ):
             self.errored += 1
         else:
             self.lost += 1
@@ -130,8 +137,15 @@ def record(scenario: str, mode: str, load: str, injected: str, tally: Tally, **e
     path = os.environ.get("TOKENMILL_RELIABILITY_REPORT")
     if not path:
         return
-    row = {"scenario": scenario, "mode": mode, "load": load, "injected": injected, "long": long_mode(),
-           **{k: v for k, v in asdict(tally).items() if k != "lost_examples"}, **extra}
+    row = {
+        "scenario": scenario,
+        "mode": mode,
+        "load": load,
+        "injected": injected,
+        "long": long_mode(),
+        **{k: v for k, v in asdict(tally).items() if k != "lost_examples"},
+        **extra,
+    }
     with Path(path).open("a") as f:
         f.write(json.dumps(row) + "\n")
 

@@ -1,7 +1,7 @@
 """Render the reliability suite's JSON lines (TOKENMILL_RELIABILITY_REPORT) as a markdown table.
 
-    TOKENMILL_RELIABILITY_REPORT=/tmp/rel.jsonl python -m pytest tests/reliability [--long]
-    python -m tests.reliability.report /tmp/rel.jsonl
+TOKENMILL_RELIABILITY_REPORT=/tmp/rel.jsonl python -m pytest tests/reliability [--long]
+python -m tests.reliability.report /tmp/rel.jsonl
 """
 
 from __future__ import annotations

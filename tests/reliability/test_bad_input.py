@@ -10,7 +10,7 @@ import json
 import httpx
 import pytest
 
-from tests.reliability.harness import MODE_FLAGS, MODES, Tally, long_mode, record
+from tests.reliability.harness import MODE_FLAGS, MODES, Tally, record
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -22,30 +22,78 @@ def chat(**fields) -> bytes:
 # (name, method, path, raw body, extra headers)
 CORPUS: list[tuple[str, str, str, bytes, dict]] = [
     ("invalid JSON", "POST", "/v1/chat/completions", b'{"messages": [', {}),
-    ("not an object", "POST", "/v1/chat/completions", b'[1, 2, 3]', {}),
+    ("not an object", "POST", "/v1/chat/completions", b"[1, 2, 3]", {}),
     ("empty body", "POST", "/v1/chat/completions", b"", {}),
     ("wrong type: messages", "POST", "/v1/chat/completions", json.dumps({"messages": "hi"}).encode(), {}),
     ("wrong type: max_tokens", "POST", "/v1/chat/completions", chat(max_tokens="many"), {}),
-    ("wrong type: content", "POST", "/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": 5}]}).encode(), {}),
+    (
+        "wrong type: content",
+        "POST",
+        "/v1/chat/completions",
+        json.dumps({"messages": [{"role": "user", "content": 5}]}).encode(),
+        {},
+    ),
     ("deeply nested", "POST", "/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000, {}),
     ("deeply nested object", "POST", "/v1/chat/completions", b'{"a":' * 50_000 + b"1" + b"}" * 50_000, {}),
-    ("huge body", "POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "' + b"x" * 9_000_000 + b'"}]}', {}),
-    ("invalid UTF-8", "POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\xff\xfe bad"}]}', {}),
-    ("lone surrogate", "POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a\\ud800b"}], "max_tokens": 4}', {}),
+    (
+        "huge body",
+        "POST",
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "' + b"x" * 9_000_000 + b'"}]}',
+        {},
+    ),
+    (
+        "invalid UTF-8",
+        "POST",
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "\xff\xfe bad"}]}',
+        {},
+    ),
+    (
+        "lone surrogate",
+        "POST",
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "a\\ud800b"}], "max_tokens": 4}',
+        {},
+    ),
     ("lone surrogate in prompt", "POST", "/v1/completions", b'{"prompt": "\\udfff", "max_tokens": 4}', {}),
     ("enormous max_tokens", "POST", "/v1/chat/completions", chat(max_tokens=10**12), {}),
     ("negative max_tokens", "POST", "/v1/chat/completions", chat(max_tokens=-1), {}),
     ("negative temperature", "POST", "/v1/chat/completions", chat(temperature=-0.5), {}),
-    ("NaN temperature", "POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', {}),
-    ("Infinity top_p", "POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "top_p": Infinity}', {}),
+    (
+        "NaN temperature",
+        "POST",
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+        {},
+    ),
+    (
+        "Infinity top_p",
+        "POST",
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "hi"}], "top_p": Infinity}',
+        {},
+    ),
     ("huge seed", "POST", "/v1/chat/completions", chat(seed=2**70), {}),
-    ("unknown role", "POST", "/v1/chat/completions", json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}).encode(), {}),
+    (
+        "unknown role",
+        "POST",
+        "/v1/chat/completions",
+        json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}).encode(),
+        {},
+    ),
     ("empty messages", "POST", "/v1/chat/completions", json.dumps({"messages": []}).encode(), {}),
     ("empty prompt", "POST", "/v1/completions", json.dumps({"prompt": ""}).encode(), {}),
     ("empty stop string", "POST", "/v1/chat/completions", chat(stop=[""]), {}),
     ("n > 1", "POST", "/v1/chat/completions", chat(n=3), {}),
     ("unknown field", "POST", "/v1/chat/completions", chat(frobnicate=True), {}),
-    ("prompt over the context window", "POST", "/v1/completions", json.dumps({"prompt": "word " * 20_000, "max_tokens": 4}).encode(), {}),
+    (
+        "prompt over the context window",
+        "POST",
+        "/v1/completions",
+        json.dumps({"prompt": "word " * 20_000, "max_tokens": 4}).encode(),
+        {},
+    ),
     ("wrong content type", "POST", "/v1/chat/completions", chat(), {"content-type": "text/plain"}),
     ("huge header", "POST", "/v1/chat/completions", chat(), {"x-junk": "y" * 100_000}),
     ("many headers", "POST", "/v1/chat/completions", chat(), {f"x-h{i}": "v" for i in range(300)}),
@@ -77,7 +125,9 @@ async def test_the_bad_input_corpus_gets_clear_4xx_errors_in_every_mode(serve_pr
                 answers[name] = (None, f"{type(error).__name__}")
                 continue
             answers[name] = (response.status_code, response.text[:300])
-        healthy = await client.post("/v1/chat/completions", content=chat(), headers={"content-type": "application/json"})
+        healthy = await client.post(
+            "/v1/chat/completions", content=chat(), headers={"content-type": "application/json"}
+        )
     tally = Tally()
     problems = []
     for name, (status, text) in answers.items():

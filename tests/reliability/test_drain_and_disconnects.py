@@ -31,7 +31,14 @@ async def test_sigterm_under_load_finishes_the_admitted_and_refuses_the_queued(s
     for outcome in [*admitted, *waiting]:
         tally.add(outcome, max_tokens)
     exit_code = server.process.wait(timeout=60)
-    record("drain under load", mode, f"{capacity} running + 3 queued, 48 tokens each", "SIGTERM", tally, exit_code=exit_code)
+    record(
+        "drain under load",
+        mode,
+        f"{capacity} running + 3 queued, 48 tokens each",
+        "SIGTERM",
+        tally,
+        exit_code=exit_code,
+    )
     assert all(o.completed and o.completion_tokens == max_tokens for o in admitted)
     assert all(o.status == 503 and o.error["code"] == "draining" and o.retry_after for o in waiting)
     assert tally.lost == 0 and exit_code == 0
@@ -43,7 +50,9 @@ async def test_a_disconnect_storm_leaves_nothing_behind(serve_process, mode):
     clients, survivors = 100, 4
     server = serve_process("--mode", mode, *MODE_FLAGS[mode], "--max-queue", str(clients + survivors))
     rng = random.Random(7)
-    async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=httpx.Limits(max_connections=clients + 10)) as client:
+    async with httpx.AsyncClient(
+        base_url=server.url, timeout=120, limits=httpx.Limits(max_connections=clients + 10)
+    ) as client:
         # Four streams that stay to the end run amid the storm: a hang-up that disturbed anyone
         # else's stream (a lost event, a cut stream, a wrong length) would show as lost.
         storm = [stream_chat(client, 64, drop_after=rng.randint(1, 12)) for _ in range(clients)]
@@ -54,14 +63,24 @@ async def test_a_disconnect_storm_leaves_nothing_behind(serve_process, mode):
         for outcome in outcomes:
             tally.add(outcome, 64)
         # admission frees a place at once; the engine frees its work at its next step
-        for gauge in ("tokenmill_in_flight_requests", "tokenmill_batch_running_sequences", "tokenmill_kv_cache_used_tokens"):
+        for gauge in (
+            "tokenmill_in_flight_requests",
+            "tokenmill_batch_running_sequences",
+            "tokenmill_kv_cache_used_tokens",
+        ):
             await _until(lambda g=gauge: _gauge(client, g), lambda v: v == 0, timeout=30)
         text = (await client.get("/metrics")).text
         started = time.monotonic()
         follow = await client.post("/v1/completions", json={"prompt": "Still here?", "max_tokens": 4})
         follow_s = time.monotonic() - started
-    record("disconnect storm", mode, f"{clients} streams, each dropped after 1-12 tokens, amid {survivors} that stay",
-           "client hang-ups", tally, follow_up_s=round(follow_s, 2))
+    record(
+        "disconnect storm",
+        mode,
+        f"{clients} streams, each dropped after 1-12 tokens, amid {survivors} that stay",
+        "client hang-ups",
+        tally,
+        follow_up_s=round(follow_s, 2),
+    )
     assert tally.dropped == clients and tally.completed == survivors and tally.lost == 0
     # every hang-up was noticed and stopped its generation (a missed one would still be running)
     assert _labelled(text, "tokenmill_aborts_total", 'reason="client_disconnect"') == clients

@@ -25,7 +25,10 @@ SIM = ["--engine", "simulated", "--mode", "batch", "--sim-ttft-ms", "2", "--sim-
 
 
 def restarts(metrics_text: str) -> dict[str, float]:
-    return {m[1]: float(m[2]) for m in re.finditer(r'^tokenmill_engine_restarts_total\{reason="([^"]+)"\} (\S+)$', metrics_text, re.MULTILINE)}
+    return {
+        m[1]: float(m[2])
+        for m in re.finditer(r'^tokenmill_engine_restarts_total\{reason="([^"]+)"\} (\S+)$', metrics_text, re.MULTILINE)
+    }
 
 
 class ReadyWatch:
@@ -64,7 +67,9 @@ class ReadyWatch:
         pytest.param("bad_token", "exception", id="exception-after-the-step"),
     ],
 )
-async def test_an_engine_fault_under_load_ends_every_stream_explicitly_and_the_engine_comes_back(serve_process, fault, reason):
+async def test_an_engine_fault_under_load_ends_every_stream_explicitly_and_the_engine_comes_back(
+    serve_process, fault, reason
+):
     server = serve_process(*SIM, "--sim-fault", fault, "--sim-fault-at-step", "40")
     engine_before = child_pids(server.process.pid)
     max_tokens = 60  # the fault fires about 37 tokens into these streams
@@ -83,8 +88,14 @@ async def test_an_engine_fault_under_load_ends_every_stream_explicitly_and_the_e
     tally = Tally()
     for outcome in outcomes:
         tally.add(outcome, max_tokens)
-    record("engine fault", "batch (simulated engine)", "4 streams of 60 tokens", f"{fault} at the engine's step 40", tally,
-           ready_again_s=round(back, 2))
+    record(
+        "engine fault",
+        "batch (simulated engine)",
+        "4 streams of 60 tokens",
+        f"{fault} at the engine's step 40",
+        tally,
+        ready_again_s=round(back, 2),
+    )
     assert tally.lost == 0 and tally.errored == 4  # every stream: text, then an error event, then [DONE]
     for outcome in outcomes:
         assert outcome.text and outcome.done and outcome.error["code"] == "engine_restarting"
@@ -131,8 +142,14 @@ async def test_a_crash_loop_ends_the_server_with_a_non_zero_exit(serve_process):
     tally = Tally()
     for outcome in outcomes:
         tally.add(outcome, 4)
-    record("crash loop", "batch (simulated engine)", "one request at a time", "SIGSEGV at every engine's first step", tally,
-           exit_code=exit_code)
+    record(
+        "crash loop",
+        "batch (simulated engine)",
+        "one request at a time",
+        "SIGSEGV at every engine's first step",
+        tally,
+        exit_code=exit_code,
+    )
     assert exit_code != 0
     log = server.output()
     assert log.count("giving up so that the orchestrator can replace this server") == 1
@@ -143,10 +160,29 @@ async def test_a_crash_loop_ends_the_server_with_a_non_zero_exit(serve_process):
 
 @pytest.mark.parametrize("fault, words", [("crash", "SIGSEGV"), ("raise", "simulated engine fault at step 1")])
 def test_start_up_fails_cleanly_when_the_warm_up_decode_fails(fault, words):
-    server_cmd = [sys.executable, "-m", "tokenmill", "serve", "--port", "0", *SIM, "--sim-fault", fault, "--sim-fault-at-step", "1"]
+    server_cmd = [
+        sys.executable,
+        "-m",
+        "tokenmill",
+        "serve",
+        "--port",
+        "0",
+        *SIM,
+        "--sim-fault",
+        fault,
+        "--sim-fault-at-step",
+        "1",
+    ]
     done = subprocess.run(server_cmd, capture_output=True, text=True, timeout=60)
     log = done.stdout + done.stderr
-    record("warm-up fails", "batch (simulated engine)", "none", f"{fault} in the warm-up decode", Tally(), exit_code=done.returncode)
+    record(
+        "warm-up fails",
+        "batch (simulated engine)",
+        "none",
+        f"{fault} in the warm-up decode",
+        Tally(),
+        exit_code=done.returncode,
+    )
     assert done.returncode != 0
     fatal = [line for line in log.splitlines() if "could not start its model engine" in line]
     assert len(fatal) == 1 and words in fatal[0], log[-2000:]
@@ -168,8 +204,14 @@ async def test_the_in_thread_engine_also_recovers_from_an_exception(serve_proces
     tally = Tally()
     for outcome in first:
         tally.add(outcome, 40)
-    record("engine fault", "batch --no-engine-process (simulated engine)", "3 streams of 40 tokens", "raise at the engine's step 20",
-           tally, ready_again_s=round(back, 2))
+    record(
+        "engine fault",
+        "batch --no-engine-process (simulated engine)",
+        "3 streams of 40 tokens",
+        "raise at the engine's step 20",
+        tally,
+        ready_again_s=round(back, 2),
+    )
     assert tally.lost == 0 and all(o.error and o.done for o in first)
     assert after.completed
     assert restarts(metrics) == {"exception": 1.0}
@@ -212,8 +254,15 @@ async def test_the_default_model_engine_killed_under_load_is_contained(serve_pro
     tally = Tally()
     for outcome in outcomes:
         tally.add(outcome, max_tokens)
-    record("engine killed", "batch", "4 streams of 64 tokens, default model", f"kill -{sig.name[3:]} of the engine process",
-           tally, streams_ended_s=round(ended, 2), ready_again_s=round(back, 2))
+    record(
+        "engine killed",
+        "batch",
+        "4 streams of 64 tokens, default model",
+        f"kill -{sig.name[3:]} of the engine process",
+        tally,
+        streams_ended_s=round(ended, 2),
+        ready_again_s=round(back, 2),
+    )
     assert tally.lost == 0 and tally.errored == 4
     assert ended < 1.0 and all(o.completed for o in after)
     assert restarts(metrics) == {sig.name: 1.0}

@@ -72,8 +72,14 @@ class FakeUpstream:
 
 
 def _front(url: str) -> Settings:
-    return Settings(engine="upstream", upstream_url=url, upstream_model="m", upstream_attempts=2,
-                    first_token_timeout=1.5, upstream_connect_timeout=1.0)
+    return Settings(
+        engine="upstream",
+        upstream_url=url,
+        upstream_model="m",
+        upstream_attempts=2,
+        first_token_timeout=1.5,
+        upstream_connect_timeout=1.0,
+    )
 
 
 UPSTREAM_FAULTS = {
@@ -93,13 +99,22 @@ async def test_upstream_faults_become_clear_errors_without_hanging(behaviour):
             url = f"http://127.0.0.1:{_closed_port()}"
         async with asgi_client(_front(url)) as client:
             started = time.monotonic()
-            reply = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+            reply = await client.post(
+                "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+            )
             streamed = await stream_chat(client, 4)
             elapsed = time.monotonic() - started
     tally = Tally()
     tally.add(streamed, 4)
-    record("upstream fault", "async (upstream)", "1 plain + 1 streamed request", behaviour, tally,
-           status=reply.status_code, code=reply.json()["error"]["code"])
+    record(
+        "upstream fault",
+        "async (upstream)",
+        "1 plain + 1 streamed request",
+        behaviour,
+        tally,
+        status=reply.status_code,
+        code=reply.json()["error"]["code"],
+    )
     assert reply.status_code == status and reply.json()["error"]["code"] == code
     assert streamed.error is not None and streamed.error["code"] == code and tally.lost == 0
     assert elapsed < 8  # bounded by the timeouts (1.5 s first token, 2 attempts), never a hang
@@ -150,7 +165,13 @@ async def test_a_worker_that_cannot_restart_is_retried_and_capacity_tells_the_tr
     tally = Tally()
     for outcome in [short, *again]:
         tally.add(outcome, 8)
-    record("worker cannot restart", "process", "3 streams, one while short", "model file moved away, one worker killed",
-           tally, worker_back_after_restore_s=round(back, 2))
+    record(
+        "worker cannot restart",
+        "process",
+        "3 streams, one while short",
+        "model file moved away, one worker killed",
+        tally,
+        worker_back_after_restore_s=round(back, 2),
+    )
     assert short.completed and all(o.completed for o in again)
     assert server.process.poll() is None

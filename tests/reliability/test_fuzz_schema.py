@@ -10,10 +10,24 @@ from tests.reliability.harness import long_mode
 from tests.reliability.test_bad_input import PARSER_REFUSAL, _json_error_message
 
 schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import HealthCheck, settings
 
-FUZZ_SERVER_ARGS = ["--engine", "simulated", "--mode", "batch", "--sim-ttft-ms", "0", "--sim-itl-ms", "0",
-                    "--context-window", "256", "--max-tokens-limit", "64", "--max-queue", "64"]
+FUZZ_SERVER_ARGS = [
+    "--engine",
+    "simulated",
+    "--mode",
+    "batch",
+    "--sim-ttft-ms",
+    "0",
+    "--sim-itl-ms",
+    "0",
+    "--context-window",
+    "256",
+    "--max-tokens-limit",
+    "64",
+    "--max-queue",
+    "64",
+]
 
 
 @pytest.fixture(scope="module")

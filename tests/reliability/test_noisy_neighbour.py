@@ -51,8 +51,14 @@ async def test_a_cpu_bound_neighbour_slows_the_server_but_loses_nothing(serve_pr
     for outcome in quiet + noisy:
         tally.add(outcome, max_tokens)
     tokens = streams * max_tokens
-    record("noisy neighbour", "batch", f"{streams} streams of {max_tokens} tokens, --threads {threads}",
-           "one CPU-bound process beside the server", tally,
-           tok_per_s_quiet=round(tokens / quiet_s, 1), tok_per_s_neighbour=round(tokens / noisy_s, 1))
+    record(
+        "noisy neighbour",
+        "batch",
+        f"{streams} streams of {max_tokens} tokens, --threads {threads}",
+        "one CPU-bound process beside the server",
+        tally,
+        tok_per_s_quiet=round(tokens / quiet_s, 1),
+        tok_per_s_neighbour=round(tokens / noisy_s, 1),
+    )
     assert tally.lost == 0 and tally.completed == 2 * streams
     assert health_s is not False  # the event loop answered while the engine fought for the cores

@@ -50,14 +50,24 @@ async def test_burst_then_sustained_overload_loses_nothing(serve_process, mode):
             tally.add(outcome, MAX_TOKENS)
             if outcome.completed and outcome.ttft is not None:
                 ttfts.append(outcome.ttft)
-        assert (await client.post("/v1/completions", json={"prompt": "still there?", "max_tokens": 2})).status_code == 200
+        assert (
+            await client.post("/v1/completions", json={"prompt": "still there?", "max_tokens": 2})
+        ).status_code == 200
         await asyncio.sleep(1.0)
         after = vitals(server.process.pid)
 
     ttft_p99 = sorted(ttfts)[int(0.99 * (len(ttfts) - 1))]
-    record("overload", mode, f"burst {10 * capacity}, then {3 * held} clients for {sustain_s:g} s",
-           "10x capacity, then 3x capacity + queue", tally, sustained_refused=sustained_refused, ttft_p99_s=round(ttft_p99, 2),
-           rss_before_mb=round(before.rss_mb), rss_after_mb=round(after.rss_mb))
+    record(
+        "overload",
+        mode,
+        f"burst {10 * capacity}, then {3 * held} clients for {sustain_s:g} s",
+        "10x capacity, then 3x capacity + queue",
+        tally,
+        sustained_refused=sustained_refused,
+        ttft_p99_s=round(ttft_p99, 2),
+        rss_before_mb=round(before.rss_mb),
+        rss_after_mb=round(after.rss_mb),
+    )
     assert tally.lost == 0, tally.lost_examples
     assert tally.errored == 0  # overload is answered with 503 + Retry-After, never with errors
     assert tally.completed >= capacity and sustained_refused > 0  # it really was overloaded, burst and sustained

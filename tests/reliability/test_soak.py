@@ -41,9 +41,16 @@ async def test_soak_at_capacity_does_not_grow(serve_process, mode):
         await asyncio.gather(*(user(rng.randrange(1 << 30)) for _ in range(capacity)))
         await asyncio.sleep(1.0)
         after = vitals(server.process.pid)
-    record("soak", mode, f"{capacity} clients for {duration:g} s, 4-48 tokens, 20% dropped", "mixed lengths, disconnects",
-           tally, rss_mb=f"{before.rss_mb:.0f} -> {after.rss_mb:.0f}", fds=f"{before.fds} -> {after.fds}",
-           threads=f"{before.threads} -> {after.threads}")
+    record(
+        "soak",
+        mode,
+        f"{capacity} clients for {duration:g} s, 4-48 tokens, 20% dropped",
+        "mixed lengths, disconnects",
+        tally,
+        rss_mb=f"{before.rss_mb:.0f} -> {after.rss_mb:.0f}",
+        fds=f"{before.fds} -> {after.fds}",
+        threads=f"{before.threads} -> {after.threads}",
+    )
     assert tally.lost == 0 and tally.completed > 0
     assert after.rss_mb < before.rss_mb + RSS_GROWTH_MB
     assert after.fds <= before.fds + FD_GROWTH

@@ -75,7 +75,7 @@ async def test_batched_and_alone_give_the_same_seeded_text():
         crowd = [await runner.submit(request(12, prompt=f"other {i}", seed=i)) for i in range(5)]
         mine = await runner.submit(request(12, seed=5, temperature=0.8))
         batched, *_ = await asyncio.gather(drain(mine), *(drain(h) for h in crowd))
-        text = lambda events: "".join(e.text for e in events if isinstance(e, TextDelta))  # noqa: E731
+        text = lambda events: "".join(e.text for e in events if isinstance(e, TextDelta))
         assert text(batched) == text(alone)
     finally:
         await runner.stop()
@@ -147,7 +147,9 @@ class FailsAfterTheStep(SimulatedEngine):
 @pytest.mark.parametrize(
     "engine",
     [
-        pytest.param(lambda: SimulatedEngine(ttft_ms=0, itl_ms=1, fault="bad_token", fault_at_step=2), id="postprocess"),
+        pytest.param(
+            lambda: SimulatedEngine(ttft_ms=0, itl_ms=1, fault="bad_token", fault_at_step=2), id="postprocess"
+        ),
         pytest.param(lambda: FailsAfterTheStep(ttft_ms=0, itl_ms=1), id="remove_sequence"),
     ],
 )
@@ -180,7 +182,7 @@ async def test_a_failure_outside_the_engine_step_ends_every_request_and_the_engi
 async def test_a_crash_loop_gives_up_and_tells_the_server():
     fatal = []
     config = SchedulerConfig(max_batch=2, kv_tokens=1000, max_step_tokens=64)
-    engine = lambda: SimulatedEngine(ttft_ms=0, itl_ms=0, fault="raise", fault_at_step=1)  # noqa: E731
+    engine = lambda: SimulatedEngine(ttft_ms=0, itl_ms=0, fault="raise", fault_at_step=1)
     runner = BatchingRunner(engine, config, "simulated", RestartPolicy(limit=2, window=60, first_delay=0.01))
     runner.on_fatal = fatal.append
     await runner.start()

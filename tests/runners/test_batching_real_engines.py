@@ -11,6 +11,7 @@ from tokenmill.generation import GenerationRequest, TextDelta
 from tokenmill.runners import build_runner
 from tokenmill.sampling import SamplingParams
 
+
 def _has_torch() -> bool:
     import importlib.util
 
@@ -20,8 +21,12 @@ def _has_torch() -> bool:
 PROMPTS = ["Once upon a time", "def fibonacci(n):", "La capitale de la France est", "The three laws of robotics are"]
 
 
-async def greedy_texts(engine: str, mode: str, prompts: list[str], stagger: float = 0.0, max_tokens: int = 32, **settings) -> list[str]:
-    settings = Settings(engine=engine, mode=mode, max_batch=8, kv_tokens=2048, context_window=1024, threads=2, **settings)
+async def greedy_texts(
+    engine: str, mode: str, prompts: list[str], stagger: float = 0.0, max_tokens: int = 32, **settings
+) -> list[str]:
+    settings = Settings(
+        engine=engine, mode=mode, max_batch=8, kv_tokens=2048, context_window=1024, threads=2, **settings
+    )
     runner = build_runner(settings)
     await runner.start()
     try:

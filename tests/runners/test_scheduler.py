@@ -78,7 +78,7 @@ def test_decode_rows_come_first_and_long_prompts_are_chunked():
     assert [(c.seq, c.num_tokens) for c in plan.chunks] == [(short, 1), (long, 15)]
     plan, _ = run_step(s)
     assert [(c.seq, c.num_tokens) for c in plan.chunks] == [(short, 1), (long, 15)]
-    plan, outcome = run_step(s)
+    plan, _outcome = run_step(s)
     assert [(c.seq, c.num_tokens) for c in plan.chunks] == [(short, 1), (long, 10)]
     assert long.num_generated == 1  # its prefill completed this step and sampled a token
 

@@ -12,7 +12,9 @@ from tests.server.test_chat_completions import sse_payloads
 
 
 async def test_completion_non_streamed(client: httpx.AsyncClient):
-    response = await client.post("/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 8, "ignore_eos": True})
+    response = await client.post(
+        "/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 8, "ignore_eos": True}
+    )
     body = response.json()
     assert response.status_code == 200
     assert body["object"] == "text_completion"
@@ -23,14 +25,18 @@ async def test_completion_non_streamed(client: httpx.AsyncClient):
 async def test_completion_streamed_matches_non_streamed(client: httpx.AsyncClient):
     request = {"prompt": ["Once upon a time"], "max_tokens": 12, "temperature": 0}
     whole = (await client.post("/v1/completions", json=request)).json()["choices"][0]["text"]
-    streamed = await client.post("/v1/completions", json={**request, "stream": True, "stream_options": {"include_usage": True}})
+    streamed = await client.post(
+        "/v1/completions", json={**request, "stream": True, "stream_options": {"include_usage": True}}
+    )
     payloads = sse_payloads(streamed.text)
     assert payloads[-1] == "[DONE]"
     chunks = [json.loads(p) for p in payloads[:-1]]
     assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == whole
     usage = chunks[-1]["usage"]
     assert chunks[-1]["choices"] == []
-    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] == 4 + usage["completion_tokens"]
+    assert (
+        usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] == 4 + usage["completion_tokens"]
+    )
 
 
 async def test_models_lists_the_served_model(client: httpx.AsyncClient):

@@ -18,20 +18,47 @@ BAD_CHAT_REQUESTS = [
     pytest.param({"messages": USER, "max_tokens": 0}, "max_tokens", "max_tokens", id="max-tokens-zero"),
     pytest.param({"messages": USER, "max_tokens": -3}, "max_tokens", "max_tokens", id="max-tokens-negative"),
     pytest.param({"messages": USER, "max_tokens": "12"}, "valid integer", "max_tokens", id="max-tokens-string"),
-    pytest.param({"messages": USER, "max_tokens": 10**7}, "maximum context length", "messages", id="max-tokens-beyond-window"),
+    pytest.param(
+        {"messages": USER, "max_tokens": 10**7}, "maximum context length", "messages", id="max-tokens-beyond-window"
+    ),
     pytest.param({"messages": USER, "temperature": 3.5}, "temperature", "temperature", id="temperature-too-high"),
-    pytest.param(b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "finite", "temperature", id="temperature-nan"),
+    pytest.param(
+        b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+        "finite",
+        "temperature",
+        id="temperature-nan",
+    ),
     pytest.param({"messages": USER, "top_p": 0}, "top_p", "top_p", id="top-p-zero"),
     pytest.param({"messages": USER, "n": 2}, "n > 1", None, id="n-greater-than-one"),
     pytest.param({"messages": USER, "stop": [""]}, "stop", "stop", id="empty-stop-string"),
     pytest.param({"messages": USER, "stop": ["x"] * 17}, "stop", "stop", id="too-many-stops"),
     pytest.param({"messages": USER, "stream": "yes"}, "stream", "stream", id="stream-not-bool"),
-    pytest.param({"messages": USER, "frobnicate": 1}, "Unrecognized request argument supplied: 'frobnicate'", "frobnicate", id="unknown-field"),
+    pytest.param(
+        {"messages": USER, "frobnicate": 1},
+        "Unrecognized request argument supplied: 'frobnicate'",
+        "frobnicate",
+        id="unknown-field",
+    ),
     pytest.param({"messages": USER, "tools": [{"type": "function"}]}, "tools are not supported", None, id="tools"),
-    pytest.param({"messages": USER, "stream_options": {"include_usage": True}}, "only allowed when stream", None, id="stream-options-without-stream"),
+    pytest.param(
+        {"messages": USER, "stream_options": {"include_usage": True}},
+        "only allowed when stream",
+        None,
+        id="stream-options-without-stream",
+    ),
     pytest.param({"messages": USER, "min_tokens": 9, "max_tokens": 3}, "min_tokens", "min_tokens", id="min-above-max"),
-    pytest.param({"messages": [{"role": "user", "content": "word " * 5000}]}, "maximum context length", "messages", id="prompt-over-window"),
-    pytest.param({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages", None, id="image-part"),
+    pytest.param(
+        {"messages": [{"role": "user", "content": "word " * 5000}]},
+        "maximum context length",
+        "messages",
+        id="prompt-over-window",
+    ),
+    pytest.param(
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        "messages",
+        None,
+        id="image-part",
+    ),
 ]
 
 
@@ -86,9 +113,7 @@ async def test_streamed_request_is_validated_before_the_stream_starts(client: ht
     assert _error_of(response)["code"] == "context_length_exceeded"
 
 
-@pytest.mark.parametrize(
-    "params", [{}, {"prompt": "hi", "max_tokens": "many"}, {"prompt": "hi", "max_tokens": 0}]
-)
+@pytest.mark.parametrize("params", [{}, {"prompt": "hi", "max_tokens": "many"}, {"prompt": "hi", "max_tokens": 0}])
 async def test_bad_stream_query_gets_400(client: httpx.AsyncClient, params):
     response = await client.get("/stream", params=params)
     assert response.status_code == 400

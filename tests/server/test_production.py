@@ -60,11 +60,15 @@ async def test_total_timeout_and_per_request_timeout_only_shorten():
     async with asgi_client(sim_settings(sim_itl_ms=50, request_timeout=0.3)) as client:
         long = await client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 50, "ignore_eos": True})
         assert long.status_code == 504 and long.json()["error"]["code"] == "request_timeout"
-        shorter = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 50, "ignore_eos": True, "timeout": 0.1})
+        shorter = await client.post(
+            "/v1/completions", json={"prompt": "x", "max_tokens": 50, "ignore_eos": True, "timeout": 0.1}
+        )
         assert shorter.status_code == 504
-        longer = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 50, "ignore_eos": True, "timeout": 100})
+        longer = await client.post(
+            "/v1/completions", json={"prompt": "x", "max_tokens": 50, "ignore_eos": True, "timeout": 100}
+        )
         assert longer.status_code == 504  # the request cannot extend the server's 0.3 s
-        assert "tokenmill_aborts_total{reason=\"deadline\"} 3.0" in (await client.get("/metrics")).text
+        assert 'tokenmill_aborts_total{reason="deadline"} 3.0' in (await client.get("/metrics")).text
 
 
 async def test_api_key_guards_inference_but_not_health():
@@ -107,14 +111,21 @@ async def test_request_id_is_echoed_or_generated(client: httpx.AsyncClient):
 
 
 async def test_metrics_expose_the_documented_series(client: httpx.AsyncClient):
-    await client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 4, "ignore_eos": True, "stream": True})
+    await client.post(
+        "/v1/chat/completions", json={"messages": USER, "max_tokens": 4, "ignore_eos": True, "stream": True}
+    )
     text = (await client.get("/metrics")).text
     for series in (
         'tokenmill_requests_total{route="/v1/chat/completions",status="200"}',
-        "tokenmill_in_flight_requests", "tokenmill_queue_depth", "tokenmill_batch_running_sequences",
-        "tokenmill_kv_cache_used_tokens", "tokenmill_time_to_first_token_seconds_bucket",
-        "tokenmill_inter_token_latency_seconds_bucket", "tokenmill_request_duration_seconds_count",
-        "tokenmill_generation_tokens_total 4.0", "tokenmill_event_loop_lag_seconds",
+        "tokenmill_in_flight_requests",
+        "tokenmill_queue_depth",
+        "tokenmill_batch_running_sequences",
+        "tokenmill_kv_cache_used_tokens",
+        "tokenmill_time_to_first_token_seconds_bucket",
+        "tokenmill_inter_token_latency_seconds_bucket",
+        "tokenmill_request_duration_seconds_count",
+        "tokenmill_generation_tokens_total 4.0",
+        "tokenmill_event_loop_lag_seconds",
     ):
         assert series in text, series
 
@@ -139,7 +150,11 @@ async def test_a_blocked_event_loop_is_reported(caplog):
         time.sleep(0.3)  # a blocking call on the loop, on purpose
         await asyncio.sleep(0.1)
         assert any("event loop blocked" in r.message for r in caplog.records)
-        lag = [line for line in (await client.get("/metrics")).text.splitlines() if line.startswith("tokenmill_event_loop_lag_max_seconds ")]
+        lag = [
+            line
+            for line in (await client.get("/metrics")).text.splitlines()
+            if line.startswith("tokenmill_event_loop_lag_max_seconds ")
+        ]
         assert float(lag[0].split()[1]) >= 0.25
 
 
@@ -147,7 +162,9 @@ async def test_queue_timeout_answers_503_before_any_work():
     settings = sim_settings(sim_itl_ms=50, max_concurrency=1, max_queue=5, queue_timeout=0.1)
     async with asgi_client(settings) as client:
         body = {"prompt": "x", "max_tokens": 20, "ignore_eos": True}
-        first, second = await asyncio.gather(client.post("/v1/completions", json=body), client.post("/v1/completions", json=body))
+        first, second = await asyncio.gather(
+            client.post("/v1/completions", json=body), client.post("/v1/completions", json=body)
+        )
         statuses = sorted([first.status_code, second.status_code])
         assert statuses == [200, 503]
         late = first if first.status_code == 503 else second
@@ -156,12 +173,18 @@ async def test_queue_timeout_answers_503_before_any_work():
 
 async def test_cors_is_off_by_default_and_configurable():
     async with asgi_client(sim_settings()) as client:
-        response = await client.options("/v1/models", headers={"Origin": "https://app.example", "Access-Control-Request-Method": "GET"})
+        response = await client.options(
+            "/v1/models", headers={"Origin": "https://app.example", "Access-Control-Request-Method": "GET"}
+        )
         assert "access-control-allow-origin" not in response.headers
     async with asgi_client(sim_settings(cors_origins="https://app.example", api_key="k")) as client:
         preflight = await client.options(
             "/v1/chat/completions",
-            headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"},
+            headers={
+                "Origin": "https://app.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization",
+            },
         )
         assert preflight.status_code == 200  # preflight needs no API key
         assert preflight.headers["access-control-allow-origin"] == "https://app.example"
@@ -172,8 +195,11 @@ async def test_api_key_file_and_json_access_logs(tmp_path, caplog):
     keys.write_text("first\n\nsecond\n")
     caplog.set_level(logging.INFO, logger="tokenmill.access")
     async with asgi_client(sim_settings(api_key_file=str(keys), log_format="json")) as client:
-        ok = await client.post("/v1/completions", json={"prompt": "secret prompt", "max_tokens": 2},
-                               headers={"Authorization": "Bearer second", "X-Request-ID": "req-7"})
+        ok = await client.post(
+            "/v1/completions",
+            json={"prompt": "secret prompt", "max_tokens": 2},
+            headers={"Authorization": "Bearer second", "X-Request-ID": "req-7"},
+        )
         assert ok.status_code == 200
     entries = [json.loads(r.message) for r in caplog.records if r.name == "tokenmill.access"]
     entry = next(e for e in entries if e["request_id"] == "req-7")
@@ -190,10 +216,20 @@ async def test_a_client_gone_before_the_stream_starts_still_frees_its_place():
     serving = app.state.serving
     async with app.router.lifespan_context(app):
         body = json.dumps({"messages": USER, "max_tokens": 500, "stream": True}).encode()
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-                 "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
-                 "root_path": "", "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/chat/completions",
+            "raw_path": b"/v1/chat/completions",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 80),
+        }
         messages = [{"type": "http.request", "body": body, "more_body": False}]
 
         async def receive():

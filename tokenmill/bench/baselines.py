@@ -9,13 +9,22 @@ import sys
 
 
 def _measure(kind: str, concurrency: int, requests: int, max_tokens: int, serve_flags: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "tokenmill.bench.inprocess", kind, str(concurrency), str(requests), str(max_tokens), *serve_flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tokenmill.bench.inprocess",
+        kind,
+        str(concurrency),
+        str(requests),
+        str(max_tokens),
+        *serve_flags,
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def measure_baselines(levels: list[int], args: argparse.Namespace, serve_flags: list[str]) -> dict:
-    requests = lambda c: args.requests or max(8, 4 * c)  # noqa: E731  (the same counts as the HTTP sweep)
+    requests = lambda c: args.requests or max(8, 4 * c)
     top = max(levels)
     results = {
         "bare": _measure("bare", top, requests(top), args.max_tokens, serve_flags),
@@ -23,7 +32,10 @@ def measure_baselines(levels: list[int], args: argparse.Namespace, serve_flags: 
     }
     for level in levels:
         results[f"batch@{level}"] = _measure("batch", level, requests(level), args.max_tokens, serve_flags)
-        print(f"in-process {results[f'batch@{level}']['name']} at {level}: {results[f'batch@{level}']['tokens_per_s']:.1f} tok/s", flush=True)
+        print(
+            f"in-process {results[f'batch@{level}']['name']} at {level}: {results[f'batch@{level}']['tokens_per_s']:.1f} tok/s",
+            flush=True,
+        )
     return results
 
 
@@ -44,8 +56,18 @@ def ratio_table(rows: list[dict], baselines: dict) -> str:
 
     for level in levels:
         add(f"HTTP batch @{level}", http("batch", level), f"HTTP async @{level}", http("async", level))
-    add(f"in-process batch runner @{top}", baselines[f"batch@{top}"]["tokens_per_s"], f"bare llama_decode loop @{top}", baselines["bare"]["tokens_per_s"])
+    add(
+        f"in-process batch runner @{top}",
+        baselines[f"batch@{top}"]["tokens_per_s"],
+        f"bare llama_decode loop @{top}",
+        baselines["bare"]["tokens_per_s"],
+    )
     for level in levels:
-        add(f"HTTP batch @{level}", http("batch", level), f"in-process batch runner @{level}", baselines[f"batch@{level}"]["tokens_per_s"])
+        add(
+            f"HTTP batch @{level}",
+            http("batch", level),
+            f"in-process batch runner @{level}",
+            baselines[f"batch@{level}"]["tokens_per_s"],
+        )
     add("HTTP batch @1", http("batch", 1), "llama_cpp.Llama loop @1", baselines["llama"]["tokens_per_s"])
     return "\n".join(lines)

@@ -39,7 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load = parser.add_mutually_exclusive_group()
     load.add_argument("--concurrency", default=None, help="closed loop: concurrency levels, comma-separated [1,8,32]")
     load.add_argument("--rate", default=None, help="open loop: Poisson arrival rates in requests/s, comma-separated")
-    parser.add_argument("--requests", type=int, default=None, help="requests per level [closed: 4 x concurrency, at least 8]")
+    parser.add_argument(
+        "--requests", type=int, default=None, help="requests per level [closed: 4 x concurrency, at least 8]"
+    )
     parser.add_argument("--duration", type=float, default=None, help="seconds per level: stop sending after this")
     parser.add_argument(
         "--ramp-up",
@@ -48,11 +50,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="closed loop: start the clients evenly over this many seconds (about one request's duration "
         "gives steady-state arrivals; with fixed lengths, clients started together arrive in bursts) [0]",
     )
-    parser.add_argument("--warmup", type=int, default=2, help="closed loop: warm-up requests per level, not counted [2]")
-    parser.add_argument("--max-tokens", default="64", help="output tokens per request (ignore_eos): N, or LOW:HIGH drawn per request [64]")
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="closed loop: warm-up requests per level, not counted [2]"
+    )
+    parser.add_argument(
+        "--max-tokens",
+        default="64",
+        help="output tokens per request (ignore_eos): N, or LOW:HIGH drawn per request [64]",
+    )
     parser.add_argument("--slo-ttft", type=float, default=None, help="goodput SLO: time to first token, seconds")
     parser.add_argument("--slo-itl", type=float, default=None, help="goodput SLO: p99 inter-token gap, seconds")
-    parser.add_argument("--cost-per-hour", type=float, default=None, help="price of the server per hour, for cost per million output tokens")
+    parser.add_argument(
+        "--cost-per-hour",
+        type=float,
+        default=None,
+        help="price of the server per hour, for cost per million output tokens",
+    )
     parser.add_argument(
         "--baselines",
         action="store_true",
@@ -71,7 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="start this many CPU-bound processes beside the server for each level's load (they stop with it) [0]",
     )
-    parser.add_argument("--out", type=Path, default=None, help="directory for results.json/.csv/.md, requests.json and PNG plots")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="directory for results.json/.csv/.md, requests.json and PNG plots"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -114,7 +129,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _sweep(url: str, label: str, levels: list, workload: Workload, args: argparse.Namespace, latencies: dict) -> list[dict]:
+async def _sweep(
+    url: str, label: str, levels: list, workload: Workload, args: argparse.Namespace, latencies: dict
+) -> list[dict]:
     model = await served_model(url)
     rows = []
     async with httpx.AsyncClient(base_url=url) as metrics_client:
@@ -124,20 +141,34 @@ async def _sweep(url: str, label: str, levels: list, workload: Workload, args: a
             try:
                 with OwnLoopLag() as own_lag:
                     if args.rate:
-                        records, seconds = await open_loop(url, model, workload, level, args.requests, duration=args.duration)
+                        records, seconds = await open_loop(
+                            url, model, workload, level, args.requests, duration=args.duration
+                        )
                     else:
                         requests = args.requests or (None if args.duration else max(8, 4 * level))
                         warmup = min(args.warmup, level) if args.warmup else 0
                         records, seconds = await closed_loop(
-                            url, model, workload, level, requests, warmup=warmup, duration=args.duration, ramp_up=args.ramp_up
+                            url,
+                            model,
+                            workload,
+                            level,
+                            requests,
+                            warmup=warmup,
+                            duration=args.duration,
+                            ramp_up=args.ramp_up,
                         )
                 server_lag = lag_p99(before, await scrape_lag_buckets(metrics_client))
             finally:
                 neighbours.stop()
             summary = summarize(records, seconds, args.slo_ttft, args.slo_itl)
             target = label + (f" +{args.noisy_neighbours} busy" if args.noisy_neighbours else "")
-            row = {"target": target, ("rate" if args.rate else "concurrency"): level, **summary.as_row(),
-                   "server_loop_lag_p99": server_lag, "client_loop_lag_max": own_lag.worst}
+            row = {
+                "target": target,
+                ("rate" if args.rate else "concurrency"): level,
+                **summary.as_row(),
+                "server_loop_lag_p99": server_lag,
+                "client_loop_lag_max": own_lag.worst,
+            }
             if args.cost_per_hour is not None and summary.output_tokens_per_s > 0:
                 row["cost_per_million_tokens"] = args.cost_per_hour / (summary.output_tokens_per_s * 3600) * 1e6
             rows.append(row)

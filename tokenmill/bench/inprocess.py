@@ -81,9 +81,10 @@ def bare_decode_loop(settings: Settings, workload: Workload, concurrency: int, r
     """All sequences of a wave in lockstep: one llama_decode per step, greedy, nothing else."""
     import llama_cpp
 
-    from tokenmill.engines.llamacpp import LlamaCppEngine  # noqa: F401  (quiets llama.cpp's logs)
-
-    from tokenmill.engines.llamacpp import model_params
+    from tokenmill.engines.llamacpp import (
+        LlamaCppEngine,  # noqa: F401  (quiets llama.cpp's logs)
+        model_params,
+    )
 
     model = llama_cpp.llama_model_load_from_file(str(resolve_model_path(settings.model)).encode(), model_params())
     params = llama_cpp.llama_context_default_params()
@@ -111,7 +112,10 @@ def bare_decode_loop(settings: Settings, workload: Workload, concurrency: int, r
     produced = 0
     for wave_start in range(0, requests, concurrency):
         wave = range(wave_start, min(requests, wave_start + concurrency))
-        prompts = [tokenizer.encode(tokenizer.render_chat(to_generation_request(workload.request_body(i, "m"), i).messages)) for i in wave]
+        prompts = [
+            tokenizer.encode(tokenizer.render_chat(to_generation_request(workload.request_body(i, "m"), i).messages))
+            for i in wave
+        ]
         last_tokens = []
         for slot, prompt in enumerate(prompts):  # prefill, chunked to the step budget
             for start in range(0, len(prompt), settings.max_step_tokens):
@@ -141,8 +145,11 @@ def llama_library_loop(settings: Settings, workload: Workload, requests: int) ->
 
     with portable_llama():
         llm = llama_cpp.Llama(
-            str(resolve_model_path(settings.model)), n_ctx=settings.context_window, n_threads=settings.threads_per_replica(),
-            flash_attn=True, verbose=False,
+            str(resolve_model_path(settings.model)),
+            n_ctx=settings.context_window,
+            n_threads=settings.threads_per_replica(),
+            flash_attn=True,
+            verbose=False,
         )
     tokenizer = LlamaCppTokenizer(llm.model, llama_cpp.llama_model_get_vocab(llm.model), settings.context_window)
     eog_bias = {t: -1e9 for t in tokenizer.eog_ids}  # ignore_eos, as in the workload
@@ -156,8 +163,14 @@ def llama_library_loop(settings: Settings, workload: Workload, requests: int) ->
     for i in range(requests):
         body = workload.request_body(i, "m")
         out = llm.create_completion(
-            prompt(i), max_tokens=workload.max_tokens, temperature=body["temperature"], seed=body["seed"],
-            top_k=0, top_p=1.0, min_p=0.0, logit_bias=eog_bias,
+            prompt(i),
+            max_tokens=workload.max_tokens,
+            temperature=body["temperature"],
+            seed=body["seed"],
+            top_k=0,
+            top_p=1.0,
+            min_p=0.0,
+            logit_bias=eog_bias,
         )
         produced += out["usage"]["completion_tokens"]
     seconds = time.perf_counter() - started
@@ -182,12 +195,24 @@ def main(argv: list[str] | None = None) -> None:
     measure = {
         "bare": lambda: bare_decode_loop(batch, workload, concurrency, requests),
         "batch": lambda: runner_closed_loop(batch, workload, concurrency, requests),
-        "async": lambda: runner_closed_loop(settings.model_copy(update={"mode": "async"}), workload, concurrency, requests),
+        "async": lambda: runner_closed_loop(
+            settings.model_copy(update={"mode": "async"}), workload, concurrency, requests
+        ),
         "llama": lambda: llama_library_loop(settings, workload, requests),
     }[kind]
     result = measure()
-    print(json.dumps({"kind": kind, "name": result.name, "concurrency": result.concurrency,
-                      "tokens": result.tokens, "seconds": result.seconds, "tokens_per_s": result.tokens_per_second}))
+    print(
+        json.dumps(
+            {
+                "kind": kind,
+                "name": result.name,
+                "concurrency": result.concurrency,
+                "tokens": result.tokens,
+                "seconds": result.seconds,
+                "tokens_per_s": result.tokens_per_second,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from typing import Self
 
 import httpx
 
@@ -56,7 +57,7 @@ class OwnLoopLag:
             await asyncio.sleep(self._interval)
             self.samples.append(max(0.0, time.perf_counter() - started - self._interval))
 
-    def __enter__(self) -> OwnLoopLag:
+    def __enter__(self) -> Self:
         self._task = asyncio.ensure_future(self._watch())
         return self
 

@@ -7,6 +7,7 @@ import json
 import random
 import sys
 import time
+from typing import Self
 
 import httpx
 
@@ -69,12 +70,14 @@ class Progress:
             ok = sum(1 for r in self._records if r.status == "ok")
             refused = sum(1 for r in self._records if r.status == "rejected")
             of = f"/{self._total}" if self._total else ""
-            sys.stderr.write(f"\r  {self._label}: {done}{of} done, {ok} ok, {refused} refused, "
-                             f"{done - ok - refused} failed, {time.perf_counter() - self._started:5.1f}s ")
+            sys.stderr.write(
+                f"\r  {self._label}: {done}{of} done, {ok} ok, {refused} refused, "
+                f"{done - ok - refused} failed, {time.perf_counter() - self._started:5.1f}s "
+            )
             sys.stderr.flush()
             await asyncio.sleep(0.5)
 
-    def __enter__(self) -> Progress:
+    def __enter__(self) -> Self:
         if sys.stderr.isatty():
             self._task = asyncio.ensure_future(self._draw())
         return self
@@ -90,8 +93,15 @@ def _within(run_started: float, duration: float | None) -> bool:
 
 
 async def closed_loop(
-    base_url: str, model: str, workload: Workload, concurrency: int, requests: int | None,
-    warmup: int = 0, timeout: float = 600.0, duration: float | None = None, ramp_up: float = 0.0,
+    base_url: str,
+    model: str,
+    workload: Workload,
+    concurrency: int,
+    requests: int | None,
+    warmup: int = 0,
+    timeout: float = 600.0,
+    duration: float | None = None,
+    ramp_up: float = 0.0,
 ) -> tuple[list[RequestRecord], float]:
     """`concurrency` clients, each sending its next request when the last one ends, until
     `requests` were sent or `duration` seconds passed. Returns records (warm-up excluded) and wall time.
@@ -102,7 +112,9 @@ async def closed_loop(
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout) as client:
         if warmup:
-            await asyncio.gather(*(stream_one(client, workload.request_body(-1 - i, model), 0.0) for i in range(warmup)))
+            await asyncio.gather(
+                *(stream_one(client, workload.request_body(-1 - i, model), 0.0) for i in range(warmup))
+            )
         next_index = 0
         records: list[RequestRecord] = []
         run_started = time.perf_counter()
@@ -120,8 +132,14 @@ async def closed_loop(
 
 
 async def open_loop(
-    base_url: str, model: str, workload: Workload, rate: float, requests: int | None,
-    timeout: float = 600.0, duration: float | None = None, seed: int = 7,
+    base_url: str,
+    model: str,
+    workload: Workload,
+    rate: float,
+    requests: int | None,
+    timeout: float = 600.0,
+    duration: float | None = None,
+    seed: int = 7,
 ) -> tuple[list[RequestRecord], float]:
     """Poisson arrivals at `rate` requests/s, whatever the server does: the way real traffic comes.
     Sends until `requests` or `duration`; then waits for what is in flight."""

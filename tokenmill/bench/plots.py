@@ -74,4 +74,8 @@ if __name__ == "__main__":  # python -m tokenmill.bench.plots DIR: redraw from a
 
     directory = Path(sys.argv[1])
     saved = directory / "requests.json"
-    plot_all(json.loads((directory / "results.json").read_text()), json.loads(saved.read_text()) if saved.exists() else {}, directory)
+    plot_all(
+        json.loads((directory / "results.json").read_text()),
+        json.loads(saved.read_text()) if saved.exists() else {},
+        directory,
+    )

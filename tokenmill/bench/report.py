@@ -29,7 +29,15 @@ COLUMNS = [
     ("startup_s", "start-up s", "{:.1f}"),
     ("cost_per_million_tokens", "$/M tok", "{:.2f}"),
 ]
-_MILLISECONDS = {"ttft_p50", "ttft_p99", "steady_ttft_p99", "itl_p50", "itl_p99", "server_loop_lag_p99", "client_loop_lag_max"}
+_MILLISECONDS = {
+    "ttft_p50",
+    "ttft_p99",
+    "steady_ttft_p99",
+    "itl_p50",
+    "itl_p99",
+    "server_loop_lag_p99",
+    "client_loop_lag_max",
+}
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:

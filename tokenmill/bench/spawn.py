@@ -13,26 +13,43 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Self
 
 import httpx
 
 
 class SpawnedServer:
     def __init__(
-        self, serve_args: list[str], ready_timeout: float = 180.0, log_level: str = "warning", cpus: set[int] | None = None
+        self,
+        serve_args: list[str],
+        ready_timeout: float = 180.0,
+        log_level: str = "warning",
+        cpus: set[int] | None = None,
     ):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self._log = tempfile.TemporaryFile()
-        cmd = [sys.executable, "-m", "tokenmill", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-               "--log-level", log_level, *serve_args]
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 -- lives as long as the server; closed in stop()
+        cmd = [
+            sys.executable,
+            "-m",
+            "tokenmill",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--log-level",
+            log_level,
+            *serve_args,
+        ]
         started = time.monotonic()
         # `cpus`: the server's affinity mask (as `taskset -c` would set it), e.g. to model a container
         # given fewer CPUs than the machine has.
         pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-        self.process = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=pin)
+        # the child only makes one system call before exec, so preexec_fn is safe here even with threads
+        self.process = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=pin)  # noqa: PLW1509
         self.startup_s: float | None = None  # from launch to /ready: imports, model load, warm-up
         deadline = started + ready_timeout
         while time.monotonic() < deadline:
@@ -67,7 +84,7 @@ class SpawnedServer:
                 self.process.wait()
         self._log.close()
 
-    def __enter__(self) -> SpawnedServer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -57,7 +57,9 @@ class Summary:
         return dict(self.__dict__)
 
 
-def summarize(records: list[RequestRecord], duration_s: float, slo_ttft: float | None = None, slo_itl: float | None = None) -> Summary:
+def summarize(
+    records: list[RequestRecord], duration_s: float, slo_ttft: float | None = None, slo_itl: float | None = None
+) -> Summary:
     ok = [r for r in records if r.status == "ok"]
     ttfts = [r.ttft for r in ok if r.ttft is not None]
     gaps = [g for r in ok for g in r.gaps]
@@ -66,9 +68,7 @@ def summarize(records: list[RequestRecord], duration_s: float, slo_ttft: float |
     def meets_slo(r: RequestRecord) -> bool:
         if slo_ttft is not None and (r.ttft is None or r.ttft > slo_ttft):
             return False
-        if slo_itl is not None and r.gaps and percentile(r.gaps, 99) > slo_itl:
-            return False
-        return True
+        return not (slo_itl is not None and r.gaps and percentile(r.gaps, 99) > slo_itl)
 
     good = sum(1 for r in ok if meets_slo(r))
     first_done = min((r.started + r.latency for r in ok if r.latency is not None), default=math.inf)

@@ -19,7 +19,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
@@ -91,7 +91,7 @@ class LLMClient:
             transport=transport,
         )
 
-    async def __aenter__(self) -> LLMClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -178,7 +178,9 @@ class LLMClient:
                 retry += 1
                 await self._before_retry(error, retry, deadline)
 
-    async def _stream_once(self, path: str, body: dict, chat: bool, started: float, deadline: float | None) -> AsyncIterator[StreamEvent]:
+    async def _stream_once(
+        self, path: str, body: dict, chat: bool, started: float, deadline: float | None
+    ) -> AsyncIterator[StreamEvent]:
         t = self.timeouts
         try:
             async with contextlib.AsyncExitStack() as stack:
@@ -199,14 +201,23 @@ class LLMClient:
                 finish: str | None = None
                 usage: Usage | None = None
                 while True:
-                    phase, limit = ("first_token", t.first_token - (time.monotonic() - started)) if first else ("between_tokens", t.between_tokens)
+                    phase, limit = (
+                        ("first_token", t.first_token - (time.monotonic() - started))
+                        if first
+                        else ("between_tokens", t.between_tokens)
+                    )
                     if deadline is not None and deadline - time.monotonic() < limit:
                         phase, limit = "total", deadline - time.monotonic()
                     try:
                         async with asyncio.timeout(max(0.0, limit)):
                             line = await anext(lines)
                     except TimeoutError:
-                        raise TimedOut(phase, {"first_token": t.first_token, "between_tokens": t.between_tokens}.get(phase, t.total or 0.0)) from None
+                        raise TimedOut(
+                            phase,
+                            {"first_token": t.first_token, "between_tokens": t.between_tokens}.get(
+                                phase, t.total or 0.0
+                            ),
+                        ) from None
                     except StopAsyncIteration:
                         raise ConnectionFailed("the stream ended without [DONE]") from None
                     if not line.startswith("data:"):
@@ -234,9 +245,11 @@ class LLMClient:
     # -- shared
     async def _before_retry(self, error: ClientError, retry: int, deadline: float | None) -> None:
         """Sleep before retry number `retry`, or re-raise `error` if it must not be retried."""
-        retryable = isinstance(error, ConnectionFailed) or (
-            isinstance(error, APIStatusError) and error.status in self.retry.retry_statuses
-        ) or (isinstance(error, TimedOut) and error.phase == "connect")
+        retryable = (
+            isinstance(error, ConnectionFailed)
+            or (isinstance(error, APIStatusError) and error.status in self.retry.retry_statuses)
+            or (isinstance(error, TimedOut) and error.phase == "connect")
+        )
         if not retryable or retry >= self.retry.max_attempts:
             raise error
         retry_after = error.retry_after if isinstance(error, APIStatusError) else None

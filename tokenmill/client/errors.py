@@ -1,11 +1,11 @@
 """What a call through `tokenmill.client` can end with, besides its answer.
 
-    ClientError                 base
-    ├── APIStatusError          the server answered 4xx/5xx (status, its message, Retry-After)
-    ├── StreamError             the server ended a stream with an error event
-    ├── ConnectionFailed        no connection, or it broke before any answer
-    ├── TimedOut                a deadline fired: phase is connect, first_token, between_tokens or total
-    └── MalformedResponse       the answer was not what the OpenAI API sends
+ClientError                 base
+├── APIStatusError          the server answered 4xx/5xx (status, its message, Retry-After)
+├── StreamError             the server ended a stream with an error event
+├── ConnectionFailed        no connection, or it broke before any answer
+├── TimedOut                a deadline fired: phase is connect, first_token, between_tokens or total
+└── MalformedResponse       the answer was not what the OpenAI API sends
 """
 
 from __future__ import annotations
@@ -38,7 +38,11 @@ class ConnectionFailed(ClientError):
 
 class TimedOut(ClientError):
     def __init__(self, phase: str, seconds: float):
-        super().__init__(f"no {phase.replace('_', ' ')} within {seconds:g} s" if phase != "total" else f"the call took over {seconds:g} s")
+        super().__init__(
+            f"no {phase.replace('_', ' ')} within {seconds:g} s"
+            if phase != "total"
+            else f"the call took over {seconds:g} s"
+        )
         self.phase = phase
         self.seconds = seconds
 

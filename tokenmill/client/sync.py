@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Self
 
 from tokenmill.client.core import Completion, LLMClient
 
@@ -39,7 +39,7 @@ class SyncLLMClient:
         self._loop.run_until_complete(self._client.aclose())
         self._loop.close()
 
-    def __enter__(self) -> SyncLLMClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

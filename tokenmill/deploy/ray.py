@@ -93,7 +93,9 @@ def build_application(settings: Settings, options: RayOptions = RayOptions()):
 def app_builder(args: dict[str, str]):
     """For `serve run tokenmill.deploy.ray:app_builder key=value ...` (keys are Settings fields,
     plus num_replicas, autoscale_min, autoscale_max, cpus_per_replica)."""
-    ray_keys = {f: args.pop(f) for f in ("num_replicas", "autoscale_min", "autoscale_max", "cpus_per_replica") if f in args}
+    ray_keys = {
+        f: args.pop(f) for f in ("num_replicas", "autoscale_min", "autoscale_max", "cpus_per_replica") if f in args
+    }
     options = RayOptions(**{k: (float(v) if k == "cpus_per_replica" else int(v)) for k, v in ray_keys.items()})
     return build_application(Settings(**args), options)
 

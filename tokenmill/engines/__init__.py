@@ -1,7 +1,7 @@
 """Model backends. `build_engine` is the only place that knows which class backs which name.
 
-    spec = engine_spec(settings)     # small, picklable: what to build (crosses into engine processes)
-    engine = build_engine(spec)      # loads the model and runs a warm-up decode before returning
+spec = engine_spec(settings)     # small, picklable: what to build (crosses into engine processes)
+engine = build_engine(spec)      # loads the model and runs a warm-up decode before returning
 """
 
 from __future__ import annotations
@@ -14,7 +14,14 @@ from tokenmill.cpus import available_cpus
 from tokenmill.engines.base import Chunk, StepEngine, Tokenizer
 
 __all__ = [
-    "Chunk", "EngineSpec", "StepEngine", "Tokenizer", "build_engine", "build_tokenizer", "engine_spec", "served_model_name",
+    "Chunk",
+    "EngineSpec",
+    "StepEngine",
+    "Tokenizer",
+    "build_engine",
+    "build_tokenizer",
+    "engine_spec",
+    "served_model_name",
 ]
 
 log = logging.getLogger(__name__)
@@ -60,8 +67,13 @@ def engine_spec(settings: Settings) -> EngineSpec:
     simulated = None
     if settings.engine == "simulated":
         simulated = SimulatedSpec(
-            settings.sim_ttft_ms, settings.sim_itl_ms, settings.sim_batch_cost, settings.sim_gil,
-            settings.sim_reply_tokens, settings.sim_fault, settings.sim_fault_at_step,
+            settings.sim_ttft_ms,
+            settings.sim_itl_ms,
+            settings.sim_batch_cost,
+            settings.sim_gil,
+            settings.sim_reply_tokens,
+            settings.sim_fault,
+            settings.sim_fault_at_step,
         )
     return EngineSpec(
         engine=settings.engine,
@@ -106,8 +118,12 @@ def build_engine(spec: EngineSpec) -> StepEngine:
     engine = _construct(spec)
     log.info(
         "engine %s: %d threads (%d CPUs usable by this process)%s",
-        spec.engine, spec.threads, available_cpus(), "" if spec.engine != "llamacpp" else
-        f"; llama.cpp extra weight buffers {'on' if spec.llama_extra_buffers else 'off'}",
+        spec.engine,
+        spec.threads,
+        available_cpus(),
+        ""
+        if spec.engine != "llamacpp"
+        else f"; llama.cpp extra weight buffers {'on' if spec.llama_extra_buffers else 'off'}",
     )
     try:
         warm_up(engine)
@@ -152,7 +168,9 @@ def _construct(spec: EngineSpec) -> StepEngine:
                 extra_buffers=spec.llama_extra_buffers,
             )
         return LlamaCppEngine(
-            Path(spec.model_path), context_window=spec.context_window, threads=spec.threads,
+            Path(spec.model_path),
+            context_window=spec.context_window,
+            threads=spec.threads,
             extra_buffers=spec.llama_extra_buffers,
         )
     if spec.engine == "torch":

@@ -32,7 +32,9 @@ class ChatTemplate:
         except InvalidRequest:
             raise
         except TemplateError as error:
-            raise InvalidRequest(f"the messages do not fit the model's chat template: {error}", param="messages") from error
+            raise InvalidRequest(
+                f"the messages do not fit the model's chat template: {error}", param="messages"
+            ) from error
 
 
 def _raise_from_template(message: str) -> None:

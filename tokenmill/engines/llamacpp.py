@@ -69,7 +69,9 @@ class LlamaCppTokenizer:
         source = llama_cpp.llama_model_chat_template(model, None)
         self._bos_text = bos
         self._template = ChatTemplate(source.decode() if source else None, bos_token=bos, eos_token=eos)
-        self.eog_ids = [t for t in range(llama_cpp.llama_vocab_n_tokens(vocab)) if llama_cpp.llama_vocab_is_eog(vocab, t)]
+        self.eog_ids = [
+            t for t in range(llama_cpp.llama_vocab_n_tokens(vocab)) if llama_cpp.llama_vocab_is_eog(vocab, t)
+        ]
         self._eog = frozenset(self.eog_ids)  # checked for every generated token: no ctypes call
 
     @property
@@ -263,7 +265,10 @@ class LlamaCppEngine:
             for chunk in chunks:
                 if chunk.completes_sequence_input and chunk.seq.num_generated == 0:
                     self._remember_prompt(chunk.seq, self._slots[chunk.seq.seq_id])
-        return [None if row is None else self._sample(chunk.seq, row) for chunk, row in zip(chunks, sample_rows, strict=True)]
+        return [
+            None if row is None else self._sample(chunk.seq, row)
+            for chunk, row in zip(chunks, sample_rows, strict=True)
+        ]
 
     def _sample(self, seq: Sequence, row: int) -> int:
         if seq.params.ignore_eos or seq.num_generated < seq.params.min_tokens:

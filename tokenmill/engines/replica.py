@@ -9,9 +9,7 @@ from tokenmill.engines.sequence import Sequence, SequenceStatus
 from tokenmill.generation import TokenEvent
 
 
-def generate(
-    engine: StepEngine, seq: Sequence, is_cancelled: Callable[[], bool]
-) -> Iterator[TokenEvent]:
+def generate(engine: StepEngine, seq: Sequence, is_cancelled: Callable[[], bool]) -> Iterator[TokenEvent]:
     """Blocking: yields events as tokens are sampled; checks `is_cancelled` before every step."""
     engine.add_sequence(seq)
     seq.status = SequenceStatus.RUNNING

@@ -14,8 +14,8 @@ from tokenmill.engines.base import Tokenizer
 from tokenmill.engines.stopping import StopMatcher
 from tokenmill.errors import ContextLengthExceeded, InvalidRequest
 from tokenmill.generation import (
-    FinishReason,
     Finished,
+    FinishReason,
     GenerationRequest,
     TextDelta,
     TokenEvent,

@@ -35,12 +35,63 @@ from tokenmill.generation import ChatMessage
 GilMode = Literal["release", "hold"]
 FaultKind = Literal["none", "crash", "raise", "bad_token"]
 
-_WORDS = (
-    "the a model token stream server batch request queue latency throughput engine serves "
-    "answers quickly slowly every step of one each and or but then when while because so "
-    "tokens flow through layers cache memory core thread process loop event worker replica "
-    "prompt reply text data time fast steady bounded graceful drain timeout retry backoff"
-).split()
+_WORDS = [
+    "the",
+    "a",
+    "model",
+    "token",
+    "stream",
+    "server",
+    "batch",
+    "request",
+    "queue",
+    "latency",
+    "throughput",
+    "engine",
+    "serves",
+    "answers",
+    "quickly",
+    "slowly",
+    "every",
+    "step",
+    "of",
+    "one",
+    "each",
+    "and",
+    "or",
+    "but",
+    "then",
+    "when",
+    "while",
+    "because",
+    "so",
+    "tokens",
+    "flow",
+    "through",
+    "layers",
+    "cache",
+    "memory",
+    "core",
+    "thread",
+    "process",
+    "loop",
+    "event",
+    "worker",
+    "replica",
+    "prompt",
+    "reply",
+    "text",
+    "data",
+    "time",
+    "fast",
+    "steady",
+    "bounded",
+    "graceful",
+    "drain",
+    "timeout",
+    "retry",
+    "backoff",
+]
 # Multi-byte words, each split mid-character into two tokens.
 _SPLIT_WORDS = (" café", " naïve", " 東京", " Ünïcode", " 🚀")
 _PROMPT_TOKEN = re.compile(r"\s*\S+|\s+")

@@ -32,7 +32,9 @@ def _build(settings: Settings) -> Runner:
         from tokenmill.runners.executor import ExecutorRunner
 
         threads = settings.sync_threads if settings.mode == "sync" else None
-        return ExecutorRunner(functools.partial(build_engine, engine_spec(settings)), settings.replicas, name, threads=threads)
+        return ExecutorRunner(
+            functools.partial(build_engine, engine_spec(settings)), settings.replicas, name, threads=threads
+        )
     if settings.mode == "process":
         from tokenmill.runners.processes import ProcessRunner
 
@@ -49,7 +51,9 @@ def _build(settings: Settings) -> Runner:
             from tokenmill.runners.engine_process import EngineProcessRunner
 
             tokenizer = functools.partial(build_tokenizer, settings)
-            return EngineProcessRunner(engine_spec(settings), config, name, tokenizer, policy, settings.log_level.upper())
+            return EngineProcessRunner(
+                engine_spec(settings), config, name, tokenizer, policy, settings.log_level.upper()
+            )
         from tokenmill.runners.batching import BatchingRunner
 
         return BatchingRunner(functools.partial(build_engine, engine_spec(settings)), config, name, policy)

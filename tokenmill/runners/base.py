@@ -1,8 +1,8 @@
 """The interface every serving pattern implements, and the handle a submitted request returns.
 
-    runner.submit(request) -> RequestHandle      (raises InvalidRequest before any model work)
-    async for event in handle: ...               (TextDelta ... Finished; raises TokenmillError)
-    handle.abort()                               (client gone / deadline: stop generating, free capacity)
+runner.submit(request) -> RequestHandle      (raises InvalidRequest before any model work)
+async for event in handle: ...               (TextDelta ... Finished; raises TokenmillError)
+handle.abort()                               (client gone / deadline: stop generating, free capacity)
 """
 
 from __future__ import annotations

@@ -70,7 +70,9 @@ class BatchingRunner(BatchFront):
         # concurrency 1: 50 ms between tokens instead of 33 ms).
         self._loop = asyncio.get_running_loop()
         built: asyncio.Future[None] = self._loop.create_future()
-        self._thread = threading.Thread(target=self._own_engine, args=(built,), name="tokenmill-batch-engine", daemon=True)
+        self._thread = threading.Thread(
+            target=self._own_engine, args=(built,), name="tokenmill-batch-engine", daemon=True
+        )
         self._thread.start()
         await built
         self._ready = True
@@ -163,7 +165,9 @@ class BatchingRunner(BatchFront):
                 self._core = EngineCore(self._engine_factory(), self.config)
             except Exception as error:
                 log.exception("restarting the engine failed")
-                self._call_loop(self._on_engine_failed, "restart_failed", [], EngineFailure(f"engine restart failed: {error}"))
+                self._call_loop(
+                    self._on_engine_failed, "restart_failed", [], EngineFailure(f"engine restart failed: {error}")
+                )
                 continue
             with self._wakeup:  # submitted in the instant the old engine failed: prepared for it
                 stale = [m.seq.seq_id for m in self._inbox if isinstance(m, _Add)]
@@ -195,4 +199,3 @@ def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
         future.set_result(None)
     else:
         future.set_exception(error)
-

@@ -107,8 +107,10 @@ class EngineProcessRunner(BatchFront):
         started = time.monotonic()
         parent_end, child_end = self._context.Pipe()
         process = self._context.Process(
-            target=engine_main, args=(self._spec, self.config, child_end, self._log_level),
-            name="tokenmill-engine", daemon=True,
+            target=engine_main,
+            args=(self._spec, self.config, child_end, self._log_level),
+            name="tokenmill-engine",
+            daemon=True,
         )
         process.start()
         child_end.close()
@@ -176,7 +178,9 @@ class EngineProcessRunner(BatchFront):
             engine.ready.set_exception(EngineFailure(f"the engine process failed to start: {description}"))
             return
         log.error("engine process %d %s", engine.process.pid, description)
-        error = EngineFailure(f"the model engine failed ({description}); the request was ended, retry it", code="engine_restarting")
+        error = EngineFailure(
+            f"the model engine failed ({description}); the request was ended, retry it", code="engine_restarting"
+        )
         delay = self._engine_lost(engine.death_reason(), error)
         if delay is not None:
             self._restart_task = asyncio.ensure_future(self._restart(delay))

@@ -60,7 +60,9 @@ def engine_main(spec: EngineSpec, config: SchedulerConfig, conn: Connection, log
     # requests. The parent stops it with a Stop message, and kills it if that fails.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s %(name)s[engine {os.getpid()}]: %(message)s")
+    logging.basicConfig(
+        level=log_level, format=f"%(asctime)s %(levelname)s %(name)s[engine {os.getpid()}]: %(message)s"
+    )
     from tokenmill.engines import build_engine
 
     try:
@@ -88,7 +90,16 @@ def _serve(core: EngineCore, conn: Connection) -> None:
         for message in messages:
             if isinstance(message, AddSequence):
                 tokenizer = core.engine.tokenizer
-                core.add(Sequence(message.request_id, message.prompt_ids, message.params, message.max_new_tokens, tokenizer, message.seq_id))
+                core.add(
+                    Sequence(
+                        message.request_id,
+                        message.prompt_ids,
+                        message.params,
+                        message.max_new_tokens,
+                        tokenizer,
+                        message.seq_id,
+                    )
+                )
             elif isinstance(message, AbortSequence):
                 core.abort(message.seq_id)
             elif isinstance(message, Stop):

@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 
 
 class ExecutorRunner(Runner):
-    def __init__(self, engine_factory: Callable[[], StepEngine], replicas: int, model_name: str, threads: int | None = None):
+    def __init__(
+        self, engine_factory: Callable[[], StepEngine], replicas: int, model_name: str, threads: int | None = None
+    ):
         self.model_name = model_name
         self._engine_factory = engine_factory
         self._replicas = replicas
@@ -61,7 +63,13 @@ class ExecutorRunner(Runner):
 
     def stats(self) -> RunnerStats:
         running = min(self._in_flight, self._replicas)
-        return RunnerStats(running=running, waiting=self._in_flight - running, kv_tokens_used=0, kv_tokens_capacity=0, aborted=self._aborted)
+        return RunnerStats(
+            running=running,
+            waiting=self._in_flight - running,
+            kv_tokens_used=0,
+            kv_tokens_capacity=0,
+            aborted=self._aborted,
+        )
 
     @property
     def tokenizer(self):

@@ -102,7 +102,11 @@ def _run(engine, job: Job, conn: Connection) -> bool:
             else:
                 conn.send(Emit(job.job_id, event))
         conn.send(Done(job.job_id, finished))
-    except Exception as error:  # the parent turns this into an error event for the client
-        failure = error if isinstance(error, TokenmillError) else EngineFailure(f"generation failed: {type(error).__name__}: {error}")
+    except Exception as error:  # noqa: BLE001 -- the parent turns any failure into an error event for the client
+        failure = (
+            error
+            if isinstance(error, TokenmillError)
+            else EngineFailure(f"generation failed: {type(error).__name__}: {error}")
+        )
         conn.send(Done(job.job_id, None, failure))
     return keep_running

@@ -152,7 +152,9 @@ class ProcessRunner(Runner):
             handle.fail(EngineFailure(f"the worker process serving this request died (exit code {code})"))
         failed_to_start = not worker.ready.done()
         if failed_to_start:
-            worker.ready.set_exception(EngineFailure(f"worker process {worker.index} failed to start (exit code {code})"))
+            worker.ready.set_exception(
+                EngineFailure(f"worker process {worker.index} failed to start (exit code {code})")
+            )
             worker.ready.exception()  # retrieved: the restart below reports it
             if not self._started:
                 return  # start() reports it
@@ -176,7 +178,11 @@ class ProcessRunner(Runner):
 
     async def submit(self, request: GenerationRequest) -> RequestHandle:
         if not self.ready:
-            raise Overloaded("Every worker process is restarting after a failure; retry shortly.", retry_after=1.0, code="engine_restarting")
+            raise Overloaded(
+                "Every worker process is restarting after a failure; retry shortly.",
+                retry_after=1.0,
+                code="engine_restarting",
+            )
         seq = self.prepare(request, self._tokenizer)
         job = Job(next(self._job_ids), request.request_id, seq.token_ids, seq.params, seq.max_new_tokens)
         handle = RequestHandle(request.request_id, on_abort=lambda: self._abort(job.job_id))
@@ -217,7 +223,9 @@ class ProcessRunner(Runner):
 
     def stats(self) -> RunnerStats:
         running = sum(1 for w in self._workers if w.job is not None)
-        return RunnerStats(running=running, waiting=len(self._pending), kv_tokens_used=0, kv_tokens_capacity=0, aborted=self._aborted)
+        return RunnerStats(
+            running=running, waiting=len(self._pending), kv_tokens_used=0, kv_tokens_capacity=0, aborted=self._aborted
+        )
 
     async def stop(self) -> None:
         self._stopping = True
@@ -239,4 +247,3 @@ class ProcessRunner(Runner):
                 worker.process.kill()
                 worker.process.join()
             worker.conn.close()
-

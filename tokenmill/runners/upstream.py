@@ -67,12 +67,16 @@ class UpstreamRunner(Runner):
             try:
                 models = await self._client.models()
             except ClientError as error:
-                raise EngineFailure(f"cannot ask {s.upstream_url} which model it serves ({error.message}); pass --upstream-model") from error
+                raise EngineFailure(
+                    f"cannot ask {s.upstream_url} which model it serves ({error.message}); pass --upstream-model"
+                ) from error
             if not models:
                 raise EngineFailure(f"{s.upstream_url} lists no model; pass --upstream-model")
             self._client.model = models[0]
         self.model_name = self.model_name or self._client.model or "upstream"
-        log.info("relaying to %s (model %s, pool of %d connections)", s.upstream_url, self._client.model, s.upstream_pool)
+        log.info(
+            "relaying to %s (model %s, pool of %d connections)", s.upstream_url, self._client.model, s.upstream_pool
+        )
 
     async def stop(self) -> None:
         for task in list(self._tasks):
@@ -91,7 +95,9 @@ class UpstreamRunner(Runner):
         return self._client
 
     def stats(self) -> RunnerStats:
-        return RunnerStats(running=len(self._tasks), waiting=0, kv_tokens_used=0, kv_tokens_capacity=0, aborted=self._aborted)
+        return RunnerStats(
+            running=len(self._tasks), waiting=0, kv_tokens_used=0, kv_tokens_capacity=0, aborted=self._aborted
+        )
 
     async def submit(self, request: GenerationRequest) -> RequestHandle:
         limit = self.limits.max_tokens
@@ -163,15 +169,29 @@ def _translate(error: ClientError) -> TokenmillError:
     if isinstance(error, APIStatusError):
         said = error.server_message
         if error.status in (429, 503):
-            return Overloaded(f"the upstream model server is overloaded: {said}", retry_after=error.retry_after or 1.0, code="upstream_overloaded")
+            return Overloaded(
+                f"the upstream model server is overloaded: {said}",
+                retry_after=error.retry_after or 1.0,
+                code="upstream_overloaded",
+            )
         if error.status in (401, 403):
-            return UpstreamFailure(f"the upstream model server refused this server's credentials: {said}", code="upstream_auth")
+            return UpstreamFailure(
+                f"the upstream model server refused this server's credentials: {said}", code="upstream_auth"
+            )
         if 400 <= error.status < 500:
             return InvalidRequest(f"the upstream model server refused the request: {said}", code=error.code)
         return UpstreamFailure(f"the upstream model server failed ({error.status}): {said}")
     if isinstance(error, TimedOut):
-        code = {"connect": "upstream_connect_timeout", "first_token": "first_token_timeout", "between_tokens": "inter_token_timeout"}
+        code = {
+            "connect": "upstream_connect_timeout",
+            "first_token": "first_token_timeout",
+            "between_tokens": "inter_token_timeout",
+        }
         return DeadlineExceeded(f"upstream: {error.message}", code=code.get(error.phase, "request_timeout"))
     if isinstance(error, ConnectionFailed):
-        return UpstreamFailure(f"the upstream model server is unreachable or hung up: {error.message}", code="upstream_unreachable")
-    return UpstreamFailure(f"the upstream model server sent something unusable: {error.message}", code="upstream_bad_response")
+        return UpstreamFailure(
+            f"the upstream model server is unreachable or hung up: {error.message}", code="upstream_unreachable"
+        )
+    return UpstreamFailure(
+        f"the upstream model server sent something unusable: {error.message}", code="upstream_bad_response"
+    )

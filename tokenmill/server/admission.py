@@ -68,7 +68,9 @@ class Ticket:
 
 
 class Admission:
-    def __init__(self, capacity: int, max_queue: int, queue_timeout: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, capacity: int, max_queue: int, queue_timeout: float, clock: Callable[[], float] = time.monotonic
+    ):
         self.capacity = capacity
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
@@ -94,7 +96,11 @@ class Admission:
 
     async def acquire(self) -> Ticket:
         if self.draining:
-            raise Overloaded("The server is shutting down; retry on another instance.", retry_after=self.retry_after(), code="draining")
+            raise Overloaded(
+                "The server is shutting down; retry on another instance.",
+                retry_after=self.retry_after(),
+                code="draining",
+            )
         if self.active < self.capacity and not self._waiters:
             self.active += 1
             return Ticket(self)
@@ -152,5 +158,7 @@ class Admission:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(
-                    Overloaded("The server is shutting down; retry on another instance.", retry_after=1.0, code="draining")
+                    Overloaded(
+                        "The server is shutting down; retry on another instance.", retry_after=1.0, code="draining"
+                    )
                 )

@@ -24,7 +24,16 @@ from tokenmill.server.middleware import RequestContext
 from tokenmill.server.routes import router
 from tokenmill.server.serving import Serving
 
-_KNOWN_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/generate", "/stream", "/health", "/ready", "/metrics"}
+_KNOWN_ROUTES = {
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/models",
+    "/generate",
+    "/stream",
+    "/health",
+    "/ready",
+    "/metrics",
+}
 
 
 def create_app(settings: Settings | None = None, runner: Runner | None = None) -> FastAPI:
@@ -93,14 +102,29 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None) -
 def _metrics_for(runner: Runner, admission: Admission, lifecycle: Lifecycle) -> Metrics:
     metrics = Metrics()
     metrics.gauge("tokenmill_in_flight_requests", "Admitted requests not yet finished", lambda: admission.active)
-    metrics.gauge("tokenmill_capacity", "Requests admitted to run at once now (fewer while engines are down)", lambda: admission.capacity)
+    metrics.gauge(
+        "tokenmill_capacity",
+        "Requests admitted to run at once now (fewer while engines are down)",
+        lambda: admission.capacity,
+    )
     metrics.gauge("tokenmill_queue_depth", "Requests waiting for a place", lambda: admission.queued)
-    metrics.gauge("tokenmill_batch_running_sequences", "Sequences the model is working on", lambda: runner.stats().running)
-    metrics.gauge("tokenmill_kv_cache_used_tokens", "KV cache cells reserved by running sequences", lambda: runner.stats().kv_tokens_used)
-    metrics.gauge("tokenmill_kv_cache_capacity_tokens", "KV cache cells in the budget", lambda: runner.stats().kv_tokens_capacity)
+    metrics.gauge(
+        "tokenmill_batch_running_sequences", "Sequences the model is working on", lambda: runner.stats().running
+    )
+    metrics.gauge(
+        "tokenmill_kv_cache_used_tokens",
+        "KV cache cells reserved by running sequences",
+        lambda: runner.stats().kv_tokens_used,
+    )
+    metrics.gauge(
+        "tokenmill_kv_cache_capacity_tokens", "KV cache cells in the budget", lambda: runner.stats().kv_tokens_capacity
+    )
     metrics.gauge("tokenmill_draining", "1 while the server drains for shutdown", lambda: float(lifecycle.draining))
     metrics.gauge("tokenmill_engine_ready", "1 while the model engine can take requests", lambda: float(runner.ready))
     metrics.labelled_counter(
-        "tokenmill_engine_restarts", "Engine (or worker process) restarts after a failure, by reason", "reason", runner.restarts
+        "tokenmill_engine_restarts",
+        "Engine (or worker process) restarts after a failure, by reason",
+        "reason",
+        runner.restarts,
     )
     return metrics

@@ -44,7 +44,8 @@ async def within_deadlines(handle: RequestHandle, deadlines: Deadlines, started:
             handle.abort()
             if remaining_total <= phase:
                 raise DeadlineExceeded(
-                    f"The request did not finish within its {deadlines.total_s:g}s total timeout.", code="request_timeout"
+                    f"The request did not finish within its {deadlines.total_s:g}s total timeout.",
+                    code="request_timeout",
                 ) from None
             if first:
                 raise DeadlineExceeded(

@@ -73,7 +73,11 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0]
     location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query")]
     # pydantic reports union members as extra path parts ('str', 'list[...]'): drop them.
-    location = [part for part in location if not any(ch in part for ch in "[]") and part not in ("str", "int", "float", "bool", "list")]
+    location = [
+        part
+        for part in location
+        if not any(ch in part for ch in "[]") and part not in ("str", "int", "float", "bool", "list")
+    ]
     param = ".".join(location) or None
     kind = first.get("type", "")
     if kind == "json_invalid":

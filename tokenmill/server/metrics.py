@@ -22,19 +22,38 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("tokenmill_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
-        self.rejections = Counter("tokenmill_rejections", "Requests refused before any work, by reason", ["reason"], registry=r)
+        self.requests = Counter(
+            "tokenmill_requests", "HTTP requests by route and status", ["route", "status"], registry=r
+        )
+        self.rejections = Counter(
+            "tokenmill_rejections", "Requests refused before any work, by reason", ["reason"], registry=r
+        )
         self.aborts = Counter("tokenmill_aborts", "Generations stopped early, by reason", ["reason"], registry=r)
         self.prompt_tokens = Counter("tokenmill_prompt_tokens", "Prompt tokens of finished requests", registry=r)
-        self.generation_tokens = Counter("tokenmill_generation_tokens", "Generated tokens of finished requests", registry=r)
-        self.ttft = Histogram("tokenmill_time_to_first_token_seconds", "Arrival to first token", buckets=_LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("tokenmill_inter_token_latency_seconds", "Gap between consecutive tokens", buckets=_LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram("tokenmill_request_duration_seconds", "Arrival to last token", buckets=_LATENCY_BUCKETS, registry=r)
-        self.loop_lag = Histogram(
-            "tokenmill_event_loop_lag_seconds", "How late each event-loop tick (every 50 ms) woke up",
-            buckets=LOOP_LAG_BUCKETS, registry=r,
+        self.generation_tokens = Counter(
+            "tokenmill_generation_tokens", "Generated tokens of finished requests", registry=r
         )
-        self.loop_lag_max = Gauge("tokenmill_event_loop_lag_max_seconds", "Worst event-loop lag since start", registry=r)
+        self.ttft = Histogram(
+            "tokenmill_time_to_first_token_seconds", "Arrival to first token", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            "tokenmill_inter_token_latency_seconds",
+            "Gap between consecutive tokens",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "tokenmill_request_duration_seconds", "Arrival to last token", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.loop_lag = Histogram(
+            "tokenmill_event_loop_lag_seconds",
+            "How late each event-loop tick (every 50 ms) woke up",
+            buckets=LOOP_LAG_BUCKETS,
+            registry=r,
+        )
+        self.loop_lag_max = Gauge(
+            "tokenmill_event_loop_lag_max_seconds", "Worst event-loop lag since start", registry=r
+        )
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         Gauge(name, help_text, registry=self.registry).set_function(read)

@@ -23,8 +23,11 @@ _OPEN_PATHS = {"/health", "/ready"}
 
 async def _send_error(send: Send, error: TokenmillError, request_id: str) -> int:
     body = json.dumps(error_body(error)).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"x-request-id", request_id.encode())]
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", request_id.encode()),
+    ]
     headers += [(k.lower().encode(), v.encode()) for k, v in error_headers(error).items()]
     status = status_for(error)
     await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -35,7 +38,16 @@ async def _send_error(send: Send, error: TokenmillError, request_id: str) -> int
 class RequestContext:
     """Request id in and out, an access log line per request, auth, and the body size limit."""
 
-    def __init__(self, app: ASGIApp, *, api_keys: tuple[str, ...], protect_metrics: bool, max_body_bytes: int, json_logs: bool, on_response: Callable[[Scope, int], None]):
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        api_keys: tuple[str, ...],
+        protect_metrics: bool,
+        max_body_bytes: int,
+        json_logs: bool,
+        on_response: Callable[[Scope, int], None],
+    ):
         self.app = app
         self._api_keys = tuple(k.encode() for k in api_keys)
         self._protect_metrics = protect_metrics
@@ -81,7 +93,7 @@ class RequestContext:
         given = headers.get(b"authorization", b"")
         token = given[7:] if given[:7].lower() == b"bearer " else b""
         # compare against every key, always, in constant time per key
-        return any([hmac.compare_digest(token, key) for key in self._api_keys]) and bool(token)
+        return any([hmac.compare_digest(token, key) for key in self._api_keys]) and bool(token)  # noqa: C419 -- a list: every key is compared, no early exit
 
     def _limited(self, receive: Receive) -> Receive:
         seen = 0
@@ -99,13 +111,26 @@ class RequestContext:
 
     def _log(self, scope: Scope, status: int, seconds: float, request_id: str) -> None:
         client = scope.get("client") or ("-", 0)
-        fields = {"request_id": request_id, "method": scope["method"], "path": scope["path"], "status": status,
-                  "duration_ms": round(seconds * 1000, 1), "client": f"{client[0]}:{client[1]}"}
+        fields = {
+            "request_id": request_id,
+            "method": scope["method"],
+            "path": scope["path"],
+            "status": status,
+            "duration_ms": round(seconds * 1000, 1),
+            "client": f"{client[0]}:{client[1]}",
+        }
         if self._json_logs:
             access_log.info(json.dumps(fields))
         else:
-            access_log.info("%s %s %s %d %.1fms %s", fields["client"], fields["method"], fields["path"], status,
-                            fields["duration_ms"], request_id)
+            access_log.info(
+                "%s %s %s %d %.1fms %s",
+                fields["client"],
+                fields["method"],
+                fields["path"],
+                status,
+                fields["duration_ms"],
+                request_id,
+            )
 
 
 def _clean_request_id(raw: bytes | None) -> str | None:
@@ -114,4 +139,3 @@ def _clean_request_id(raw: bytes | None) -> str | None:
         return None
     text = raw.decode("ascii", "ignore")
     return text if text.isprintable() and text.strip() == text and text else None
-

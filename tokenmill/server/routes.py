@@ -58,7 +58,9 @@ async def _until_disconnected(request: Request) -> None:
         pass
 
 
-async def _answer(request: Request, generation: Generation, build: Callable[[Generation], Awaitable[T]]) -> T | Response:
+async def _answer(
+    request: Request, generation: Generation, build: Callable[[Generation], Awaitable[T]]
+) -> T | Response:
     """Build a non-streamed body; if the client leaves first, stop generating at once."""
     body_task = asyncio.ensure_future(build(generation))
     gone_task = asyncio.ensure_future(_until_disconnected(request))
@@ -105,7 +107,9 @@ async def completions(body: CompletionRequest, request: Request):
         client_gone=lambda: _until_disconnected(request),
     )
     if body.stream:
-        return _streamed(generation, streams.completion_stream(generation, completion_id, created, model, body.include_usage))
+        return _streamed(
+            generation, streams.completion_stream(generation, completion_id, created, model, body.include_usage)
+        )
     return await _answer(request, generation, lambda g: streams.text_completion(g, completion_id, created, model))
 
 

@@ -1,8 +1,8 @@
 """The path between a parsed request and its renderer: admission, submit, deadlines, metrics, drain.
 
-    generation = await serving.start(request, timeout)   # 503 if full, 400 if the model refuses it
-    async for event in generation.events(): ...          # deadlines and metrics applied
-    generation.close(client_gone=...)                    # always: frees the place, aborts if unfinished
+generation = await serving.start(request, timeout)   # 503 if full, 400 if the model refuses it
+async for event in generation.events(): ...          # deadlines and metrics applied
+generation.close(client_gone=...)                    # always: frees the place, aborts if unfinished
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from tokenmill.server.metrics import Metrics
 
 
 class Serving:
-    def __init__(self, runner: Runner, admission: Admission, lifecycle: Lifecycle, metrics: Metrics, deadlines: Deadlines):
+    def __init__(
+        self, runner: Runner, admission: Admission, lifecycle: Lifecycle, metrics: Metrics, deadlines: Deadlines
+    ):
         self.runner = runner
         self.admission = admission
         self.lifecycle = lifecycle
@@ -59,7 +61,6 @@ class Serving:
             raise
         self.lifecycle.track(handle)
         return Generation(self, handle, ticket, arrived, self.deadlines.shortened_to(timeout))
-
 
     async def _queue(self, client_gone: Callable[[], Awaitable[None]]) -> Ticket:
         waiting = asyncio.ensure_future(self.admission.acquire())

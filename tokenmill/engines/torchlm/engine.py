@@ -52,7 +52,9 @@ class TorchEngine:
             torch.set_num_threads(threads)
         self.device = pick_device(device)
         # the int4 kernel behind four_bit_rows is a CPU one (four_bit.py)
-        checkpoint = load_checkpoint(model_path, DTYPES[dtype], self.device, four_bit=four_bit_rows > 0 and self.device.type == "cpu")
+        checkpoint = load_checkpoint(
+            model_path, DTYPES[dtype], self.device, four_bit=four_bit_rows > 0 and self.device.type == "cpu"
+        )
         window = min(context_window, checkpoint.config.trained_context)
         self.tokenizer = load_tokenizer(model_path, window)
         self.model = LlamaModel(checkpoint, max_positions=window, four_bit_rows=four_bit_rows)
@@ -123,8 +125,9 @@ class TorchEngine:
                 size=len(decode_slots),
                 slots=tensor(decode_slots),
                 covers_all_slots=len(decode_slots) == self.cache.num_slots,
-                bias=torch.zeros(len(lengths), 1, 1, self.cache.capacity, dtype=self.cache.dtype, device=self.device)
-                .masked_fill_((cells >= tensor(lengths)[:, None])[:, None, None, :], -torch.inf),
+                bias=torch.zeros(
+                    len(lengths), 1, 1, self.cache.capacity, dtype=self.cache.dtype, device=self.device
+                ).masked_fill_((cells >= tensor(lengths)[:, None])[:, None, None, :], -torch.inf),
             )
         inputs = StepInputs(
             token_ids=tensor(token_ids),
@@ -138,4 +141,3 @@ class TorchEngine:
 
     def close(self) -> None:
         pass  # tensors are freed with the engine
-

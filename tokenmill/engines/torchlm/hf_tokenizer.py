@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence as Seq
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from tokenmill.engines.chat_template import ChatTemplate
@@ -43,7 +43,7 @@ class HFTokenizer:
     def is_end_of_generation(self, token_id: int) -> bool:
         return token_id in self._eog
 
-    @lru_cache(maxsize=None)  # noqa: B019 -- one tokenizer per engine, lives as long as it
+    @cache  # noqa: B019 -- one tokenizer per engine, lives as long as it
     def _bytes(self, token_id: int) -> bytes:
         piece = self._tokenizer.id_to_token(token_id) or ""
         if self._byte_level:
@@ -61,7 +61,9 @@ def _token_text(token) -> str | None:
 
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's reversible map from bytes to printable characters, inverted."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     codes = printable[:]
     extra = 0
     for b in range(256):

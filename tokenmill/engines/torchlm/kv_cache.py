@@ -85,7 +85,9 @@ class SlotKVCache:
     def values(self, layer: int) -> torch.Tensor:
         return self._cells[layer, 1, : self.num_slots]
 
-    def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def write(
+        self, layer: int, slots: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+    ) -> None:
         """Store token i's keys/values ([tokens, kv heads, head dim]) at (slots[i], positions[i])."""
         self._cells[layer, 0, slots, :, positions] = keys
         self._cells[layer, 1, slots, :, positions] = values

@@ -21,9 +21,15 @@ _PACKED_FOR_ROWS = 32  # the batch size oneDNN tunes the packed layout for; othe
 
 
 class Projection:
-    __slots__ = ("weight", "_packed", "_few_rows", "_few_rows_kernel")
+    __slots__ = ("_few_rows", "_few_rows_kernel", "_packed", "weight")
 
-    def __init__(self, weight: torch.Tensor | None, packed: torch.Tensor | None, few_rows: int, few_rows_kernel: FourBitMatmul | None):
+    def __init__(
+        self,
+        weight: torch.Tensor | None,
+        packed: torch.Tensor | None,
+        few_rows: int,
+        few_rows_kernel: FourBitMatmul | None,
+    ):
         self.weight = None if packed is not None else weight  # never hold both dense copies
         self._packed = packed
         self._few_rows = few_rows if few_rows_kernel is not None else 0
@@ -37,7 +43,9 @@ class Projection:
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, None, "none", [], "")
 
 
-def projection(weight: torch.Tensor, prepack: bool, four_bit: FourBitBlocks | None = None, four_bit_rows: int = 0) -> Projection:
+def projection(
+    weight: torch.Tensor, prepack: bool, four_bit: FourBitBlocks | None = None, four_bit_rows: int = 0
+) -> Projection:
     """`four_bit_rows`: steps with at most this many rows use `four_bit` (when given and usable)."""
     kernel = four_bit_matmul(four_bit, weight) if four_bit is not None and four_bit_rows > 0 else None
     return Projection(weight, _prepacked(weight) if prepack else None, four_bit_rows, kernel)

@@ -84,7 +84,9 @@ class LlamaModel:
         self._group = c.num_heads // c.num_kv_heads
         self._scale = c.head_dim**-0.5
         device, dtype = checkpoint.embedding.device, checkpoint.embedding.dtype
-        inverse = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32, device=device) / c.head_dim))
+        inverse = 1.0 / (
+            c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32, device=device) / c.head_dim)
+        )
         angles = torch.outer(torch.arange(max_positions, dtype=torch.float32, device=device), inverse)
         angles = torch.cat([angles, angles], dim=-1)
         self._cos, self._sin = angles.cos().to(dtype), angles.sin().to(dtype)
@@ -116,7 +118,9 @@ class LlamaModel:
         last = _rms_norm(x[inputs.sample_rows], self._final_norm, c.rms_norm_eps)
         return self._lm_head(last).float()
 
-    def _attend(self, q: torch.Tensor, bias: torch.Tensor | None, inputs: StepInputs, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    def _attend(
+        self, q: torch.Tensor, bias: torch.Tensor | None, inputs: StepInputs, keys: torch.Tensor, values: torch.Tensor
+    ) -> torch.Tensor:
         c = self.config
         out = q.new_empty(q.shape)
         decode = inputs.decode

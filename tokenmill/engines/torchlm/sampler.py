@@ -36,7 +36,9 @@ class BatchSampler:
     def remove(self, seq_id: int) -> None:
         self._generators.pop(seq_id, None)
 
-    def sample(self, logits: torch.Tensor, seq_ids: Seq[int], params: Seq[SamplingParams], forbid_end: Seq[bool]) -> list[int]:
+    def sample(
+        self, logits: torch.Tensor, seq_ids: Seq[int], params: Seq[SamplingParams], forbid_end: Seq[bool]
+    ) -> list[int]:
         """One token per row of `logits` ([rows, vocab], fp32; modified in place)."""
         if any(forbid_end):
             rows = torch.tensor([i for i, f in enumerate(forbid_end) if f], device=self._device)
