@@ -149,8 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-        from tokenmill.deploy.ray import RayOptions, run
+        from tokenmill.deploy import ray as ray_deploy
 
-        options = RayOptions(args.num_replicas, args.autoscale_min, args.autoscale_max, args.cpus_per_replica)
-        return run(settings, options, args.ray_address)
+        options = ray_deploy.RayOptions(
+            args.num_replicas, args.autoscale_min, args.autoscale_max, args.cpus_per_replica
+        )
+        return ray_deploy.run(settings, options, args.ray_address)
     return 2

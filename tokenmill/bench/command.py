@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     if args.baselines and not open_loop_rates:
         from tokenmill.bench.baselines import measure_baselines, ratio_table
 
-        baselines = measure_baselines(levels, args, shlex.split((args.serve_args or [""])[0]))
+        baselines = measure_baselines([int(level) for level in levels], args, shlex.split((args.serve_args or [""])[0]))
         ratios = ratio_table(rows, baselines)
         print(ratios)
     if args.out:

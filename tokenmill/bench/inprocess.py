@@ -112,10 +112,7 @@ def bare_decode_loop(settings: Settings, workload: Workload, concurrency: int, r
     produced = 0
     for wave_start in range(0, requests, concurrency):
         wave = range(wave_start, min(requests, wave_start + concurrency))
-        prompts = [
-            tokenizer.encode(tokenizer.render_chat(to_generation_request(workload.request_body(i, "m"), i).messages))
-            for i in wave
-        ]
+        prompts = [tokenizer.encode(tokenizer.render_chat(_messages(workload, i))) for i in wave]
         last_tokens = []
         for slot, prompt in enumerate(prompts):  # prefill, chunked to the step budget
             for start in range(0, len(prompt), settings.max_step_tokens):
@@ -155,7 +152,7 @@ def llama_library_loop(settings: Settings, workload: Workload, requests: int) ->
     eog_bias = {t: -1e9 for t in tokenizer.eog_ids}  # ignore_eos, as in the workload
 
     def prompt(i: int) -> str:
-        return tokenizer.render_chat(to_generation_request(workload.request_body(i, "m"), i).messages)
+        return tokenizer.render_chat(_messages(workload, i))
 
     llm.create_completion(prompt(-1), max_tokens=4)  # warm-up
     started = time.perf_counter()
@@ -172,10 +169,17 @@ def llama_library_loop(settings: Settings, workload: Workload, requests: int) ->
             min_p=0.0,
             logit_bias=eog_bias,
         )
+        assert isinstance(out, dict)  # not streamed: one response
         produced += out["usage"]["completion_tokens"]
     seconds = time.perf_counter() - started
     llm.close()
     return Measurement("llama_cpp.Llama.create_completion loop", 1, produced, seconds)
+
+
+def _messages(workload: Workload, i: int) -> tuple[ChatMessage, ...]:
+    messages = to_generation_request(workload.request_body(i, "m"), i).messages
+    assert messages is not None  # the workload sends chat requests
+    return messages
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -187,8 +191,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from tokenmill.cli import build_parser, settings_from_args
 
-    kind, concurrency, requests, max_tokens, *serve_flags = argv if argv is not None else sys.argv[1:]
-    concurrency, requests = int(concurrency), int(requests)
+    kind, concurrency_arg, requests_arg, max_tokens, *serve_flags = argv if argv is not None else sys.argv[1:]
+    concurrency, requests = int(concurrency_arg), int(requests_arg)
     settings = settings_from_args(build_parser().parse_args(["serve", *serve_flags]))
     workload = Workload(max_tokens=int(max_tokens))
     batch = settings.model_copy(update={"mode": "batch", "max_batch": max(settings.max_batch, concurrency)})

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -117,10 +117,12 @@ class LLMClient:
             if isinstance(event, TextChunk):
                 yield event.text
 
-    def stream_chat_events(self, messages: Sequence[dict[str, str]], **params: Any) -> AsyncIterator[StreamEvent]:
+    def stream_chat_events(
+        self, messages: Sequence[dict[str, str]], **params: Any
+    ) -> AsyncGenerator[StreamEvent, None]:
         return self._stream("/v1/chat/completions", {"messages": list(messages), **params}, chat=True)
 
-    def stream_complete_events(self, prompt: str, **params: Any) -> AsyncIterator[StreamEvent]:
+    def stream_complete_events(self, prompt: str, **params: Any) -> AsyncGenerator[StreamEvent, None]:
         return self._stream("/v1/completions", {"prompt": prompt, **params}, chat=False)
 
     async def models(self) -> list[str]:
@@ -158,7 +160,7 @@ class LLMClient:
             raise MalformedResponse(f"the server's answer is not JSON: {response.text[:200]!r}") from None
 
     # -- streamed calls
-    async def _stream(self, path: str, body: dict, chat: bool) -> AsyncIterator[StreamEvent]:
+    async def _stream(self, path: str, body: dict, chat: bool) -> AsyncGenerator[StreamEvent, None]:
         body = self._with_model({**body, "stream": True})
         body.setdefault("stream_options", {"include_usage": True})
         started = time.monotonic()
@@ -180,7 +182,7 @@ class LLMClient:
 
     async def _stream_once(
         self, path: str, body: dict, chat: bool, started: float, deadline: float | None
-    ) -> AsyncIterator[StreamEvent]:
+    ) -> AsyncGenerator[StreamEvent, None]:
         t = self.timeouts
         try:
             async with contextlib.AsyncExitStack() as stack:

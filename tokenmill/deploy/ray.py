@@ -42,7 +42,7 @@ class RayOptions:
 def deployment_options(settings: Settings, options: RayOptions) -> dict[str, Any]:
     """Ray Serve deployment options derived from tokenmill's settings (see the module docstring)."""
     capacity = settings.capacity()
-    most_replicas = options.autoscale_max if options.autoscaling else options.num_replicas
+    most_replicas = (options.autoscale_max or options.num_replicas) if options.autoscaling else options.num_replicas
     result: dict[str, Any] = {
         "name": "tokenmill",
         "max_ongoing_requests": capacity,
@@ -87,7 +87,8 @@ class TokenmillReplica:
 
 def build_application(settings: Settings, options: RayOptions = RayOptions()):
     fields = settings.model_dump(exclude_unset=False)
-    return serve.deployment(TokenmillReplica).options(**deployment_options(settings, options)).bind(fields)
+    deployment: Any = serve.deployment(TokenmillReplica)  # Ray's stubs type only the decorator form
+    return deployment.options(**deployment_options(settings, options)).bind(fields)
 
 
 def app_builder(args: dict[str, str]):
@@ -96,8 +97,8 @@ def app_builder(args: dict[str, str]):
     ray_keys = {
         f: args.pop(f) for f in ("num_replicas", "autoscale_min", "autoscale_max", "cpus_per_replica") if f in args
     }
-    options = RayOptions(**{k: (float(v) if k == "cpus_per_replica" else int(v)) for k, v in ray_keys.items()})
-    return build_application(Settings(**args), options)
+    options = RayOptions(**{k: (float(v) if k == "cpus_per_replica" else int(v)) for k, v in ray_keys.items()})  # type: ignore[arg-type]  # parsed per field
+    return build_application(Settings(**args), options)  # type: ignore[arg-type]  # pydantic parses the strings
 
 
 def _replica_name() -> str:

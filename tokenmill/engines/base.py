@@ -47,8 +47,11 @@ class Chunk:
 
 
 class StepEngine(Protocol):
-    tokenizer: Tokenizer
     max_chunk_tokens: int  # the most tokens one chunk may carry
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The engine's own tokenizer (a read-only member: each engine has its own kind)."""
 
     def add_sequence(self, seq: Sequence) -> None:
         """Set up per-sequence state (sampler, cache slot) before its first step. An engine with a

@@ -60,6 +60,7 @@ llama_cpp.llama_backend_init()
 
 class LlamaCppTokenizer:
     def __init__(self, model, vocab, context_window: int):
+        self._model = model  # the vocabulary lives inside the model: keep it alive as long as this
         self._vocab = vocab
         self._context_window = context_window
         self._pieces: dict[int, bytes] = {}
@@ -161,9 +162,7 @@ def load_tokenizer(model_path: Path, context_window: int) -> LlamaCppTokenizer:
     if not model:
         raise EngineFailure(f"llama.cpp could not read the vocabulary of {model_path}")
     window = min(context_window, _trained_context(model))
-    tokenizer = LlamaCppTokenizer(model, llama_cpp.llama_model_get_vocab(model), window)
-    tokenizer._model = model  # keep the vocabulary alive as long as the tokenizer
-    return tokenizer
+    return LlamaCppTokenizer(model, llama_cpp.llama_model_get_vocab(model), window)
 
 
 class LlamaCppEngine:

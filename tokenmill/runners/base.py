@@ -20,7 +20,7 @@ from tokenmill.generation import Finished, GenerationRequest, TokenEvent
 class RequestHandle:
     """Async iterator over one request's events. Producers call `put*` on the event loop thread."""
 
-    def __init__(self, request_id: str, on_abort: Callable[[], None]):
+    def __init__(self, request_id: str, on_abort: Callable[[], object]):  # its result is ignored
         self.request_id = request_id
         self._on_abort = on_abort
         self._events: asyncio.Queue[TokenEvent | TokenmillError] = asyncio.Queue()

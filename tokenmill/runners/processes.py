@@ -62,7 +62,7 @@ class ProcessRunner(Runner):
         self._context = multiprocessing.get_context("spawn")
         self._job_ids = itertools.count()
         self._workers: list[_Worker] = []
-        self._idle: asyncio.Queue[_Worker] | None = None
+        self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
         self._pending: dict[int, tuple[Job, RequestHandle]] = {}  # submitted, not yet on a worker
         self._in_flight = 0
         self._aborted = 0
@@ -85,7 +85,6 @@ class ProcessRunner(Runner):
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._idle = asyncio.Queue()
         self._tokenizer = await self._loop.run_in_executor(None, build_tokenizer, self._settings)
         self._workers = [self._spawn(i) for i in range(self._replicas)]
         await asyncio.gather(*(w.ready for w in self._workers))

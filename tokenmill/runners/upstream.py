@@ -32,7 +32,7 @@ from tokenmill.errors import (
     TokenmillError,
     UpstreamFailure,
 )
-from tokenmill.generation import Finished, GenerationRequest, TextDelta, Usage
+from tokenmill.generation import Finished, FinishReason, GenerationRequest, TextDelta, Usage
 from tokenmill.runners.base import RequestHandle, Runner, RunnerStats
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ def _upstream_params(request: GenerationRequest) -> dict:
 
 
 def _finished(end: StreamEnd, pieces: int) -> Finished:
-    reason = "length" if end.finish_reason == "length" else "stop"
+    reason: FinishReason = "length" if end.finish_reason == "length" else "stop"
     if end.usage is not None:
         return Finished(reason=reason, usage=Usage(end.usage.prompt_tokens, end.usage.completion_tokens))
     return Finished(reason=reason, usage=Usage(0, pieces))  # an upstream without usage: count the chunks

@@ -74,8 +74,9 @@ class RequestContext:
 
         try:
             if not self._authorized(scope["path"], headers):
-                error = Unauthorized("Missing or invalid API key: send 'Authorization: Bearer <key>'.")
-                status_holder["status"] = await _send_error(send, error, request_id)
+                status_holder["status"] = await _send_error(
+                    send, Unauthorized("Missing or invalid API key: send 'Authorization: Bearer <key>'."), request_id
+                )
                 return
             declared = headers.get(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > self._max_body:

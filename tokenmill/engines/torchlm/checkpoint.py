@@ -92,8 +92,9 @@ def _assemble(
         found = {}
         for key, names in groups.items():
             parts = [blocks.pop(f"{p}{n}.weight", None) for n in names]
-            if all(part is not None for part in parts):
-                found[key] = FourBitBlocks.stacked(parts)
+            present = [part for part in parts if part is not None]
+            if len(present) == len(parts):
+                found[key] = FourBitBlocks.stacked(present)
         return found
 
     layers = []

@@ -36,9 +36,10 @@ class Projection:
         self._few_rows_kernel = few_rows_kernel
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= self._few_rows:
+        if self._few_rows_kernel is not None and x.shape[0] <= self._few_rows:
             return self._few_rows_kernel(x)
         if self._packed is None:
+            assert self.weight is not None  # the dense weight is kept exactly when nothing is packed
             return F.linear(x, self.weight)
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, None, "none", [], "")
 

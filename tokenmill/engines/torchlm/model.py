@@ -136,6 +136,7 @@ class LlamaModel:
             # batched over (slot, key head): masking, scaling and q.k in one call, softmax in fp32
             # (fewer small ops: at one or two rows a step, their fixed costs are what attention costs)
             rows = rows.reshape(-1, self._group, c.head_dim)
+            assert bias is not None  # built above whenever the step has decode rows
             scores = torch.baddbmm(bias, rows, keys.flatten(0, 1).transpose(1, 2), alpha=self._scale)
             weights = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
             attended = torch.bmm(weights, values.flatten(0, 1)).view(-1, c.num_kv_heads, self._group, c.head_dim)
