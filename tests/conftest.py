@@ -13,7 +13,8 @@ from tokenmill.bench.spawn import SpawnedServer
 from tokenmill.config import Settings
 from tokenmill.server import create_app
 
-FAST_SIM = {"engine": "simulated", "sim_ttft_ms": 2, "sim_itl_ms": 1}
+# The unit-level API suite pins a mode (async unless a test says otherwise), so the default can change.
+FAST_SIM = {"engine": "simulated", "mode": "async", "sim_ttft_ms": 2, "sim_itl_ms": 1}
 
 
 def sim_settings(**overrides) -> Settings:

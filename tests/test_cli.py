@@ -17,7 +17,10 @@ def settings(argv: list[str]) -> Settings:
 
 def test_defaults():
     s = settings([])
-    assert (s.host, s.port, s.engine, s.mode, s.replicas) == ("127.0.0.1", 8000, "llamacpp", "async", 1)
+    assert (s.host, s.port, s.engine, s.mode, s.replicas) == ("127.0.0.1", 8000, "llamacpp", "batch", 1)
+    assert (s.capacity(), s.queue_limit()) == (32, 64)  # a newcomer's concurrent requests are batched
+    upstream = settings(["--engine", "upstream", "--upstream-url", "http://127.0.0.1:9"])
+    assert upstream.mode == "async"  # relaying is network I/O: the event loop's default
 
 
 def test_every_setting_has_a_flag():

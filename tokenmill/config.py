@@ -33,8 +33,8 @@ class Settings(BaseSettings):
         "a remote OpenAI-compatible API, --upstream-url; async mode), simulated.",
     )
     mode: ModeName = Field(
-        "async",
-        description="Serving pattern: sync = blocking worker threads (--sync-threads) sharing --replicas engines; "
+        "batch",
+        description="Serving pattern (default batch; async for --engine upstream): sync = blocking worker threads (--sync-threads) sharing --replicas engines; "
         "async = event loop + a thread pool of exactly --replicas engines; process = event loop + --replicas "
         "worker processes, each with its own engine; batch = continuous batching, one engine stepping every "
         "running request together.",
@@ -203,6 +203,14 @@ class Settings(BaseSettings):
 
     # -- operations
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upstream_defaults_to_async(cls, data: object) -> object:
+        """Relaying is network I/O: upstream mode runs on the event loop, so that is its default."""
+        if isinstance(data, dict) and data.get("engine") == "upstream" and "mode" not in data:
+            return {**data, "mode": "async"}
+        return data
 
     @model_validator(mode="after")
     def _step_fits_batch(self) -> Settings:

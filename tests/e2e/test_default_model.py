@@ -81,3 +81,20 @@ async def test_torch_engine_serves_the_default_model_concurrently(serve_process,
             for _ in range(2)
         ]
         assert seeded[0] == seeded[1] and seeded[0]
+
+
+async def test_a_newcomers_tenth_concurrent_request_is_served_not_refused(default_server):
+    # The default serving mode is batch (capacity 32, queue 64): before, async with one replica held
+    # one request and queued eight, so the tenth concurrent request of a new user got a 503.
+    async with AsyncOpenAI(base_url=f"{default_server.url}/v1", api_key="unused", max_retries=0, timeout=120) as sdk:
+
+        async def ask(i: int) -> int:
+            reply = await sdk.chat.completions.create(
+                model="SmolLM2-135M-Instruct.Q4_1",
+                messages=[{"role": "user", "content": f"Count to {i + 3}."}],
+                max_tokens=12,
+            )
+            return reply.usage.completion_tokens
+
+        tokens = await asyncio.gather(*(ask(i) for i in range(12)))
+    assert all(t > 0 for t in tokens)

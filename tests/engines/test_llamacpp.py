@@ -102,7 +102,7 @@ def test_build_engine_passes_the_setting_and_warms_up(monkeypatch):
     monkeypatch.setattr(
         LlamaCppEngine, "step", lambda self, chunks: steps.append(len(chunks)) or original_step(self, chunks)
     )
-    built = build_engine(engine_spec(Settings(context_window=256, threads=1)))
+    built = build_engine(engine_spec(Settings(mode="async", context_window=256, threads=1)))
     try:
         assert built.model_params.use_extra_bufts is False
         assert len(steps) == 2  # the warm-up: one prefill, one decode, before anyone is served
