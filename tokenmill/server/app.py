@@ -21,19 +21,8 @@ from tokenmill.server.errors import install_error_handlers
 from tokenmill.server.lifecycle import Lifecycle
 from tokenmill.server.metrics import Metrics, watch_event_loop
 from tokenmill.server.middleware import RequestContext
-from tokenmill.server.routes import router
+from tokenmill.server.routes import METRICS_PATH, OPEN_PATHS, known_paths, router
 from tokenmill.server.serving import Serving
-
-_KNOWN_ROUTES = {
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/models",
-    "/generate",
-    "/stream",
-    "/health",
-    "/ready",
-    "/metrics",
-}
 
 
 def create_app(settings: Settings | None = None, runner: Runner | None = None) -> FastAPI:
@@ -81,8 +70,10 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None) -
     install_error_handlers(app)
     app.include_router(router)
 
+    known = known_paths()
+
     def count_response(scope: Scope, status: int) -> None:
-        route = scope["path"] if scope["path"] in _KNOWN_ROUTES else "other"
+        route = scope["path"] if scope["path"] in known else "other"
         metrics.requests.labels(route, str(status)).inc()
 
     app.add_middleware(
@@ -92,6 +83,8 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None) -
         max_body_bytes=settings.max_body_bytes,
         json_logs=settings.log_format == "json",
         on_response=count_response,
+        open_paths=OPEN_PATHS,
+        metrics_path=METRICS_PATH,
     )
     if settings.cors_origins:  # outermost, so preflight requests need no API key
         origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]

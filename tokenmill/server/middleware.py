@@ -18,7 +18,6 @@ from tokenmill.errors import RequestTooLarge, TokenmillError, Unauthorized
 from tokenmill.server.errors import error_body, error_headers, status_for
 
 access_log = logging.getLogger("tokenmill.access")
-_OPEN_PATHS = {"/health", "/ready"}
 
 
 async def _send_error(send: Send, error: TokenmillError, request_id: str) -> int:
@@ -47,6 +46,8 @@ class RequestContext:
         max_body_bytes: int,
         json_logs: bool,
         on_response: Callable[[Scope, int], None],
+        open_paths: frozenset[str],
+        metrics_path: str,
     ):
         self.app = app
         self._api_keys = tuple(k.encode() for k in api_keys)
@@ -54,6 +55,8 @@ class RequestContext:
         self._max_body = max_body_bytes
         self._json_logs = json_logs
         self._on_response = on_response
+        self._open_paths = open_paths
+        self._metrics_path = metrics_path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -89,7 +92,7 @@ class RequestContext:
             self._on_response(scope, status_holder["status"])
 
     def _authorized(self, path: str, headers: dict[bytes, bytes]) -> bool:
-        if not self._api_keys or path in _OPEN_PATHS or (path == "/metrics" and not self._protect_metrics):
+        if not self._api_keys or path in self._open_paths or (path == self._metrics_path and not self._protect_metrics):
             return True
         given = headers.get(b"authorization", b"")
         token = given[7:] if given[:7].lower() == b"bearer " else b""

@@ -9,6 +9,7 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.routing import APIRoute
 
 from tokenmill.errors import ModelNotFound
 from tokenmill.generation import GenerationRequest
@@ -36,6 +37,17 @@ T = TypeVar("T")
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 500, 503, 504)
 }
+
+
+# The operational routes, named once: the app's middleware needs them (no API key on health and
+# readiness; metrics only with --metrics-require-key), and the metrics label every known route.
+HEALTH_PATH, READY_PATH, METRICS_PATH = "/health", "/ready", "/metrics"
+OPEN_PATHS = frozenset({HEALTH_PATH, READY_PATH})
+
+
+def known_paths() -> frozenset[str]:
+    """Every path this router serves (requests to others are counted under 'other')."""
+    return frozenset(route.path for route in router.routes if isinstance(route, APIRoute))
 
 
 def _serving(request: Request) -> Serving:
@@ -148,13 +160,13 @@ async def stream(
     return _streamed(generation, streams.token_stream(generation))
 
 
-@router.get("/health")
+@router.get(HEALTH_PATH)
 async def health() -> JSONResponse:
     """Liveness: the process and its event loop answer."""
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/ready")
+@router.get(READY_PATH)
 async def ready(request: Request) -> JSONResponse:
     """Readiness: the model is loaded and its engine is up, and the server is not draining."""
     serving = _serving(request)
@@ -171,7 +183,7 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse({"status": state}, status_code=503, headers={"Retry-After": str(retry_after)})
 
 
-@router.get("/metrics", include_in_schema=False)
+@router.get(METRICS_PATH, include_in_schema=False)
 async def metrics(request: Request) -> PlainTextResponse:
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
