@@ -33,6 +33,23 @@ async def test_flood_admits_capacity_plus_queue_and_refuses_the_rest(mode):
         assert 'tokenmill_rejections_total{reason="overloaded"} 46.0' in metrics
 
 
+async def test_the_first_token_deadline_counts_from_arrival_so_queueing_counts():
+    # One place; the first request holds it for about a second. The second waits in the queue past
+    # its 0.5 s first-token deadline: admitted, it is timed out at once. Before, the deadline started
+    # when the stream began, so it got a full 0.5 s more (and its first token, 1 ms later).
+    settings = sim_settings(sim_ttft_ms=1, sim_itl_ms=50, max_concurrency=1, max_queue=4, first_token_timeout=0.5)
+    async with asgi_client(settings) as client:
+        body = {"messages": USER, "max_tokens": 20, "ignore_eos": True}
+        holder = asyncio.ensure_future(client.post("/v1/chat/completions", json=body))
+        await asyncio.sleep(0.05)
+        started = time.perf_counter()
+        late = await client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2})
+        waited = time.perf_counter() - started
+        assert (await holder).status_code == 200
+    assert late.status_code == 504 and late.json()["error"]["code"] == "first_token_timeout"
+    assert "arrival" in late.json()["error"]["message"] and waited < 1.4  # at admission, not 0.5 s later
+
+
 async def test_first_token_timeout_gives_504_or_an_error_event():
     async with asgi_client(sim_settings(sim_ttft_ms=1500, first_token_timeout=0.1)) as client:
         started = time.perf_counter()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import sys
 import time
@@ -13,6 +12,7 @@ import httpx
 
 from tokenmill.bench.stats import RequestRecord
 from tokenmill.bench.workload import Workload
+from tokenmill.client.streaming import sse_event
 
 
 async def stream_one(client: httpx.AsyncClient, body: dict, run_started: float) -> RequestRecord:
@@ -29,9 +29,9 @@ async def stream_one(client: httpx.AsyncClient, body: dict, run_started: float) 
                 record.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
                 return record
             async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
+                chunk = sse_event(line)
+                if not isinstance(chunk, dict):
+                    continue  # [DONE], blank separators, comments
                 if "error" in chunk:
                     record.error = str(chunk["error"].get("message"))
                     return record

@@ -32,6 +32,7 @@ from tokenmill.client.errors import (
     TimedOut,
 )
 from tokenmill.client.policy import RetryBudget, RetryPolicy, Timeouts, parse_retry_after
+from tokenmill.client.streaming import DONE, sse_event, wait_for_next
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,16 +203,17 @@ class LLMClient:
                 first = True
                 finish: str | None = None
                 usage: Usage | None = None
+                total = None if deadline is None else deadline - started
                 while True:
-                    phase, limit = (
-                        ("first_token", t.first_token - (time.monotonic() - started))
-                        if first
-                        else ("between_tokens", t.between_tokens)
+                    phase, limit = wait_for_next(
+                        first,
+                        time.monotonic() - started,
+                        first_token=t.first_token,
+                        between_tokens=t.between_tokens,
+                        total=total,
                     )
-                    if deadline is not None and deadline - time.monotonic() < limit:
-                        phase, limit = "total", deadline - time.monotonic()
                     try:
-                        async with asyncio.timeout(max(0.0, limit)):
+                        async with asyncio.timeout(limit):
                             line = await anext(lines)
                     except TimeoutError:
                         raise TimedOut(
@@ -222,13 +224,15 @@ class LLMClient:
                         ) from None
                     except StopAsyncIteration:
                         raise ConnectionFailed("the stream ended without [DONE]") from None
-                    if not line.startswith("data:"):
-                        continue  # blank separators, comments, event names
-                    data = line[5:].strip()
-                    if data == "[DONE]":
+                    try:
+                        chunk = sse_event(line)
+                    except ValueError:
+                        raise MalformedResponse(f"a stream event is not a JSON object: {line[:200]!r}") from None
+                    if chunk == DONE:
                         yield StreamEnd(finish, usage)
                         return
-                    chunk = _json(data)
+                    if not isinstance(chunk, dict):
+                        continue  # blank separators, comments, event names
                     if "error" in chunk:
                         error = chunk["error"] or {}
                         raise StreamError(str(error.get("message", "the server reported an error")), error.get("code"))
@@ -281,16 +285,6 @@ def _status_error(status: int, content: bytes, headers: httpx.Headers) -> APISta
     except (ValueError, AttributeError):
         pass
     return APIStatusError(status, message, code=code, retry_after=parse_retry_after(headers.get("retry-after")))
-
-
-def _json(data: str) -> dict:
-    try:
-        value = json.loads(data)
-    except ValueError:
-        raise MalformedResponse(f"a stream event is not JSON: {data[:200]!r}") from None
-    if not isinstance(value, dict):
-        raise MalformedResponse(f"a stream event is not a JSON object: {data[:200]!r}")
-    return value
 
 
 def _usage(raw: object) -> Usage | None:

@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from tokenmill.client.streaming import wait_for_next
 from tokenmill.errors import DeadlineExceeded
 from tokenmill.generation import TokenEvent
 from tokenmill.runners import RequestHandle
@@ -32,9 +33,13 @@ async def within_deadlines(handle: RequestHandle, deadlines: Deadlines, started:
     """
     first = True
     while True:
-        phase = deadlines.first_token_s if first else deadlines.between_tokens_s
-        remaining_total = deadlines.total_s - (time.monotonic() - started)
-        budget = max(min(phase, remaining_total), 0.0)
+        phase, budget = wait_for_next(
+            first,
+            time.monotonic() - started,
+            first_token=deadlines.first_token_s,
+            between_tokens=deadlines.between_tokens_s,
+            total=deadlines.total_s,
+        )
         try:
             async with asyncio.timeout(budget):
                 event = await handle.__anext__()
@@ -42,17 +47,18 @@ async def within_deadlines(handle: RequestHandle, deadlines: Deadlines, started:
             return
         except TimeoutError:
             handle.abort()
-            if remaining_total <= phase:
+            if phase == "total":
                 raise DeadlineExceeded(
                     f"The request did not finish within its {deadlines.total_s:g}s total timeout.",
                     code="request_timeout",
                 ) from None
-            if first:
+            if phase == "first_token":
                 raise DeadlineExceeded(
-                    f"No first token within {phase:g}s; the generation was stopped.", code="first_token_timeout"
+                    f"No first token within {deadlines.first_token_s:g}s of the request's arrival; the generation was stopped.",
+                    code="first_token_timeout",
                 ) from None
             raise DeadlineExceeded(
-                f"No next token within {phase:g}s of the previous one; the generation was stopped.",
+                f"No next token within {deadlines.between_tokens_s:g}s of the previous one; the generation was stopped.",
                 code="inter_token_timeout",
             ) from None
         first = False
