@@ -90,7 +90,7 @@ async def test_abort_leaves_the_batch_and_frees_kv_within_a_step():
         long.abort()
         follower = await asyncio.wait_for(drain(await runner.submit(request(3, prompt="y"))), timeout=2)
         assert isinstance(follower[-1], Finished)
-        assert runner.aborted_total == 1
+        assert runner.aborted == 1
         assert runner.in_flight == 0 and runner.kv_tokens_reserved == 0
     finally:
         await runner.stop()

@@ -74,7 +74,6 @@ class RunnerStats:
     waiting: int  # submitted, not yet running (inside the runner)
     kv_tokens_used: int  # KV cache cells reserved (batch mode; 0 where not tracked)
     kv_tokens_capacity: int
-    aborted: int  # generations stopped before their end
 
 
 class Runner(ABC):
@@ -125,7 +124,24 @@ class Runner(ABC):
     async def submit(self, request: GenerationRequest) -> RequestHandle:
         """Validate against the model (tokenize, size-check) and start generating."""
 
+    # -- the bookkeeping every pattern shares (event-loop thread only)
+    _in_flight: int = 0
+    _aborted: int = 0
+
     @property
-    @abstractmethod
     def in_flight(self) -> int:
-        """Requests submitted and not yet finished."""
+        """Requests submitted and not yet settled (finished, failed or aborted)."""
+        return self._in_flight
+
+    @property
+    def aborted(self) -> int:
+        """Generations stopped before their end (client gone, deadline, shutdown) since start."""
+        return self._aborted
+
+    def _admitted(self) -> None:
+        self._in_flight += 1
+
+    def _settled(self, aborted: bool = False) -> None:
+        self._in_flight -= 1
+        if aborted:
+            self._aborted += 1

@@ -35,7 +35,6 @@ class BatchFront(Runner):
         self._ready = False
         self._restarts: Counter[str] = Counter()
         self._next_attempt_in = 1.0
-        self.aborted_total = 0
 
     # -- what the transport provides
     @abstractmethod
@@ -60,10 +59,6 @@ class BatchFront(Runner):
         return max(1.0, self._next_attempt_in)
 
     @property
-    def in_flight(self) -> int:
-        return len(self._handles)
-
-    @property
     def kv_tokens_reserved(self) -> int:
         return self._stats.kv_tokens_used
 
@@ -73,7 +68,6 @@ class BatchFront(Runner):
             waiting=self._stats.waiting,
             kv_tokens_used=self._stats.kv_tokens_used,
             kv_tokens_capacity=self.config.kv_tokens,
-            aborted=self.aborted_total,
         )
 
     async def submit(self, request: GenerationRequest) -> RequestHandle:
@@ -88,6 +82,7 @@ class BatchFront(Runner):
             )
         handle = RequestHandle(request.request_id, on_abort=lambda: self._send_abort(seq.seq_id))
         self._handles[seq.seq_id] = handle
+        self._admitted()
         self._send_add(seq)
         return handle
 
@@ -108,14 +103,15 @@ class BatchFront(Runner):
                     handle.put(event)
         for seq_id in report.settled:
             handle = self._handles.pop(seq_id, None)
-            if handle is not None and handle.aborted:
-                self.aborted_total += 1
+            if handle is not None:
+                self._settled(aborted=handle.aborted)
 
     def _fail(self, seq_ids: list[int] | None, error: EngineFailure) -> None:
         """End these requests (None: all of them) with `error`: an error event, then [DONE]."""
         for seq_id in list(self._handles) if seq_ids is None else seq_ids:
             handle = self._handles.pop(seq_id, None)
             if handle is not None:
+                self._settled()
                 handle.fail(error)
         if seq_ids is None:
             self._stats = CoreStats(0, 0, 0)

@@ -41,8 +41,6 @@ class ExecutorRunner(Runner):
         self._pool = ThreadPoolExecutor(max_workers=max(workers, replicas), thread_name_prefix="tokenmill-worker")
         self._engines: list[StepEngine] = []
         self._idle: queue.SimpleQueue[StepEngine] = queue.SimpleQueue()
-        self._in_flight = 0
-        self._aborted = 0
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -57,10 +55,6 @@ class ExecutorRunner(Runner):
             engine.close()
         self._engines.clear()
 
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
-
     def stats(self) -> RunnerStats:
         running = min(self._in_flight, self._replicas)
         return RunnerStats(
@@ -68,7 +62,6 @@ class ExecutorRunner(Runner):
             waiting=self._in_flight - running,
             kv_tokens_used=0,
             kv_tokens_capacity=0,
-            aborted=self._aborted,
         )
 
     @property
@@ -80,7 +73,7 @@ class ExecutorRunner(Runner):
         cancelled = threading.Event()
         handle = RequestHandle(request.request_id, on_abort=cancelled.set)
         loop = asyncio.get_running_loop()
-        self._in_flight += 1
+        self._admitted()
         loop.run_in_executor(self._pool, self._run, seq, handle, cancelled, loop)
         return handle
 
@@ -108,9 +101,7 @@ class ExecutorRunner(Runner):
 
     def _settle(self, handle: RequestHandle, outcome: Finished | Exception | None) -> None:
         """On the loop: the request no longer holds a replica; tell its consumer how it ended."""
-        self._in_flight -= 1
-        if outcome is None:
-            self._aborted += 1
+        self._settled(aborted=outcome is None)
         if isinstance(outcome, Finished):
             handle.put(outcome)
         elif outcome is not None:

@@ -64,8 +64,6 @@ class ProcessRunner(Runner):
         self._workers: list[_Worker] = []
         self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
         self._pending: dict[int, tuple[Job, RequestHandle]] = {}  # submitted, not yet on a worker
-        self._in_flight = 0
-        self._aborted = 0
         self._stopping = False
         self._started = False
 
@@ -130,13 +128,11 @@ class ProcessRunner(Runner):
             if worker.job and worker.job[0] == message.job_id:
                 handle = worker.job[1]
                 worker.job = None
-                self._in_flight -= 1
+                self._settled(aborted=message.finished is None and message.error is None)
                 if message.finished is not None:
                     handle.put(message.finished)
                 elif message.error is not None:
                     handle.fail(message.error)
-                else:
-                    self._aborted += 1
             self._idle.put_nowait(worker)
 
     def _on_death(self, worker: _Worker) -> None:
@@ -147,7 +143,7 @@ class ProcessRunner(Runner):
         if worker.job is not None:
             _, handle = worker.job
             worker.job = None
-            self._in_flight -= 1
+            self._settled()
             handle.fail(EngineFailure(f"the worker process serving this request died (exit code {code})"))
         failed_to_start = not worker.ready.done()
         if failed_to_start:
@@ -185,7 +181,7 @@ class ProcessRunner(Runner):
         seq = self.prepare(request, self._tokenizer)
         job = Job(next(self._job_ids), request.request_id, seq.token_ids, seq.params, seq.max_new_tokens)
         handle = RequestHandle(request.request_id, on_abort=lambda: self._abort(job.job_id))
-        self._in_flight += 1
+        self._admitted()
         self._pending[job.job_id] = (job, handle)
         asyncio.ensure_future(self._dispatch(job, handle))
         return handle
@@ -197,8 +193,7 @@ class ProcessRunner(Runner):
                 break
         self._pending.pop(job.job_id, None)
         if handle.aborted:
-            self._in_flight -= 1
-            self._aborted += 1
+            self._settled(aborted=True)
             self._idle.put_nowait(worker)
             return
         worker.job = (job.job_id, handle)
@@ -216,15 +211,9 @@ class ProcessRunner(Runner):
         except (OSError, ValueError):  # the worker is dead; its reader thread reports it
             pass
 
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
-
     def stats(self) -> RunnerStats:
         running = sum(1 for w in self._workers if w.job is not None)
-        return RunnerStats(
-            running=running, waiting=len(self._pending), kv_tokens_used=0, kv_tokens_capacity=0, aborted=self._aborted
-        )
+        return RunnerStats(running=running, waiting=len(self._pending), kv_tokens_used=0, kv_tokens_capacity=0)
 
     async def stop(self) -> None:
         self._stopping = True

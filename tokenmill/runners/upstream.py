@@ -46,7 +46,6 @@ class UpstreamRunner(Runner):
         self.model_name = model_name or ""
         self._client: LLMClient | None = None
         self._tasks: set[asyncio.Task] = set()
-        self._aborted = 0
 
     async def start(self) -> None:
         s = self._settings
@@ -87,6 +86,8 @@ class UpstreamRunner(Runner):
 
     @property
     def in_flight(self) -> int:
+        # its relay tasks, counted directly: a task cancelled before it first ran never reaches
+        # the code that would settle it
         return len(self._tasks)
 
     @property
@@ -95,9 +96,7 @@ class UpstreamRunner(Runner):
         return self._client
 
     def stats(self) -> RunnerStats:
-        return RunnerStats(
-            running=len(self._tasks), waiting=0, kv_tokens_used=0, kv_tokens_capacity=0, aborted=self._aborted
-        )
+        return RunnerStats(running=len(self._tasks), waiting=0, kv_tokens_used=0, kv_tokens_capacity=0)
 
     async def submit(self, request: GenerationRequest) -> RequestHandle:
         limit = self.limits.max_tokens
