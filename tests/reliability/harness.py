@@ -132,6 +132,13 @@ class Tally:
                 self.lost_examples.append(repr(outcome)[:300])
 
 
+def tally_of(outcomes: list[Outcome], max_tokens: int | None) -> Tally:
+    tally = Tally()
+    for outcome in outcomes:
+        tally.add(outcome, max_tokens)
+    return tally
+
+
 def record(scenario: str, mode: str, load: str, injected: str, tally: Tally, **extra) -> None:
     """Append this scenario's result to the report file, if one was asked for."""
     path = os.environ.get("TOKENMILL_RELIABILITY_REPORT")

@@ -18,7 +18,7 @@ import time
 import httpx
 import pytest
 
-from tests.reliability.harness import Tally, record, stream_chat
+from tests.reliability.harness import Tally, record, stream_chat, tally_of
 from tokenmill.bench.spawn import SpawnedServer, child_pids
 
 SIM = ["--engine", "simulated", "--mode", "batch", "--sim-ttft-ms", "2", "--sim-itl-ms", "8", "--max-batch", "8"]
@@ -85,9 +85,7 @@ async def test_an_engine_fault_under_load_ends_every_stream_explicitly_and_the_e
         after = await asyncio.gather(*(stream_chat(client, 8) for _ in range(3)))
         metrics = (await client.get("/metrics")).text
     assert server.process.poll() is None  # the server survived its engine
-    tally = Tally()
-    for outcome in outcomes:
-        tally.add(outcome, max_tokens)
+    tally = tally_of(outcomes, max_tokens)
     record(
         "engine fault",
         "batch (simulated engine)",
@@ -139,9 +137,7 @@ async def test_a_crash_loop_ends_the_server_with_a_non_zero_exit(serve_process):
                 outcomes.append(outcome)
             await asyncio.sleep(0.05)
     exit_code = server.process.wait(timeout=15)
-    tally = Tally()
-    for outcome in outcomes:
-        tally.add(outcome, 4)
+    tally = tally_of(outcomes, 4)
     record(
         "crash loop",
         "batch (simulated engine)",
@@ -201,9 +197,7 @@ async def test_the_in_thread_engine_also_recovers_from_an_exception(serve_proces
         back = time.monotonic() - failed_at
         after = await stream_chat(client, 5)
         metrics = (await client.get("/metrics")).text
-    tally = Tally()
-    for outcome in first:
-        tally.add(outcome, 40)
+    tally = tally_of(first, 40)
     record(
         "engine fault",
         "batch --no-engine-process (simulated engine)",
@@ -251,9 +245,7 @@ async def test_the_default_model_engine_killed_under_load_is_contained(serve_pro
         back = time.monotonic() - killed
         after = await asyncio.gather(*(stream_chat(client, 8) for _ in range(2)))
         metrics = (await client.get("/metrics")).text
-    tally = Tally()
-    for outcome in outcomes:
-        tally.add(outcome, max_tokens)
+    tally = tally_of(outcomes, max_tokens)
     record(
         "engine killed",
         "batch",

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.conftest import asgi_client
-from tests.reliability.harness import Tally, metric, record, stream_chat, worker_pids
+from tests.reliability.harness import Tally, metric, record, stream_chat, tally_of, worker_pids
 from tokenmill.config import Settings
 
 
@@ -28,9 +28,7 @@ async def test_killing_a_worker_under_load_fails_only_its_requests(serve_process
         outcomes = await asyncio.gather(*load)
         await asyncio.sleep(1.0)
         again = await asyncio.gather(*(stream_chat(client, 8) for _ in range(4)))
-    tally = Tally()
-    for outcome in outcomes:
-        tally.add(outcome, max_tokens)
+    tally = tally_of(outcomes, max_tokens)
     record("worker killed", "process", "8 streams on 2 worker processes", "kill -9 of one worker", tally)
     assert tally.lost == 0
     assert tally.errored == 1 and tally.completed == 7  # only the request on the killed worker failed
@@ -162,9 +160,7 @@ async def test_a_worker_that_cannot_restart_is_retried_and_capacity_tells_the_tr
             await asyncio.sleep(0.1)
         back = time.monotonic() - restored
         again = await asyncio.gather(*(stream_chat(client, 8) for _ in range(2)))
-    tally = Tally()
-    for outcome in [short, *again]:
-        tally.add(outcome, 8)
+    tally = tally_of([short, *again], 8)
     record(
         "worker cannot restart",
         "process",
