@@ -8,13 +8,18 @@ handle.abort()                               (client gone / deadline: stop gener
 from __future__ import annotations
 
 import asyncio
+import logging
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from tokenmill.engines.sequence import Sequence, prepare_sequence
-from tokenmill.errors import EngineFailure, TokenmillError
+from tokenmill.errors import EngineFailure, Overloaded, TokenmillError
 from tokenmill.generation import Finished, GenerationRequest, TokenEvent
+from tokenmill.runners.restarts import RestartPolicy
+
+log = logging.getLogger(__name__)
 
 
 class RequestHandle:
@@ -87,6 +92,11 @@ class Runner(ABC):
     on_fatal: Callable[[str], None] | None = None
     on_capacity_change: Callable[[int, int], None] | None = None  # (engines up, engines configured)
 
+    def __init__(self) -> None:
+        self._in_flight = 0  # event-loop thread only, like everything here
+        self._aborted = 0
+        self._restarts: Counter[str] = Counter()
+
     @property
     def ready(self) -> bool:
         """Whether a submitted request can start now (False while an engine is being replaced)."""
@@ -94,16 +104,38 @@ class Runner(ABC):
 
     def restarts(self) -> dict[str, int]:
         """Engine (or worker) restarts since start, by reason."""
-        return {}
+        return dict(self._restarts)
 
     def retry_after(self) -> float:
         """While not ready: seconds until it likely is again."""
         return 1.0
 
-    def give_up(self, message: str) -> None:
-        """The runner cannot serve any more: tell the server, which exits non-zero."""
-        if self.on_fatal is not None:
-            self.on_fatal(message)
+    def restarting_error(self) -> Overloaded:
+        """What a request gets while no engine can take it: 503 engine_restarting, with Retry-After."""
+        return Overloaded(
+            "The model engine is restarting after a failure; retry shortly.",
+            retry_after=self.retry_after(),
+            code="engine_restarting",
+        )
+
+    def _restart_delay(self, policy: RestartPolicy, reason: str, *, keep_trying: bool = False) -> float | None:
+        """Record an engine failure: seconds to wait before restarting it, or None after giving up
+        (a crash loop ends the server). `keep_trying`: other engines still serve, so a crash loop
+        only slows the retries to the policy's slowest pace."""
+        delay = policy.next_delay()
+        if delay is None and keep_trying:
+            delay = policy.max_delay
+        if delay is None:
+            message = (
+                f"the model engine failed {policy.limit + 1} times within {policy.window:g}s (last: {reason}); "
+                "giving up so that the orchestrator can replace this server"
+            )
+            log.critical(message)
+            if self.on_fatal is not None:
+                self.on_fatal(message)
+            return None
+        self._restarts[reason] += 1
+        return delay
 
     def prepare(self, request: GenerationRequest, tokenizer) -> Sequence:
         return prepare_sequence(request, tokenizer, self.limits.max_prompt_tokens, self.limits.max_tokens)
@@ -124,10 +156,7 @@ class Runner(ABC):
     async def submit(self, request: GenerationRequest) -> RequestHandle:
         """Validate against the model (tokenize, size-check) and start generating."""
 
-    # -- the bookkeeping every pattern shares (event-loop thread only)
-    _in_flight: int = 0
-    _aborted: int = 0
-
+    # -- the bookkeeping every pattern shares
     @property
     def in_flight(self) -> int:
         """Requests submitted and not yet settled (finished, failed or aborted)."""

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import logging
 from abc import abstractmethod
-from collections import Counter
 
 from tokenmill.engines.base import Tokenizer
 from tokenmill.engines.sequence import Sequence
-from tokenmill.errors import ContextLengthExceeded, EngineFailure, Overloaded
+from tokenmill.errors import ContextLengthExceeded, EngineFailure
 from tokenmill.generation import GenerationRequest
 from tokenmill.runners.base import RequestHandle, Runner, RunnerStats
 from tokenmill.runners.engine_core import CoreStats, StepReport
@@ -27,13 +26,13 @@ log = logging.getLogger(__name__)
 
 class BatchFront(Runner):
     def __init__(self, config: SchedulerConfig, model_name: str, policy: RestartPolicy | None = None):
+        super().__init__()
         self.model_name = model_name
         self.config = config
         self.policy = policy or RestartPolicy()
         self._handles: dict[int, RequestHandle] = {}  # event loop only
         self._stats = CoreStats(0, 0, 0)
         self._ready = False
-        self._restarts: Counter[str] = Counter()
         self._next_attempt_in = 1.0
 
     # -- what the transport provides
@@ -51,9 +50,6 @@ class BatchFront(Runner):
     @property
     def ready(self) -> bool:
         return self._ready
-
-    def restarts(self) -> dict[str, int]:
-        return dict(self._restarts)
 
     def retry_after(self) -> float:
         return max(1.0, self._next_attempt_in)
@@ -86,13 +82,6 @@ class BatchFront(Runner):
         self._send_add(seq)
         return handle
 
-    def restarting_error(self) -> Overloaded:
-        return Overloaded(
-            "The model engine is restarting after a failure; retry shortly.",
-            retry_after=self.retry_after(),
-            code="engine_restarting",
-        )
-
     # -- event loop: what comes back from the engine
     def _dispatch(self, report: StepReport) -> None:
         self._stats = report.stats
@@ -121,16 +110,9 @@ class BatchFront(Runner):
         self._ready = False
         lost = len(self._handles) if seq_ids is None else len(seq_ids)
         self._fail(seq_ids, error)
-        delay = self.policy.next_delay()
+        delay = self._restart_delay(self.policy, reason)
         if delay is None:
-            message = (
-                f"the model engine failed {self.policy.limit + 1} times within {self.policy.window:g}s "
-                f"(last: {reason}); giving up so that the orchestrator can replace this server"
-            )
-            log.critical(message)
-            self.give_up(message)
             return None
-        self._restarts[reason] += 1
         self._next_attempt_in = delay + 1.0
         log.error("model engine failed (%s); %d requests ended; restarting in %.1fs", reason, lost, delay)
         return delay

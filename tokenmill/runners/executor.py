@@ -34,6 +34,7 @@ class ExecutorRunner(Runner):
     def __init__(
         self, engine_factory: Callable[[], StepEngine], replicas: int, model_name: str, threads: int | None = None
     ):
+        super().__init__()
         self.model_name = model_name
         self._engine_factory = engine_factory
         self._replicas = replicas

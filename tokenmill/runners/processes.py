@@ -16,13 +16,12 @@ import itertools
 import logging
 import multiprocessing
 import threading
-from collections import Counter
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
 from tokenmill.config import Settings
 from tokenmill.engines import build_tokenizer, engine_spec
-from tokenmill.errors import EngineFailure, Overloaded
+from tokenmill.errors import EngineFailure
 from tokenmill.generation import GenerationRequest
 from tokenmill.runners.base import RequestHandle, Runner, RunnerStats
 from tokenmill.runners.process_worker import (
@@ -52,13 +51,12 @@ class _Worker:
 
 class ProcessRunner(Runner):
     def __init__(self, settings: Settings, model_name: str):
+        super().__init__()
         self.model_name = model_name
-        # Each process gets its share of the cores unless told otherwise.
         self._settings = settings
-        self._spec = engine_spec(settings)
+        self._spec = engine_spec(settings)  # threads: each process gets its share of the usable CPUs
         self._replicas = settings.replicas
         self._policy = RestartPolicy(settings.engine_restart_limit, settings.engine_restart_window)
-        self._restarts: Counter[str] = Counter()
         self._context = multiprocessing.get_context("spawn")
         self._job_ids = itertools.count()
         self._workers: list[_Worker] = []
@@ -70,9 +68,6 @@ class ProcessRunner(Runner):
     @property
     def ready(self) -> bool:
         return self._live() > 0
-
-    def restarts(self) -> dict[str, int]:
-        return dict(self._restarts)
 
     def _live(self) -> int:
         return sum(1 for w in self._workers if w.ready.done() and not w.ready.exception() and not w.dead)
@@ -155,15 +150,9 @@ class ProcessRunner(Runner):
                 return  # start() reports it
         self._capacity_changed()
         reason = "restart_failed" if failed_to_start else exit_reason(code)
-        delay = self._policy.next_delay()
-        if delay is None and self._live() > 0:
-            delay = self._policy.max_delay  # the others still serve: keep trying, slowly
+        delay = self._restart_delay(self._policy, reason, keep_trying=self._live() > 0)
         if delay is None:
-            message = f"worker processes failed {self._policy.limit + 1} times within {self._policy.window:g}s (last: {reason}); giving up"
-            log.critical(message)
-            self.give_up(message)
             return
-        self._restarts[reason] += 1
         log.error("worker %d (pid %s) %s; restarting it in %.1fs", worker.index, worker.process.pid, reason, delay)
         self._loop.call_later(delay, self._respawn, worker.index)
 
@@ -173,11 +162,7 @@ class ProcessRunner(Runner):
 
     async def submit(self, request: GenerationRequest) -> RequestHandle:
         if not self.ready:
-            raise Overloaded(
-                "Every worker process is restarting after a failure; retry shortly.",
-                retry_after=1.0,
-                code="engine_restarting",
-            )
+            raise self.restarting_error()
         seq = self.prepare(request, self._tokenizer)
         job = Job(next(self._job_ids), request.request_id, seq.token_ids, seq.params, seq.max_new_tokens)
         handle = RequestHandle(request.request_id, on_abort=lambda: self._abort(job.job_id))

@@ -42,6 +42,7 @@ class UpstreamRunner(Runner):
     def __init__(self, settings: Settings, model_name: str | None):
         if not settings.upstream_url:
             raise ValueError("--engine upstream needs --upstream-url")
+        super().__init__()
         self._settings = settings
         self.model_name = model_name or ""
         self._client: LLMClient | None = None

@@ -42,7 +42,7 @@ class Serving:
         arrived = time.monotonic()
         try:
             if not self.runner.ready:  # an engine is being replaced: say so at once, do not queue
-                raise self._restarting()
+                raise self.runner.restarting_error()
             if self.admission.has_place() or client_gone is None:
                 ticket = await self.admission.acquire()
             else:
@@ -76,13 +76,6 @@ class Serving:
             await waiting
         self.metrics.aborts.labels("client_disconnect").inc()
         raise ClientGone("The client disconnected while the request waited in the queue.")
-
-    def _restarting(self) -> Overloaded:
-        return Overloaded(
-            "The model engine is restarting after a failure; retry shortly.",
-            retry_after=self.runner.retry_after(),
-            code="engine_restarting",
-        )
 
 
 class Generation:
