@@ -59,7 +59,6 @@ class _EngineProcess:
     ready: asyncio.Future[None]
     outbox: queue.SimpleQueue
     fatal: Fatal | None = None
-    dead: bool = False
 
     def death_reason(self) -> str:
         return "exception" if self.fatal is not None else exit_reason(self.process.exitcode)
@@ -90,7 +89,6 @@ class EngineProcessRunner(BatchFront):
         self._tokenizer_instance: Tokenizer | None = None
         self._stopping = False
         self._restart_task: asyncio.Task | None = None
-        self.started_in = 0.0  # seconds the last engine took from spawn to Ready
 
     def _tokenizer(self) -> Tokenizer:
         assert self._tokenizer_instance is not None, "runner not started"
@@ -119,8 +117,7 @@ class EngineProcessRunner(BatchFront):
         self._loop.add_reader(parent_end.fileno(), self._read, engine)
         threading.Thread(target=self._write, args=(engine,), name="tokenmill-engine-writer", daemon=True).start()
         await engine.ready
-        self.started_in = time.monotonic() - started
-        log.info("engine process %d ready in %.2fs", process.pid, self.started_in)
+        log.info("engine process %d ready in %.2fs", process.pid, time.monotonic() - started)
 
     # -- the pipe
     def _read(self, engine: _EngineProcess) -> None:
@@ -169,7 +166,6 @@ class EngineProcessRunner(BatchFront):
             engine.fatal = message
 
     def _on_exit(self, engine: _EngineProcess) -> None:
-        engine.dead = True
         engine.outbox.put(None)
         if self._stopping or engine is not self._engine:
             return

@@ -47,7 +47,6 @@ class AbortSequence:
 class Fatal:
     """The engine failed; the process exits right after sending this."""
 
-    during: str  # "start" or "serving"
     message: str
 
 
@@ -114,7 +113,7 @@ def _fatal(conn: Connection, during: str, error: BaseException) -> None:
     summary = f"{type(error).__name__}: {error}"
     log.error("engine failed during %s: %s", during, summary, exc_info=error)
     try:
-        conn.send(Fatal(during, summary))
+        conn.send(Fatal(summary))
     except OSError:
         pass
     os._exit(1)  # no clean-up: the engine's state is not to be trusted

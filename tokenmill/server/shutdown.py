@@ -53,8 +53,9 @@ class DrainingServer(uvicorn.Server):
         await super().serve(sockets)
 
     def _exit_now(self) -> None:
-        """The runner gave up (crash loop): stop serving; the exit code is the lifecycle's."""
-        self._stop_now()
+        """The runner gave up (crash loop): the lifecycle has already ended every request; exit once
+        their error events are out. The exit code is the lifecycle's."""
+        asyncio.ensure_future(self._exit_when_sent())
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Not calling super(): it would record the signal and re-raise it after shutdown, turning
@@ -80,15 +81,14 @@ class DrainingServer(uvicorn.Server):
 
     def _stop_now(self) -> None:
         self._lifecycle.end_all("The server is stopping now.")
+        asyncio.ensure_future(self._exit_when_sent())
 
-        async def exit_when_sent() -> None:
-            for _ in range(100):  # up to 2 s for the error events to go out
-                if not self._lifecycle.in_flight:
-                    break
-                await asyncio.sleep(0.02)
-            self.should_exit = True
-
-        asyncio.ensure_future(exit_when_sent())
+    async def _exit_when_sent(self) -> None:
+        for _ in range(100):  # up to 2 s for the error events to go out
+            if not self._lifecycle.in_flight:
+                break
+            await asyncio.sleep(0.02)
+        self.should_exit = True
 
 
 def _describe(error: BaseException) -> str:
