@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from tests.e2e.test_shutdown_and_disconnect import stream_chat
+from tokenmill.bench.spawn import worker_pids
 
 MODES = ["sync", "async", "process", "batch"]
 
@@ -62,7 +63,7 @@ async def test_a_killed_worker_fails_only_its_request_and_comes_back(serve_proce
         started = [asyncio.Event() for _ in range(2)]
         streams = [asyncio.ensure_future(stream_chat(client, 60, e)) for e in started]
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 10)
-        workers = _children(server.process.pid)
+        workers = worker_pids(server.process.pid)
         assert len(workers) == 2
         os.kill(workers[0], signal.SIGKILL)
         results = await asyncio.gather(*streams)
@@ -75,22 +76,4 @@ async def test_a_killed_worker_fails_only_its_request_and_comes_back(serve_proce
         await asyncio.sleep(1.0)
         again = await asyncio.gather(*(stream_chat(client, 5) for _ in range(2)))
         assert all(r["finish"] == "length" and not r["error"] for r in again)
-        assert len(_children(server.process.pid)) == 2 and workers[0] not in _children(server.process.pid)
-
-
-def _children(pid: int) -> list[int]:
-    """Worker processes of the server (multiprocessing's resource tracker aside)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        if parent == pid and b"resource_tracker" not in cmdline:
-            found.append(int(entry))
-    return sorted(found)
+        assert len(worker_pids(server.process.pid)) == 2 and workers[0] not in worker_pids(server.process.pid)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.e2e.test_serving_patterns import _children as worker_pids
+from tokenmill.bench.spawn import worker_pids
 
 MODES = ["sync", "async", "process", "batch"]
 # Capacity 2 in the replica modes (two one-thread replicas of the default model), 4 in batch mode.

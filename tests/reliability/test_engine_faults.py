@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tests.reliability.harness import Tally, record, stream_chat, tally_of
-from tokenmill.bench.spawn import SpawnedServer, child_pids
+from tokenmill.bench.spawn import SpawnedServer, worker_pids
 
 SIM = ["--engine", "simulated", "--mode", "batch", "--sim-ttft-ms", "2", "--sim-itl-ms", "8", "--max-batch", "8"]
 
@@ -71,7 +71,7 @@ async def test_an_engine_fault_under_load_ends_every_stream_explicitly_and_the_e
     serve_process, fault, reason
 ):
     server = serve_process(*SIM, "--sim-fault", fault, "--sim-fault-at-step", "40")
-    engine_before = child_pids(server.process.pid)
+    engine_before = worker_pids(server.process.pid)
     max_tokens = 60  # the fault fires about 37 tokens into these streams
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
         watch = ReadyWatch(client)
@@ -102,7 +102,7 @@ async def test_an_engine_fault_under_load_ends_every_stream_explicitly_and_the_e
     assert watch.refused.json()["error"]["code"] == "engine_restarting" and watch.refused.headers["retry-after"]
     assert all(o.completed and o.completion_tokens == 8 for o in after)  # served normally again
     assert restarts(metrics) == {reason: 1.0}
-    assert child_pids(server.process.pid) != engine_before  # a new engine process
+    assert worker_pids(server.process.pid) != engine_before  # a new engine process
 
 
 async def test_the_engine_fault_reaches_streams_within_a_second(serve_process):
@@ -213,24 +213,15 @@ async def test_the_in_thread_engine_also_recovers_from_an_exception(serve_proces
 
 def test_spawned_server_counts_the_engine_process_in_its_memory():
     with SpawnedServer(SIM) as server:
-        children = child_pids(server.process.pid)
-        assert len([pid for pid in children if _is_engine(pid)]) == 1
+        assert len(worker_pids(server.process.pid)) == 1  # the engine process
         assert server.peak_rss_mb() > 0
-
-
-def _is_engine(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"spawn_main" in f.read()
-    except OSError:
-        return False
 
 
 @pytest.mark.parametrize("sig", [signal.SIGSEGV, signal.SIGKILL], ids=["SIGSEGV", "SIGKILL (as the OOM killer)"])
 async def test_the_default_model_engine_killed_under_load_is_contained(serve_process, sig):
     # The real engine process (llama.cpp, default model) takes a real signal from outside.
     server = serve_process("--mode", "batch", "--max-batch", "4")
-    engine = next(pid for pid in child_pids(server.process.pid) if _is_engine(pid))
+    (engine,) = worker_pids(server.process.pid)
     max_tokens = 64
     async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
         load = [asyncio.ensure_future(stream_chat(client, max_tokens)) for _ in range(4)]

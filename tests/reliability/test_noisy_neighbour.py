@@ -11,16 +11,13 @@ asserted (a timed test would measure the machine, not the code).
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 
-from tests.reliability.harness import Tally, long_mode, record, stream_chat
-
-BUSY = "import time\nend = time.time() + {seconds}\nwhile time.time() < end:\n    pass\n"
+from tests.reliability.harness import long_mode, record, stream_chat, tally_of
+from tokenmill.bench.command import NoisyNeighbours
 
 
 async def _load(client: httpx.AsyncClient, streams: int, max_tokens: int) -> tuple[list, float]:
@@ -37,7 +34,7 @@ async def test_a_cpu_bound_neighbour_slows_the_server_but_loses_nothing(serve_pr
     streams, max_tokens = 4, 48 if long_mode() else 24
     async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
         quiet, quiet_s = await _load(client, streams, max_tokens)
-        neighbour = subprocess.Popen([sys.executable, "-c", BUSY.format(seconds=60)])
+        neighbour = NoisyNeighbours(1)  # what `tokenmill bench --noisy-neighbours 1` starts
         try:
             await asyncio.sleep(0.3)  # the neighbour is spinning
             health_started = time.monotonic()
@@ -45,11 +42,8 @@ async def test_a_cpu_bound_neighbour_slows_the_server_but_loses_nothing(serve_pr
             noisy, noisy_s = await _load(client, streams, max_tokens)
             health_s = (await health).status_code == 200 and time.monotonic() - health_started
         finally:
-            neighbour.kill()
-            neighbour.wait()
-    tally = Tally()
-    for outcome in quiet + noisy:
-        tally.add(outcome, max_tokens)
+            neighbour.stop()
+    tally = tally_of(quiet + noisy, max_tokens)
     tokens = streams * max_tokens
     record(
         "noisy neighbour",

@@ -102,6 +102,19 @@ def child_pids(pid: int) -> list[int]:
     return children
 
 
+def worker_pids(pid: int) -> list[int]:
+    """The server's engine or worker processes: its children but multiprocessing's resource tracker."""
+    workers = []
+    for child in child_pids(pid):
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"resource_tracker" not in cmdline:
+            workers.append(child)
+    return workers
+
+
 def _peak_rss_kb(pid: int) -> int | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
