@@ -14,18 +14,24 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from tokenmill.errors import Overloaded
-from tokenmill.runners import RequestHandle
 from tokenmill.server.admission import Admission
 
 log = logging.getLogger(__name__)
 
 
+class Interruptible(Protocol):
+    """A running request the server can end early (serving.Generation)."""
+
+    def interrupt(self, error: Overloaded) -> None: ...
+
+
 class Lifecycle:
     def __init__(self, admission: Admission):
         self._admission = admission
-        self._active: set[RequestHandle] = set()
+        self._active: set[Interruptible] = set()
         self.ready = False
         self.draining = False
         self.exit_code = 0
@@ -39,11 +45,11 @@ class Lifecycle:
         if self.on_fatal is not None:
             self.on_fatal()
 
-    def track(self, handle: RequestHandle) -> None:
-        self._active.add(handle)
+    def track(self, request: Interruptible) -> None:
+        self._active.add(request)
 
-    def untrack(self, handle: RequestHandle) -> None:
-        self._active.discard(handle)
+    def untrack(self, request: Interruptible) -> None:
+        self._active.discard(request)
 
     @property
     def in_flight(self) -> int:
@@ -65,7 +71,5 @@ class Lifecycle:
 
     def end_all(self, message: str) -> None:
         """End every running request with an error event (the consumer sees it before [DONE])."""
-        for handle in list(self._active):
-            if not handle.finished:
-                handle.fail(Overloaded(message, retry_after=1.0, code="shutdown"))
-                handle.abort()
+        for request in list(self._active):
+            request.interrupt(Overloaded(message, retry_after=1.0, code="shutdown"))

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.routing import APIRoute
 
 from tokenmill.errors import ModelNotFound
@@ -28,11 +27,10 @@ from tokenmill.protocol import (
 )
 from tokenmill.sampling import SamplingParams
 from tokenmill.server import streams
+from tokenmill.server.responses import GenerationResponse, until_disconnected
 from tokenmill.server.serving import Generation, Serving
-from tokenmill.server.sse import EventStreamResponse
 
 router = APIRouter()
-T = TypeVar("T")
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 500, 503, 504)
@@ -61,38 +59,8 @@ def _check_model(serving: Serving, model: str | None) -> str:
     return name
 
 
-def _streamed(generation: Generation, body) -> EventStreamResponse:
-    # The body closes the generation when it ends; if the client left before the body even
-    # started, the response's on_close does it (close() is idempotent).
-    return EventStreamResponse(body, on_close=lambda: generation.close(client_gone=True))
-
-
-async def _until_disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _answer(
-    request: Request, generation: Generation, build: Callable[[Generation], Awaitable[T]]
-) -> T | Response:
-    """Build a non-streamed body; if the client leaves first, stop generating at once."""
-    body_task = asyncio.ensure_future(build(generation))
-    gone_task = asyncio.ensure_future(_until_disconnected(request))
-    try:
-        await asyncio.wait({body_task, gone_task}, return_when=asyncio.FIRST_COMPLETED)
-        if body_task.done():
-            return body_task.result()
-        body_task.cancel()
-        generation.close(client_gone=True)
-        return Response(status_code=499)  # nobody is listening; this closes the exchange
-    except asyncio.CancelledError:  # some servers cancel the endpoint when the client leaves
-        generation.close(client_gone=True)
-        raise
-    finally:
-        gone_task.cancel()
-        if not body_task.done():
-            body_task.cancel()
-        generation.close()
+def _client_gone(request: Request) -> Callable[[], Awaitable[None]]:
+    return lambda: until_disconnected(request.receive)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
@@ -103,11 +71,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     generation = await serving.start(
         GenerationRequest(request_id=completion_id, params=body.to_sampling_params(), messages=body.chat_messages()),
         timeout=body.timeout,
-        client_gone=lambda: _until_disconnected(request),
+        client_gone=_client_gone(request),
     )
     if body.stream:
-        return _streamed(generation, streams.chat_stream(generation, completion_id, created, model, body.include_usage))
-    return await _answer(request, generation, lambda g: streams.chat_completion(g, completion_id, created, model))
+        stream = streams.chat_stream(generation, completion_id, created, model, body.include_usage)
+        return GenerationResponse(generation, stream=stream)
+    return GenerationResponse(generation, body=lambda g: streams.chat_completion(g, completion_id, created, model))
 
 
 @router.post("/v1/completions", response_model=Completion, responses=_ERRORS)
@@ -118,13 +87,12 @@ async def completions(body: CompletionRequest, request: Request):
     generation = await serving.start(
         GenerationRequest(request_id=completion_id, params=body.to_sampling_params(), prompt=body.prompt_text()),
         timeout=body.timeout,
-        client_gone=lambda: _until_disconnected(request),
+        client_gone=_client_gone(request),
     )
     if body.stream:
-        return _streamed(
-            generation, streams.completion_stream(generation, completion_id, created, model, body.include_usage)
-        )
-    return await _answer(request, generation, lambda g: streams.text_completion(g, completion_id, created, model))
+        stream = streams.completion_stream(generation, completion_id, created, model, body.include_usage)
+        return GenerationResponse(generation, stream=stream)
+    return GenerationResponse(generation, body=lambda g: streams.text_completion(g, completion_id, created, model))
 
 
 @router.get("/v1/models", response_model=ModelList)
@@ -137,14 +105,14 @@ async def list_models(request: Request) -> ModelList:
 async def generate(body: GenerateRequest, request: Request):
     generation = await _serving(request).start(
         GenerationRequest(request_id=new_id("gen"), params=body.to_sampling_params(), prompt=body.prompt),
-        client_gone=lambda: _until_disconnected(request),
+        client_gone=_client_gone(request),
     )
 
     async def build(g: Generation) -> GenerateResponse:
         text, finished = await streams.collect(g)
         return GenerateResponse(text=text, tokens=finished.usage.completion_tokens)
 
-    return await _answer(request, generation, build)
+    return GenerationResponse(generation, body=build)
 
 
 @router.get("/stream", responses=_ERRORS)
@@ -155,9 +123,9 @@ async def stream(
 ):
     generation = await _serving(request).start(
         GenerationRequest(request_id=new_id("gen"), params=SamplingParams(max_tokens=max_tokens), prompt=prompt),
-        client_gone=lambda: _until_disconnected(request),
+        client_gone=_client_gone(request),
     )
-    return _streamed(generation, streams.token_stream(generation))
+    return GenerationResponse(generation, stream=streams.token_stream(generation))
 
 
 @router.get(HEALTH_PATH)

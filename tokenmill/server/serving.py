@@ -2,7 +2,11 @@
 
 generation = await serving.start(request, timeout)   # 503 if full, 400 if the model refuses it
 async for event in generation.events(): ...          # deadlines and metrics applied
-generation.close(client_gone=...)                    # always: frees the place, aborts if unfinished
+generation.close(client_gone=...)                    # once, by its response: frees the place
+
+A generation's end has one owner: the response that carries it (`server.responses`) closes it
+exactly once, however the exchange ended. The server may `interrupt` it earlier (drain timeout,
+engine given up); the client then reads that error as the last event, and the response still closes.
 """
 
 from __future__ import annotations
@@ -59,8 +63,9 @@ class Serving:
         except BaseException:
             ticket.release()
             raise
-        self.lifecycle.track(handle)
-        return Generation(self, handle, ticket, arrived, self.deadlines.shortened_to(timeout))
+        generation = Generation(self, handle, ticket, arrived, self.deadlines.shortened_to(timeout))
+        self.lifecycle.track(generation)
+        return generation
 
     async def _queue(self, client_gone: Callable[[], Awaitable[None]]) -> Ticket:
         waiting = asyncio.ensure_future(self.admission.acquire())
@@ -109,6 +114,12 @@ class Generation:
             self._abort_reason = "shutdown"
             raise
 
+    def interrupt(self, error: Overloaded) -> None:
+        """End the request from the server side: the engine stops now, the client reads `error`."""
+        if not self.handle.finished:
+            self.handle.fail(error)
+            self.handle.abort()
+
     def close(self, client_gone: bool = False) -> None:
         if self._closed:
             return
@@ -117,5 +128,5 @@ class Generation:
             reason = "client_disconnect" if client_gone else (self._abort_reason or "server")
             self._serving.metrics.aborts.labels(reason).inc()
         self.handle.abort()
-        self._serving.lifecycle.untrack(self.handle)
+        self._serving.lifecycle.untrack(self)
         self._ticket.release()

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
 
 DONE = b"data: [DONE]\n\n"
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
@@ -34,16 +33,5 @@ def json_event(payload: dict, event: str | None = None) -> bytes:
 
 
 class EventStreamResponse(StreamingResponse):
-    """`on_close` runs once the response is over, however it ended: also when the client left
-    before the body was ever iterated (an unstarted generator never runs its `finally`)."""
-
-    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None] | None = None):
+    def __init__(self, content: AsyncIterator[bytes]):
         super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
-        self._on_close = on_close
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            if self._on_close is not None:
-                self._on_close()

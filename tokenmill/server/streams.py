@@ -1,8 +1,8 @@
 """Turn a request's event stream into wire formats: OpenAI JSON bodies and SSE chunk streams.
 
 Every stream ends with `data: [DONE]`; a failure mid-stream (deadline, drain, engine) is sent as an
-error event first, so a client can always tell a finished answer from a broken one. When the client
-goes away, Starlette cancels the stream; `close()` then aborts the generation and frees its place.
+error event first, so a client can always tell a finished answer from a broken one. Closing the
+generation is not done here: `responses.GenerationResponse` owns that.
 """
 
 from __future__ import annotations
@@ -64,8 +64,7 @@ async def text_completion(generation: Generation, completion_id: str, created: i
 
 
 async def _guarded(generation: Generation, body: Callable[[], AsyncIterator[bytes]]) -> AsyncIterator[bytes]:
-    """Shared frame of every stream: error event on failure, [DONE] last, close on the way out."""
-    client_gone = False
+    """Shared frame of every stream: an error event on failure, [DONE] last."""
     try:
         async for chunk in body():
             yield chunk
@@ -74,11 +73,6 @@ async def _guarded(generation: Generation, body: Callable[[], AsyncIterator[byte
     except Exception as error:  # never let a stream end silently
         log.exception("stream %s failed", generation.handle.request_id)
         yield json_event(error_body(EngineFailure(f"generation failed: {type(error).__name__}")))
-    except BaseException:  # cancelled: the client disconnected
-        client_gone = True
-        raise
-    finally:
-        generation.close(client_gone=client_gone)
     yield DONE
 
 

@@ -1,0 +1,93 @@
+"""The response that carries an admitted generation to its client, and the one owner of its end.
+
+Whatever way the exchange ends (answered, failed with an error event, client gone, or the client
+gone before the body ever started), `GenerationResponse` closes the generation exactly once, in one
+`finally`. Nothing else closes it: renderers in `streams` only turn events into bytes or bodies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi.encoders import jsonable_encoder
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
+
+from tokenmill.server.serving import Generation
+from tokenmill.server.sse import EventStreamResponse
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's code: nobody is listening any more
+
+
+async def until_disconnected(receive: Receive) -> None:
+    """Completes when the client closes the connection (reads and drops any request body left)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class GenerationResponse(Response):
+    def __init__(
+        self,
+        generation: Generation,
+        *,
+        stream: AsyncIterator[bytes] | None = None,
+        body: Callable[[Generation], Awaitable[Any]] | None = None,
+    ):
+        """Exactly one of `stream` (SSE bytes) or `body` (builds a JSON body from the generation)."""
+        if (stream is None) == (body is None):
+            raise ValueError("a GenerationResponse carries either a stream or a body")
+        self.generation = generation
+        self._stream = stream
+        self._body = body
+        self.status_code = 200  # read by nothing but Starlette's type expectations
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        client_gone = False
+        try:
+            if self._stream is not None:
+                client_gone = not await self._send_stream(self._stream, scope, receive, send)
+            else:
+                assert self._body is not None
+                client_gone = not await self._send_body(self._body, scope, receive, send)
+        except asyncio.CancelledError:  # some servers cancel the app when the client leaves
+            client_gone = True
+            raise
+        finally:
+            self.generation.close(client_gone=client_gone)
+
+    @staticmethod
+    async def _send_stream(stream: AsyncIterator[bytes], scope: Scope, receive: Receive, send: Send) -> bool:
+        """True when the whole stream went out; False when the client left first."""
+        completed = False
+
+        async def tracked() -> AsyncIterator[bytes]:
+            nonlocal completed
+            async for chunk in stream:
+                yield chunk
+            completed = True
+
+        await EventStreamResponse(tracked())(scope, receive, send)
+        return completed
+
+    async def _send_body(
+        self, build: Callable[[Generation], Awaitable[Any]], scope: Scope, receive: Receive, send: Send
+    ) -> bool:
+        """Build the body while watching the connection: if the client leaves first, generation
+        stops at once instead of running to the end for nobody."""
+        body_task = asyncio.ensure_future(build(self.generation))
+        gone_task = asyncio.ensure_future(until_disconnected(receive))
+        try:
+            await asyncio.wait({body_task, gone_task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone_task.cancel()
+            if not body_task.done():
+                body_task.cancel()
+        if not body_task.done() or body_task.cancelled():
+            await Response(status_code=CLIENT_CLOSED_REQUEST)(scope, receive, send)
+            return False
+        body = body_task.result()  # a TokenmillError here is rendered by the app's error handlers
+        await JSONResponse(jsonable_encoder(body))(scope, receive, send)
+        return True
