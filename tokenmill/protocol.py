@@ -1,7 +1,8 @@
 """OpenAI-compatible request and response models, and the simple seed-design bodies. No I/O.
 
 Requests are strict, like OpenAI's own API: wrong JSON types are rejected rather than coerced, and
-unknown arguments are refused by name. Features tokenmill does not implement yet are accepted only
+unknown arguments are refused by name. These models check shapes only; the ranges of sampling values
+are checked once, by `SamplingParams`, which every entry point builds. Features tokenmill does not implement yet are accepted only
 at their no-op values, so a client relying on them hears about it instead of silently getting
 something else.
 """
@@ -48,10 +49,10 @@ class _SamplingFields(_Strict):
     """Fields shared by chat and completions, and their translation to SamplingParams."""
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1)
@@ -59,7 +60,7 @@ class _SamplingFields(_Strict):
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = 0
     timeout: float | None = Field(
         None, gt=0, description="Seconds; may shorten the server's total timeout, never extend it."
     )
@@ -96,7 +97,7 @@ class _SamplingFields(_Strict):
             max_tokens=self._max_tokens(),
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=max(0, self.top_k or 0),
+            top_k=0 if self.top_k in (None, -1) else self.top_k,  # vLLM's -1 also means "off"
             seed=self.seed,
             stop=stop,
             ignore_eos=self.ignore_eos,
@@ -106,7 +107,7 @@ class _SamplingFields(_Strict):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessageIn] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
@@ -160,8 +161,8 @@ class GenerateRequest(_Strict):
     """Body of the simple `POST /generate` route."""
 
     prompt: str = Field(max_length=MAX_PROMPT_CHARS)
-    max_tokens: int = Field(256, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
+    max_tokens: int = 256
+    temperature: float = 1.0
     seed: int | None = None
     stop: list[str] | None = None
 

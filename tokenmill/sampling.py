@@ -36,7 +36,7 @@ class SamplingParams:
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequest("top_p must be greater than 0 and at most 1", param="top_p")
         if self.top_k < 0:
-            raise InvalidRequest("top_k must be 0 (disabled) or a positive integer", param="top_k")
+            raise InvalidRequest("top_k must be -1 or 0 (disabled), or a positive integer", param="top_k")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             raise InvalidRequest("seed must fit in 64 bits", param="seed")
         if self.min_tokens < 0:

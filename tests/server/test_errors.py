@@ -47,6 +47,8 @@ BAD_CHAT_REQUESTS = [
         id="stream-options-without-stream",
     ),
     pytest.param({"messages": USER, "min_tokens": 9, "max_tokens": 3}, "min_tokens", "min_tokens", id="min-above-max"),
+    pytest.param({"messages": USER, "min_tokens": -1}, "min_tokens", "min_tokens", id="min-tokens-negative"),
+    pytest.param({"messages": USER, "top_k": -2}, "top_k", "top_k", id="top-k-below-minus-one"),
     pytest.param(
         {"messages": [{"role": "user", "content": "word " * 5000}]},
         "maximum context length",
@@ -133,3 +135,20 @@ async def test_unknown_route_and_wrong_method_are_openai_shaped(client: httpx.As
     wrong_method = await client.get("/v1/chat/completions")
     assert wrong_method.status_code == 405
     _error_of(wrong_method)
+
+
+def test_sampling_ranges_are_checked_once_by_sampling_params():
+    """The HTTP models check shapes; a range written there too would drift from SamplingParams'."""
+    import dataclasses
+
+    import annotated_types
+
+    from tokenmill.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
+    from tokenmill.sampling import SamplingParams
+
+    sampling = {f.name for f in dataclasses.fields(SamplingParams)} | {"max_completion_tokens"}
+    bounds = (annotated_types.Ge, annotated_types.Gt, annotated_types.Le, annotated_types.Lt)
+    for model in (ChatCompletionRequest, CompletionRequest, GenerateRequest):
+        for name, field in model.model_fields.items():
+            if name in sampling:
+                assert not [m for m in field.metadata if isinstance(m, bounds)], f"{model.__name__}.{name}"

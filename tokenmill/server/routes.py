@@ -119,7 +119,7 @@ async def generate(body: GenerateRequest, request: Request):
 async def stream(
     request: Request,
     prompt: Annotated[str, Query(max_length=1_000_000)],
-    max_tokens: Annotated[int, Query(ge=1)] = 256,
+    max_tokens: int = 256,
 ):
     generation = await _serving(request).start(
         GenerationRequest(request_id=new_id("gen"), params=SamplingParams(max_tokens=max_tokens), prompt=prompt),
