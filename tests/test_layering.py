@@ -51,6 +51,10 @@ def forbidden(paths: list[Path], prefixes: tuple[str, ...]) -> list[str]:
         ("runners/engine_worker.py", (*HTTP, "asyncio", "tokenmill.config")),
         ("runners/scheduler.py", (*HTTP, "asyncio", "llama_cpp", "torch")),
         ("cpus.py", (*HTTP, "asyncio", "tokenmill")),
+        # the CLI sits on top: it parses flags and hands Settings down; nothing imports it back
+        ("bench", ("tokenmill.cli",)),
+        ("server", ("tokenmill.cli",)),
+        ("deploy", ("tokenmill.cli",)),
         # the client stands alone: usable against any server, importing nothing of tokenmill's server side
         (
             "client",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 import typing
 from collections.abc import Sequence
@@ -89,6 +90,20 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
+def _settings_or_report(args: argparse.Namespace) -> Settings | None:
+    """The settings, or None after one line per problem on stderr (the caller exits 2)."""
+    try:
+        return settings_from_args(args)
+    except ValidationError as error:
+        for problem in error.errors():
+            where = ".".join(str(p) for p in problem["loc"])
+            message = str(problem["msg"]).removeprefix("Value error, ")
+            print(
+                f"tokenmill: invalid setting {where}: {message}" if where else f"tokenmill: {message}", file=sys.stderr
+            )
+        return None
+
+
 def serve(settings: Settings) -> int:
     from tokenmill.server import create_app
     from tokenmill.server.shutdown import DrainingServer
@@ -123,20 +138,19 @@ def uvicorn_config(settings: Settings, app):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "bench":
         from tokenmill.bench.command import run
 
+        if args.baselines:  # the in-process baselines load the model as the first --serve-args serves it
+            serve_flags = shlex.split((args.serve_args or [""])[0])
+            args.baseline_settings = _settings_or_report(parser.parse_args(["serve", *serve_flags]))
+            if args.baseline_settings is None:
+                return 2
         return run(args)
-    try:
-        settings = settings_from_args(args)
-    except ValidationError as error:
-        for problem in error.errors():
-            where = ".".join(str(p) for p in problem["loc"])
-            message = str(problem["msg"]).removeprefix("Value error, ")
-            print(
-                f"tokenmill: invalid setting {where}: {message}" if where else f"tokenmill: {message}", file=sys.stderr
-            )
+    settings = _settings_or_report(args)
+    if settings is None:
         return 2
     if args.command == "serve":
         return serve(settings)

@@ -7,8 +7,10 @@ import json
 import subprocess
 import sys
 
+from tokenmill.config import Settings
 
-def _measure(kind: str, concurrency: int, requests: int, max_tokens: int, serve_flags: list[str]) -> dict:
+
+def _measure(kind: str, concurrency: int, requests: int, max_tokens: int, settings: Settings) -> dict:
     cmd = [
         sys.executable,
         "-m",
@@ -17,21 +19,22 @@ def _measure(kind: str, concurrency: int, requests: int, max_tokens: int, serve_
         str(concurrency),
         str(requests),
         str(max_tokens),
-        *serve_flags,
+        settings.model_dump_json(),
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def measure_baselines(levels: list[int], args: argparse.Namespace, serve_flags: list[str]) -> dict:
+def measure_baselines(levels: list[int], args: argparse.Namespace, settings: Settings) -> dict:
+    """`settings`: the served configuration (the bench's first --serve-args, parsed by the CLI)."""
     requests = lambda c: args.requests or max(8, 4 * c)
     top = max(levels)
     results = {
-        "bare": _measure("bare", top, requests(top), args.max_tokens, serve_flags),
-        "llama": _measure("llama", 1, requests(1), args.max_tokens, serve_flags),
+        "bare": _measure("bare", top, requests(top), args.max_tokens, settings),
+        "llama": _measure("llama", 1, requests(1), args.max_tokens, settings),
     }
     for level in levels:
-        results[f"batch@{level}"] = _measure("batch", level, requests(level), args.max_tokens, serve_flags)
+        results[f"batch@{level}"] = _measure("batch", level, requests(level), args.max_tokens, settings)
         print(
             f"in-process {results[f'batch@{level}']['name']} at {level}: {results[f'batch@{level}']['tokens_per_s']:.1f} tok/s",
             flush=True,
@@ -59,7 +62,7 @@ def ratio_table(rows: list[dict], baselines: dict) -> str:
     add(
         f"in-process batch runner @{top}",
         baselines[f"batch@{top}"]["tokens_per_s"],
-        f"bare llama_decode loop @{top}",
+        f"engine step loop @{top}",
         baselines["bare"]["tokens_per_s"],
     )
     for level in levels:

@@ -69,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--baselines",
         action="store_true",
-        help="also measure in-process baselines (bare llama_decode loop, batch runner without HTTP, "
+        help="also measure in-process baselines (the engine's own step loop, batch runner without HTTP, "
         "llama_cpp.Llama loop), each in a fresh process, and print the ratios",
     )
     parser.add_argument(
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     if args.baselines and not open_loop_rates:
         from tokenmill.bench.baselines import measure_baselines, ratio_table
 
-        baselines = measure_baselines([int(level) for level in levels], args, shlex.split((args.serve_args or [""])[0]))
+        baselines = measure_baselines([int(level) for level in levels], args, args.baseline_settings)
         ratios = ratio_table(rows, baselines)
         print(ratios)
     if args.out:

@@ -2,7 +2,8 @@
 
 The same workload as the HTTP bench (same prompts through the model's chat template, same
 sampling, same closed loop) measured three ways, each in its own process by the caller:
-- `bare`: a minimal llama_decode loop over all sequences at once, greedy: the kernel ceiling.
+- `bare`: the engine's own step loop, every sequence of a wave in lockstep, greedy, with no
+  scheduler, queue, process boundary or event plumbing around it: the engine ceiling.
 - `runner`: tokenmill's runner (scheduler + engine thread + events) driven without HTTP.
 - `llama`: llama_cpp.Llama.create_completion, one request after another: the plain library.
 This is the one bench module that loads a model itself; it exists to price the layers.
@@ -12,12 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tokenmill.bench.stats import RequestRecord
 from tokenmill.bench.workload import Workload
 from tokenmill.config import Settings
+from tokenmill.engines import build_engine, engine_spec
+from tokenmill.engines.base import Chunk
 from tokenmill.engines.model_files import resolve_model_path
+from tokenmill.engines.sequence import prepare_sequence
 from tokenmill.generation import ChatMessage, Finished, GenerationRequest
 from tokenmill.runners import build_runner
 from tokenmill.sampling import SamplingParams
@@ -77,61 +81,44 @@ def runner_closed_loop(settings: Settings, workload: Workload, concurrency: int,
     return asyncio.run(run())
 
 
-def bare_decode_loop(settings: Settings, workload: Workload, concurrency: int, requests: int) -> Measurement:
-    """All sequences of a wave in lockstep: one llama_decode per step, greedy, nothing else."""
-    import llama_cpp
-
-    from tokenmill.engines.llamacpp import (
-        LlamaCppEngine,  # noqa: F401  (quiets llama.cpp's logs)
-        model_params,
-    )
-
-    model = llama_cpp.llama_model_load_from_file(str(resolve_model_path(settings.model)).encode(), model_params())
-    params = llama_cpp.llama_context_default_params()
-    params.n_ctx = settings.kv_tokens + settings.max_step_tokens
-    params.n_batch = params.n_ubatch = settings.max_step_tokens
-    params.n_seq_max, params.kv_unified, params.no_perf = concurrency, True, True
-    params.n_threads = params.n_threads_batch = settings.threads_per_replica()
-    ctx = llama_cpp.llama_init_from_model(model, params)
-    from tokenmill.engines.llamacpp import LlamaCppTokenizer
-
-    tokenizer = LlamaCppTokenizer(model, llama_cpp.llama_model_get_vocab(model), settings.context_window)
-    sampler = llama_cpp.llama_sampler_init_greedy()
-    batch = llama_cpp.llama_batch_init(settings.max_step_tokens, 0, 1)
-    memory = llama_cpp.llama_get_memory(ctx)
-
-    def decode(rows: list[tuple[int, int, int, bool]]) -> list[int]:
-        for i, (token, pos, seq, logits) in enumerate(rows):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
-            batch.seq_id[i][0], batch.logits[i] = seq, logits
-        batch.n_tokens = len(rows)
-        llama_cpp.llama_decode(ctx, batch)
-        return [i for i, row in enumerate(rows) if row[3]]
-
+def engine_step_loop(settings: Settings, workload: Workload, concurrency: int, requests: int) -> Measurement:
+    """Waves of `concurrency` sequences through `engine.step`: each prompt prefilled in chunks of
+    the step budget, then one decode step for the whole wave per token, greedy, to max_tokens."""
+    engine = build_engine(engine_spec(settings))  # the served engine, warm-up included
     started = time.perf_counter()
     produced = 0
-    for wave_start in range(0, requests, concurrency):
-        wave = range(wave_start, min(requests, wave_start + concurrency))
-        prompts = [tokenizer.encode(tokenizer.render_chat(_messages(workload, i))) for i in wave]
-        last_tokens = []
-        for slot, prompt in enumerate(prompts):  # prefill, chunked to the step budget
-            for start in range(0, len(prompt), settings.max_step_tokens):
-                part = prompt[start : start + settings.max_step_tokens]
-                rows = [(t, start + j, slot, start + j == len(prompt) - 1) for j, t in enumerate(part)]
-                sample_rows = decode(rows)
-            last_tokens.append(llama_cpp.llama_sampler_sample(sampler, ctx, sample_rows[-1]))
-        for step in range(1, workload.max_tokens):
-            rows = [(last_tokens[s], len(prompts[s]) + step - 1, s, True) for s in range(len(prompts))]
-            decode(rows)
-            last_tokens = [llama_cpp.llama_sampler_sample(sampler, ctx, s) for s in range(len(prompts))]
-        produced += len(prompts) * workload.max_tokens
-        llama_cpp.llama_memory_clear(memory, True)
-    seconds = time.perf_counter() - started
-    llama_cpp.llama_batch_free(batch)
-    llama_cpp.llama_sampler_free(sampler)
-    llama_cpp.llama_free(ctx)
-    llama_cpp.llama_model_free(model)
-    return Measurement("bare llama_decode loop (kernel ceiling)", concurrency, produced, seconds)
+    try:
+        for wave_start in range(0, requests, concurrency):
+            wave = []
+            for i in range(wave_start, min(requests, wave_start + concurrency)):
+                request = to_generation_request(workload.request_body(i, "m"), i)
+                greedy = GenerationRequest(
+                    request.request_id, replace(request.params, temperature=0.0), messages=request.messages
+                )
+                wave.append(prepare_sequence(greedy, engine.tokenizer))
+            for seq in wave:
+                engine.add_sequence(seq)
+            try:
+                while running := [seq for seq in wave if not seq.is_finished]:
+                    prefilling = [seq for seq in running if seq.num_generated == 0]
+                    if prefilling:  # one prompt chunk per step, as the scheduler's budget allows
+                        seq = prefilling[0]
+                        chunks = [Chunk(seq, min(seq.num_pending, engine.max_chunk_tokens))]
+                    else:
+                        chunks = [Chunk(seq, 1) for seq in running]
+                    tokens = engine.step(chunks)
+                    for chunk, token in zip(chunks, tokens, strict=True):
+                        chunk.seq.num_computed += chunk.num_tokens
+                        if token is not None:
+                            chunk.seq.append_token(token)
+            finally:
+                for seq in wave:
+                    engine.remove_sequence(seq)
+            produced += sum(seq.num_generated for seq in wave)
+        seconds = time.perf_counter() - started
+    finally:
+        engine.close()
+    return Measurement(f"{settings.engine} engine step loop (engine ceiling)", concurrency, produced, seconds)
 
 
 def llama_library_loop(settings: Settings, workload: Workload, requests: int) -> Measurement:
@@ -183,21 +170,19 @@ def _messages(workload: Workload, i: int) -> tuple[ChatMessage, ...]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m tokenmill.bench.inprocess KIND CONCURRENCY REQUESTS MAX_TOKENS [serve flags]`: one
+    """`python -m tokenmill.bench.inprocess KIND CONCURRENCY REQUESTS MAX_TOKENS SETTINGS_JSON`: one
     measurement in a fresh process (engines left behind by another measurement would skew it),
-    printed as one JSON line."""
+    printed as one JSON line. SETTINGS_JSON is the served Settings, as the bench command parsed them."""
     import json
     import sys
 
-    from tokenmill.cli import build_parser, settings_from_args
-
-    kind, concurrency_arg, requests_arg, max_tokens, *serve_flags = argv if argv is not None else sys.argv[1:]
+    kind, concurrency_arg, requests_arg, max_tokens, settings_json = argv if argv is not None else sys.argv[1:]
     concurrency, requests = int(concurrency_arg), int(requests_arg)
-    settings = settings_from_args(build_parser().parse_args(["serve", *serve_flags]))
+    settings = Settings.model_validate_json(settings_json)
     workload = Workload(max_tokens=int(max_tokens))
     batch = settings.model_copy(update={"mode": "batch", "max_batch": max(settings.max_batch, concurrency)})
     measure = {
-        "bare": lambda: bare_decode_loop(batch, workload, concurrency, requests),
+        "bare": lambda: engine_step_loop(batch, workload, concurrency, requests),
         "batch": lambda: runner_closed_loop(batch, workload, concurrency, requests),
         "async": lambda: runner_closed_loop(
             settings.model_copy(update={"mode": "async"}), workload, concurrency, requests
