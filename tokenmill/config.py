@@ -112,7 +112,13 @@ class Settings(BaseSettings):
     drain_timeout: float = Field(
         30.0, ge=0, description="On SIGTERM: how long in-flight requests may run before they are ended."
     )
-    keep_alive_timeout: float = Field(5.0, gt=0, description="Idle HTTP keep-alive connections are closed after this.")
+    keep_alive_timeout: float = Field(
+        75.0,
+        gt=0,
+        description="Idle HTTP keep-alive connections are closed after this. Keep it longer than clients keep "
+        "idle pooled connections (httpx and the openai SDK: 5 s), so the client closes first: a server-side "
+        "close can cross a request the client has just sent on that connection, which then fails unanswered.",
+    )
 
     # -- security and limits
     api_key: str | None = Field(

@@ -260,3 +260,16 @@ async def test_a_client_gone_before_the_stream_starts_still_frees_its_place():
         await asyncio.sleep(0.1)
         assert serving.admission.active == 0
         assert serving.runner.in_flight == 0  # the generation was aborted, not left running
+
+
+def test_idle_connections_outlive_the_pools_of_common_clients():
+    """If the server closed idle connections first, a request sent on one as it closes would fail
+    unanswered (under load the close can land after the request is already on the wire)."""
+    import httpx
+    import openai._constants
+
+    from tokenmill.config import Settings
+
+    server_idle = Settings().keep_alive_timeout
+    assert server_idle > (httpx.Limits().keepalive_expiry or 0)
+    assert server_idle > (openai._constants.DEFAULT_CONNECTION_LIMITS.keepalive_expiry or 0)
