@@ -42,7 +42,7 @@ def forbidden(paths: list[Path], prefixes: tuple[str, ...]) -> list[str]:
         ("engines", (*HTTP, "asyncio", "tokenmill.server", "tokenmill.runners", "tokenmill.protocol")),
         ("runners", (*HTTP, "tokenmill.server", "tokenmill.protocol")),
         ("server", ("tokenmill.engines", "llama_cpp")),
-        ("protocol.py", (*HTTP, "asyncio", "tokenmill.engines", "tokenmill.runners", "tokenmill.server")),
+        ("protocol", (*HTTP, "asyncio", "tokenmill.engines", "tokenmill.runners", "tokenmill.server")),
         ("sampling.py", (*HTTP, "asyncio", "tokenmill.engines", "tokenmill.runners", "tokenmill.server")),
         ("generation.py", (*HTTP, "asyncio", "tokenmill.engines", "tokenmill.runners", "tokenmill.server")),
         ("errors.py", (*HTTP, "tokenmill")),

@@ -39,6 +39,7 @@ class GenerationRequest:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV cells came from the prefix cache
 
     @property
     def total_tokens(self) -> int:
@@ -46,10 +47,31 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class TopLogprob:
+    token: str
+    token_bytes: tuple[int, ...]
+    logprob: float
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One generated token's log-probability, and the most likely alternatives at its position."""
+
+    token: str
+    token_bytes: tuple[int, ...]
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class TextDelta:
-    """New text for the client; never a broken UTF-8 character, never part of a stop string."""
+    """New text for the client; never a broken UTF-8 character, never part of a stop string.
+    `logprobs`: one entry per token generated since the last delta, when the request asked.
+    `generated`: the tokens generated so far, this delta's included (0 where unknown)."""
 
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+    generated: int = 0
 
 
 @dataclass(frozen=True, slots=True)

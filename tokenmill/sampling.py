@@ -1,4 +1,4 @@
-"""SamplingParams: how one sequence picks its tokens and when it stops.
+"""SamplingParams: how one sequence picks its tokens, what it reports about them, and when it stops.
 
 Validation lives here (not in the HTTP models) so every entry point -- OpenAI routes, the simple
 `/generate` route, the bench, the Ray deployment -- gets the same rules and the same messages.
@@ -13,6 +13,8 @@ from tokenmill.errors import InvalidRequest
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,10 +23,18 @@ class SamplingParams:
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 means disabled
+    min_p: float = 0.0  # 0 means disabled
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     min_tokens: int = 0
+    # OpenAI's penalties count generated tokens; the repetition penalty (vLLM, HF) also the prompt's
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # 1 means disabled
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    # None: no log-probabilities; k >= 0: the chosen token's, and the k most likely alternatives
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -37,6 +47,9 @@ class SamplingParams:
             raise InvalidRequest("top_p must be greater than 0 and at most 1", param="top_p")
         if self.top_k < 0:
             raise InvalidRequest("top_k must be -1 or 0 (disabled), or a positive integer", param="top_k")
+        _check_finite(self.min_p, "min_p")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidRequest("min_p must be between 0 and 1", param="min_p")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             raise InvalidRequest("seed must fit in 64 bits", param="seed")
         if self.min_tokens < 0:
@@ -50,10 +63,31 @@ class SamplingParams:
                 raise InvalidRequest("stop strings must not be empty", param="stop")
             if len(stop) > MAX_STOP_LENGTH:
                 raise InvalidRequest(f"stop strings must be at most {MAX_STOP_LENGTH} characters", param="stop")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check_finite(value, name)
+            if not -2.0 <= value <= 2.0:
+                raise InvalidRequest(f"{name} must be between -2 and 2", param=name)
+        _check_finite(self.repetition_penalty, "repetition_penalty")
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            raise InvalidRequest("repetition_penalty must be greater than 0 and at most 2", param="repetition_penalty")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise InvalidRequest(f"logit_bias may hold at most {MAX_LOGIT_BIAS_ENTRIES} tokens", param="logit_bias")
+        for token, bias in self.logit_bias:
+            if token < 0:
+                raise InvalidRequest("logit_bias keys must be token ids (non-negative integers)", param="logit_bias")
+            if not math.isfinite(bias) or not -100.0 <= bias <= 100.0:
+                raise InvalidRequest("logit_bias values must be between -100 and 100", param="logit_bias")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequest(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
 
 def _check_finite(value: float, name: str) -> None:

@@ -115,3 +115,55 @@ def test_cancellation_stops_within_one_step(engine):
     seq = prepare_sequence(request, engine.tokenizer)
     events = list(generate(engine, seq, cancelled))
     assert len(events) == 3 and seq.status.value == "aborted"
+
+
+def _logprobs_of(engine, prompt: str, **params):
+    from tokenmill.generation import Finished
+
+    request = GenerationRequest(request_id="t", params=SamplingParams(**params), prompt=prompt)
+    seq = prepare_sequence(request, engine.tokenizer)
+    events = list(generate(engine, seq, lambda: False))
+    assert isinstance(events[-1], Finished)
+    return seq, [entry for e in events if isinstance(e, TextDelta) for entry in e.logprobs]
+
+
+def test_greedy_tokens_are_the_top_of_their_logprobs(engine):
+    import math
+
+    seq, entries = _logprobs_of(engine, PROMPTS[0], temperature=0, max_tokens=24, ignore_eos=True, logprobs=20)
+    generated = seq.token_ids[seq.num_prompt_tokens :]
+    assert len(entries) == len(generated) == 24
+    for token_id, entry in zip(generated, entries, strict=True):
+        assert len(entry.top) == 20
+        assert entry.token_bytes == tuple(engine.tokenizer.token_bytes(token_id))
+        assert entry.top[0].token_bytes == entry.token_bytes and entry.top[0].logprob == entry.logprob
+        assert [t.logprob for t in entry.top] == sorted((t.logprob for t in entry.top), reverse=True)
+        assert sum(math.exp(t.logprob) for t in entry.top) <= 1.0 + 1e-6
+        assert entry.logprob <= 0.0
+
+
+def test_logit_bias_minus_100_bans_a_token(engine):
+    seq, _ = _logprobs_of(engine, PROMPTS[0], temperature=0, max_tokens=24, ignore_eos=True)
+    favourite = max(set(seq.token_ids[seq.num_prompt_tokens :]), key=seq.token_ids.count)
+    banned, _ = _logprobs_of(
+        engine, PROMPTS[0], temperature=0, max_tokens=24, ignore_eos=True, logit_bias=((favourite, -100.0),)
+    )
+    assert favourite not in banned.token_ids[banned.num_prompt_tokens :]
+    for seed in range(3):  # sampled too
+        drawn, _ = _logprobs_of(
+            engine, PROMPTS[0], seed=seed, max_tokens=24, ignore_eos=True, logit_bias=((favourite, -100.0),)
+        )
+        assert favourite not in drawn.token_ids[drawn.num_prompt_tokens :]
+
+
+@pytest.mark.parametrize(
+    "penalty", [{"frequency_penalty": 1.5}, {"presence_penalty": 1.5}, {"repetition_penalty": 1.3}]
+)
+def test_penalties_reduce_repeats_over_200_tokens(engine, penalty):
+    def repeats(**params) -> int:
+        seq, _ = _logprobs_of(engine, "List the numbers, one per line:", max_tokens=200, ignore_eos=True, **params)
+        generated = seq.token_ids[seq.num_prompt_tokens :]
+        return len(generated) - len(set(generated))
+
+    plain, penalized = repeats(temperature=0), repeats(temperature=0, **penalty)
+    assert penalized < 0.8 * plain, (plain, penalized)

@@ -110,3 +110,25 @@ def test_build_engine_passes_the_setting_and_warms_up(monkeypatch):
         built.close()
     opted = engine_spec(Settings(context_window=256, threads=1, llama_extra_buffers=True))
     assert opted.llama_extra_buffers is True
+
+
+def test_logprobs_equal_llama_cpp_llamas(engine):
+    from tests.engines.test_engine_contract import _logprobs_of
+
+    with portable_llama():
+        reference = llama_cpp.Llama(
+            str(default_model_path()), n_ctx=2048, n_threads=2, flash_attn=True, verbose=False, logits_all=True
+        )
+    try:
+        for prompt in PROMPTS:
+            expected = reference.create_completion(prompt, max_tokens=12, temperature=0, logprobs=5)["choices"][0]
+            _seq, entries = _logprobs_of(engine, prompt, temperature=0, max_tokens=12, logprobs=5)
+            want = expected["logprobs"]["token_logprobs"]
+            got = [entry.logprob for entry in entries][: len(want)]
+            assert got == pytest.approx(want, abs=2e-3)
+            for entry, alternatives in zip(entries, expected["logprobs"]["top_logprobs"], strict=False):
+                assert sorted(alternatives.values(), reverse=True) == pytest.approx(
+                    [t.logprob for t in entry.top], abs=2e-3
+                )
+    finally:
+        reference.close()

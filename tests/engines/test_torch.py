@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 from tests.engines.near_ties import assert_exact_up_to_a_near_tie, first_divergence
 from tokenmill.engines.base import Chunk
 from tokenmill.engines.model_files import default_model_path
-from tokenmill.engines.sequence import prepare_sequence
+from tokenmill.engines.sequence import Sequence, prepare_sequence
 from tokenmill.engines.torchlm.checkpoint import ModelConfig
 from tokenmill.engines.torchlm.engine import TorchEngine
 from tokenmill.engines.torchlm.kv_cache import GROWTH, SlotKVCache
@@ -128,6 +128,10 @@ def test_kv_slots_stay_packed_and_keep_their_cells():
             cache.add(seq_id)
 
 
+def _seqs(params: list[SamplingParams], first_id: int = 0, prompt: tuple[int, ...] = (1,)) -> list[Sequence]:
+    return [Sequence("r", list(prompt), p, 8, tokenizer=None, seq_id=first_id + i) for i, p in enumerate(params)]
+
+
 def test_batch_sampler_rules():
     sampler = BatchSampler(end_of_generation_ids=[0], device=torch.device("cpu"))
     logits = torch.tensor([[9.0, 1.0, 2.0, 3.0]] * 4)
@@ -135,18 +139,18 @@ def test_batch_sampler_rules():
         SamplingParams(temperature=0),
         SamplingParams(temperature=1.0, top_k=1, seed=1),
         SamplingParams(temperature=1.0, top_p=0.01, seed=2),
-        SamplingParams(temperature=0),
+        SamplingParams(temperature=0, ignore_eos=True),
     ]
     for i, params in enumerate(rows):
         sampler.add(i, params)
     # greedy, top_k=1 and a tiny top_p all take the best token; a forbidden end token is skipped
-    assert sampler.sample(logits.clone(), [0, 1, 2, 3], rows, [False, False, False, True]) == [0, 0, 0, 3]
+    assert sampler.sample(logits.clone(), _seqs(rows)) == [0, 0, 0, 3]
 
     def draws(seed: int) -> list[int]:
         params = SamplingParams(temperature=1.0, seed=seed)
         sampler.add(99, params)
         flat = torch.zeros(1, 1000)
-        return [sampler.sample(flat.clone(), [99], [params], [False])[0] for _ in range(5)]
+        return [sampler.sample(flat.clone(), _seqs([params], first_id=99))[0] for _ in range(5)]
 
     assert draws(5) == draws(5) and draws(5) != draws(6)
     sampler.remove(99)
@@ -158,7 +162,7 @@ def test_batch_sampler_draws_follow_the_distribution():
     for i, p in enumerate(params):
         sampler.add(i, p)
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.2, 0.0]])).repeat(2000, 1)
-    drawn = torch.tensor(sampler.sample(logits, list(range(2000)), params, [False] * 2000))
+    drawn = torch.tensor(sampler.sample(logits, _seqs(params)))
     shares = torch.bincount(drawn, minlength=4).float() / 2000
     assert torch.allclose(shares, torch.tensor([0.5, 0.3, 0.2, 0.0]), atol=0.04)
 
@@ -178,3 +182,25 @@ def test_abort_mid_prefill_frees_the_slot_and_others_continue():
     short.num_computed += short.num_pending
     short.token_ids.append(tokens[0])
     assert engine.step([Chunk(short, 1)])[0] is not None
+
+
+def test_logprobs_match_transformers_log_softmax(reference):
+    from tests.engines.test_engine_contract import _logprobs_of
+
+    engine = TorchEngine(default_model_path(), context_window=1024, threads=2)
+    chosen_diffs, top_diffs, same_ids = [], [], []
+    for prompt in PROMPTS:
+        seq, entries = _logprobs_of(engine, prompt, temperature=0, max_tokens=12, ignore_eos=True, logprobs=5)
+        with torch.inference_mode():
+            expected = reference(torch.tensor([seq.token_ids])).logits[0].float().log_softmax(dim=-1)
+        for i, entry in enumerate(entries):
+            row = expected[seq.num_prompt_tokens - 1 + i]
+            chosen_diffs.append(abs(entry.logprob - row[seq.token_ids[seq.num_prompt_tokens + i]].item()))
+            values, ids = row.topk(5)
+            top_diffs += [abs(t.logprob - v) for t, v in zip(entry.top, values.tolist(), strict=True)]
+            pieces = {bytes(engine.tokenizer.token_bytes(i)) for i in ids.tolist()}
+            same_ids.append(len(pieces & {bytes(t.token_bytes) for t in entry.top}))
+    # bf16 activations (and int4 decode weights) against an fp32 reference: close, not equal
+    assert max(chosen_diffs) < 0.25 and sum(chosen_diffs) / len(chosen_diffs) < 0.06, chosen_diffs
+    assert sum(top_diffs) / len(top_diffs) < 0.08
+    assert sum(same_ids) / len(same_ids) >= 4.5  # the same alternatives, near ties aside

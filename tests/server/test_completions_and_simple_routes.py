@@ -19,7 +19,12 @@ async def test_completion_non_streamed(client: httpx.AsyncClient):
     assert response.status_code == 200
     assert body["object"] == "text_completion"
     assert body["choices"][0]["finish_reason"] == "length"
-    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 8, "total_tokens": 12}
+    assert body["usage"] == {
+        "prompt_tokens": 4,
+        "completion_tokens": 8,
+        "total_tokens": 12,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
 
 
 async def test_completion_streamed_matches_non_streamed(client: httpx.AsyncClient):
@@ -82,3 +87,29 @@ async def test_stream_route_splits_multiline_tokens_into_data_lines():
     assert data_event("a\nb") == b"data: a\ndata: b\n\n"
     assert data_event("\n") == b"data: \ndata: \n\n"
     assert data_event("x", event="error") == b"event: error\ndata: x\n\n"
+
+
+async def test_tokenize_and_detokenize_round_trip(client: httpx.AsyncClient):
+    plain = (await client.post("/tokenize", json={"prompt": "the model serves"})).json()
+    assert plain["count"] == len(plain["tokens"]) > 0 and plain["max_model_len"] > 0
+    back = await client.post("/detokenize", json={"tokens": plain["tokens"]})
+    assert back.status_code == 200 and isinstance(back.json()["prompt"], str)
+    chat = (await client.post("/tokenize", json={"messages": [{"role": "user", "content": "the model serves"}]})).json()
+    assert chat["count"] > plain["count"]  # the template's role markers are tokens too
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/tokenize", {}),
+        ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}),
+        ("/tokenize", {"prompt": "a", "model": "other"}),
+        ("/detokenize", {"tokens": [10**9]}),
+        ("/detokenize", {"tokens": [-1]}),
+        ("/detokenize", {"tokens": "abc"}),
+    ],
+)
+async def test_tokenize_and_detokenize_refuse_bad_input_clearly(client: httpx.AsyncClient, path, body):
+    response = await client.post(path, json=body)
+    assert response.status_code in (400, 404), response.text
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}

@@ -50,6 +50,22 @@ BAD_CHAT_REQUESTS = [
     pytest.param({"messages": USER, "min_tokens": -1}, "min_tokens", "min_tokens", id="min-tokens-negative"),
     pytest.param({"messages": USER, "top_k": -2}, "top_k", "top_k", id="top-k-below-minus-one"),
     pytest.param(
+        {"messages": USER, "frequency_penalty": 2.5}, "frequency_penalty", "frequency_penalty", id="frequency-too-high"
+    ),
+    pytest.param(
+        {"messages": USER, "presence_penalty": -3}, "presence_penalty", "presence_penalty", id="presence-too-low"
+    ),
+    pytest.param(
+        {"messages": USER, "repetition_penalty": 0}, "repetition_penalty", "repetition_penalty", id="repetition-zero"
+    ),
+    pytest.param({"messages": USER, "min_p": 1.5}, "min_p", "min_p", id="min-p-above-one"),
+    pytest.param({"messages": USER, "logit_bias": {"hello": 5}}, "token ids", "logit_bias", id="logit-bias-key"),
+    pytest.param({"messages": USER, "logit_bias": {"5": 101}}, "between -100", "logit_bias", id="logit-bias-value"),
+    pytest.param(
+        {"messages": USER, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "top_logprobs", id="top-logprobs-21"
+    ),
+    pytest.param({"messages": USER, "top_logprobs": 3}, "needs logprobs", None, id="top-logprobs-alone"),
+    pytest.param(
         {"messages": [{"role": "user", "content": "word " * 5000}]},
         "maximum context length",
         "messages",
@@ -98,8 +114,9 @@ async def test_bad_chat_request_gets_clear_400(client: httpx.AsyncClient, body, 
         {"prompt": ""},
         {"prompt": "hi", "echo": True},
         {"prompt": "hi", "best_of": 3},
-        {"prompt": "hi", "logprobs": 5},
-        {"prompt": "hi", "presence_penalty": 0.5},
+        {"prompt": "hi", "logprobs": 21},
+        {"prompt": "hi", "logprobs": -1},
+        {"prompt": "hi", "presence_penalty": 2.5},
     ],
 )
 async def test_bad_completion_request_gets_400(client: httpx.AsyncClient, body):

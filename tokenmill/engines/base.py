@@ -25,8 +25,13 @@ class Tokenizer(Protocol):
     def render_chat(self, messages: Seq[ChatMessage]) -> str:
         """Apply the model's own chat template, ending with the assistant's turn opened."""
 
-    def encode(self, text: str) -> list[int]:
-        """Prompt text -> token ids, with whatever special tokens the model expects up front."""
+    @property
+    def vocab_size(self) -> int:
+        """Token ids run from 0 to vocab_size - 1."""
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        """Prompt text -> token ids, with whatever special tokens the model expects up front
+        (`add_special=False`: the text's own tokens only)."""
 
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes of one token (may be part of a multi-byte UTF-8 character)."""
@@ -46,6 +51,16 @@ class Chunk:
         return self.num_tokens == self.seq.num_pending
 
 
+@dataclass(frozen=True, slots=True)
+class SampledLogprobs:
+    """What an engine reports with a sampled token when the sequence asked for log-probabilities
+    (`engines.logprobs`): the model's log-softmax before any sampling filter."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # the k most likely tokens, most likely first
+
+
 class StepEngine(Protocol):
     max_chunk_tokens: int  # the most tokens one chunk may carry
 
@@ -58,7 +73,8 @@ class StepEngine(Protocol):
         prefix cache may advance `seq.num_computed` past prompt tokens it already holds."""
 
     def step(self, chunks: Seq[Chunk]) -> list[int | None]:
-        """One forward pass. Returns, per chunk, the sampled next token, or None for a partial prefill."""
+        """One forward pass. Returns, per chunk, the sampled next token, or None for a partial prefill.
+        For a sequence whose params ask for logprobs, first `seq.note_logprobs(...)` the token's."""
 
     def remove_sequence(self, seq: Sequence) -> None:
         """Free everything `seq` held (its KV cells, its sampler). Safe to call twice."""

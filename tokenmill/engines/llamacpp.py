@@ -30,7 +30,9 @@ from collections.abc import Sequence as Seq
 from pathlib import Path
 
 import llama_cpp
+import numpy as np
 
+from tokenmill.engines import logprobs
 from tokenmill.engines.base import Chunk
 from tokenmill.engines.chat_template import ChatTemplate
 from tokenmill.engines.sequence import Sequence
@@ -85,12 +87,16 @@ class LlamaCppTokenizer:
             text = text[len(self._bos_text) :]  # encode() adds it; never send it twice
         return text
 
-    def encode(self, text: str) -> list[int]:
+    @property
+    def vocab_size(self) -> int:
+        return llama_cpp.llama_vocab_n_tokens(self._vocab)
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
         data = text.encode("utf-8")
         capacity = len(data) + 8
         while True:
             tokens = (llama_cpp.llama_token * capacity)()
-            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, capacity, True, True)
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, capacity, add_special, True)
             if n >= 0:
                 return list(tokens[:n])
             capacity = -n
@@ -198,6 +204,7 @@ class LlamaCppEngine:
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.tokenizer = LlamaCppTokenizer(self._model, vocab, window)
+        self._n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
         self.max_chunk_tokens = max_step_tokens
         self._batch = llama_cpp.llama_batch_init(max_step_tokens, 0, 1)
         self._free_slots = list(range(max_sequences - 1, -1, -1))
@@ -212,7 +219,7 @@ class LlamaCppEngine:
         if not self._free_slots:
             raise EngineFailure("no free sequence slot in the llama.cpp context")
         slot = self._slots[seq.seq_id] = self._free_slots.pop()
-        self._samplers[seq.seq_id] = _sampler_chain(seq)
+        self._samplers[seq.seq_id] = _sampler_chain(seq, self._n_vocab, self.tokenizer.context_window)
         if self._prefix_cache and seq.num_computed == 0:
             self._reuse_prefix(seq, slot)
 
@@ -223,7 +230,7 @@ class LlamaCppEngine:
         del self._cached[shared:]
         if shared:
             llama_cpp.llama_memory_seq_cp(self._memory, self._cache_slot, slot, 0, shared)
-            seq.num_computed = shared
+            seq.num_computed = seq.num_cached = shared
             self.prompt_tokens_reused += shared
 
     def _remember_prompt(self, seq: Sequence, slot: int) -> None:
@@ -270,11 +277,18 @@ class LlamaCppEngine:
         ]
 
     def _sample(self, seq: Sequence, row: int) -> int:
+        raw = None
+        if seq.params.logprobs is not None:  # before anything below changes the row
+            raw = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, row), shape=(self._n_vocab,))
+            raw = raw.copy()
         if seq.params.ignore_eos or seq.num_generated < seq.params.min_tokens:
             logits = llama_cpp.llama_get_logits_ith(self._ctx, row)
             for token in self.tokenizer.eog_ids:
                 logits[token] = -math.inf
-        return llama_cpp.llama_sampler_sample(self._samplers[seq.seq_id], self._ctx, row)
+        token = llama_cpp.llama_sampler_sample(self._samplers[seq.seq_id], self._ctx, row)
+        if raw is not None:
+            seq.note_logprobs(logprobs.from_logits(raw, token, seq.params.logprobs or 0))
+        return token
 
     def close(self) -> None:
         for sampler in self._samplers.values():
@@ -295,17 +309,40 @@ def _common_prefix_length(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _sampler_chain(seq: Sequence) -> llama_cpp.llama_sampler_p:
+def _sampler_chain(seq: Sequence, n_vocab: int, window: int) -> llama_cpp.llama_sampler_p:
+    """llama.cpp's sampler chain for one sequence, in vLLM's order: logit bias, penalties, then
+    greedy, or top-k, top-p, min-p, temperature and the seeded draw."""
     params = seq.params
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+
+    def add(sampler: llama_cpp.llama_sampler_p) -> None:
+        llama_cpp.llama_sampler_chain_add(chain, sampler)
+
+    bias = [(token, value) for token, value in params.logit_bias if token < n_vocab]
+    if bias:
+        entries = (llama_cpp.llama_logit_bias * len(bias))(*(llama_cpp.llama_logit_bias(t, v) for t, v in bias))
+        add(llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(bias), entries))
+    if params.presence_penalty or params.frequency_penalty:  # OpenAI's: over the generated tokens
+        add(
+            llama_cpp.llama_sampler_init_penalties(
+                n_vocab, window, 1.0, params.frequency_penalty, params.presence_penalty
+            )
+        )
+    if params.repetition_penalty != 1.0:  # vLLM's and HF's: over prompt and generated tokens
+        repeat = llama_cpp.llama_sampler_init_penalties(n_vocab, window, params.repetition_penalty, 0.0, 0.0)
+        for token in seq.token_ids:
+            llama_cpp.llama_sampler_accept(repeat, token)
+        add(repeat)
     if params.greedy:
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+        add(llama_cpp.llama_sampler_init_greedy())
         return chain
     if params.top_k > 0:
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(params.top_k))
+        add(llama_cpp.llama_sampler_init_top_k(params.top_k))
     if params.top_p < 1.0:
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
-    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(params.temperature))
+        add(llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+    if params.min_p > 0.0:
+        add(llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
+    add(llama_cpp.llama_sampler_init_temp(params.temperature))
     seed = llama_cpp.LLAMA_DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF
-    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed))
+    add(llama_cpp.llama_sampler_init_dist(seed))
     return chain

@@ -10,7 +10,7 @@ import codecs
 import itertools
 from enum import Enum
 
-from tokenmill.engines.base import Tokenizer
+from tokenmill.engines.base import SampledLogprobs, Tokenizer
 from tokenmill.engines.stopping import StopMatcher
 from tokenmill.errors import ContextLengthExceeded, InvalidRequest
 from tokenmill.generation import (
@@ -19,6 +19,8 @@ from tokenmill.generation import (
     GenerationRequest,
     TextDelta,
     TokenEvent,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 from tokenmill.sampling import SamplingParams
@@ -50,11 +52,14 @@ class Sequence:
         self.token_ids = list(prompt_ids)
         self.num_prompt_tokens = len(prompt_ids)
         self.num_computed = 0  # tokens already fed through the model (held in its KV cache)
+        self.num_cached = 0  # prompt tokens an engine's prefix cache supplied (never computed here)
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self._tokenizer = tokenizer
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stop = StopMatcher(params.stop)
+        self._sampled_logprobs: SampledLogprobs | None = None  # the engine's, for the next token
+        self._logprobs: list[TokenLogprob] = []  # tokens' entries not yet sent with a delta
 
     @property
     def num_generated(self) -> int:
@@ -74,13 +79,20 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status in (SequenceStatus.FINISHED, SequenceStatus.ABORTED)
 
+    def note_logprobs(self, sampled: SampledLogprobs) -> None:
+        """The engine's log-probabilities for the token it returns next (when params ask for them)."""
+        self._sampled_logprobs = sampled
+
     def append_token(self, token_id: int) -> list[TokenEvent]:
         """Record a sampled token; return what the client should see because of it."""
         self.token_ids.append(token_id)
+        sampled, self._sampled_logprobs = self._sampled_logprobs, None
         if self._tokenizer.is_end_of_generation(token_id) and not self.params.ignore_eos:
-            return self._finish("stop")
+            return self._finish("stop")  # the end token is not part of the answer, nor of its logprobs
+        if sampled is not None:
+            self._logprobs.append(self._logprob_entry(sampled))
         text = self._stop.feed(self._decoder.decode(self._tokenizer.token_bytes(token_id)))
-        events: list[TokenEvent] = [TextDelta(text)] if text else []
+        events: list[TokenEvent] = [self._delta(text)] if text else []
         if self._stop.stopped:
             events.extend(self._finish("stop"))
         elif self.num_generated >= self.max_new_tokens:
@@ -96,10 +108,23 @@ class Sequence:
         tail += self._stop.flush()
         self.status = SequenceStatus.FINISHED
         self.finish_reason = reason
-        usage = Usage(prompt_tokens=self.num_prompt_tokens, completion_tokens=self.num_generated)
-        events: list[TokenEvent] = [TextDelta(tail)] if tail else []
+        usage = Usage(self.num_prompt_tokens, self.num_generated, self.num_cached)
+        events: list[TokenEvent] = [self._delta(tail)] if tail or self._logprobs else []
         events.append(Finished(reason=reason, usage=usage))
         return events
+
+    def _delta(self, text: str) -> TextDelta:
+        """A delta carrying the logprobs of every token since the last one (text may lag tokens)."""
+        entries, self._logprobs = tuple(self._logprobs), []
+        return TextDelta(text, entries, self.num_generated)
+
+    def _logprob_entry(self, sampled: SampledLogprobs) -> TokenLogprob:
+        def text_of(token_id: int) -> tuple[str, tuple[int, ...]]:
+            raw = self._tokenizer.token_bytes(token_id)
+            return raw.decode("utf-8", errors="replace"), tuple(raw)
+
+        top = tuple(TopLogprob(*text_of(token), logprob) for token, logprob in sampled.top)
+        return TokenLogprob(*text_of(sampled.token_id), sampled.logprob, top)
 
 
 def prepare_sequence(
@@ -121,6 +146,11 @@ def prepare_sequence(
             "the prompt contains invalid Unicode (a lone surrogate)",
             param="prompt" if request.prompt is not None else "messages",
         ) from None
+    vocab = tokenizer.vocab_size
+    if any(token >= vocab for token, _ in request.params.logit_bias):
+        raise InvalidRequest(
+            f"logit_bias names a token id outside the vocabulary (0 to {vocab - 1})", param="logit_bias"
+        )
     prompt_ids = tokenizer.encode(text)
     if not prompt_ids:
         raise InvalidRequest("the prompt is empty", param="prompt" if request.prompt is not None else "messages")

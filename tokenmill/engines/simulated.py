@@ -10,6 +10,8 @@ the same `StepEngine` protocol, so every serving pattern runs unchanged on it.
   decoding b sequences costs `itl_ms * (1 + batch_cost * (b - 1))`; the two add up.
 - `gil="release"` waits in `time.sleep` (like a native library or I/O: other threads run);
   `gil="hold"` spins in pure Python (CPU-bound, competing for the GIL).
+- Log-probabilities, when asked: a flat distribution over the vocabulary (plus the end token).
+  Penalties and logit bias are not modelled: tests of those run on the real engines.
 - Fault injection, for the reliability tests: at its `fault_at_step`-th step (counted from the
   engine's construction, so its warm-up is steps 1 and 2) `fault="crash"` kills the process it runs
   in with a real SIGSEGV, `"raise"` raises from `step()`, and `"bad_token"` returns a token id the
@@ -19,6 +21,7 @@ the same `StepEngine` protocol, so every serving pattern runs unchanged on it.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import random
 import re
@@ -28,7 +31,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Literal
 
-from tokenmill.engines.base import Chunk
+from tokenmill.engines.base import Chunk, SampledLogprobs
 from tokenmill.engines.sequence import Sequence
 from tokenmill.generation import ChatMessage
 
@@ -129,7 +132,11 @@ class SimulatedTokenizer:
         turns = "".join(f"<|{m.role}|>\n{m.content}\n" for m in messages)
         return turns + "<|assistant|>\n"
 
-    def encode(self, text: str) -> list[int]:
+    @property
+    def vocab_size(self) -> int:
+        return EOS_ID + 1
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
         pieces = _PROMPT_TOKEN.findall(text)
         return [_stable_hash(p.encode("utf-8", "surrogatepass")) % EOS_ID for p in pieces]
 
@@ -213,6 +220,15 @@ class SimulatedEngine:
                 pass
 
     def _next_token(self, seq: Sequence) -> int:
+        token = self._choose(seq)
+        if seq.params.logprobs is not None:  # a flat distribution over the vocabulary, token first
+            flat = -math.log(len(_VOCAB) + 1)
+            others = [t for t in range(len(_VOCAB)) if t != token][: max(0, seq.params.logprobs - 1)]
+            top = tuple((t, flat) for t in [token, *others])[: seq.params.logprobs]
+            seq.note_logprobs(SampledLogprobs(token, flat, top))
+        return token
+
+    def _choose(self, seq: Sequence) -> int:
         state = self._states[seq.seq_id]
         if state.forced:
             return state.forced.pop()

@@ -14,9 +14,10 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from tokenmill.engines.base import Tokenizer
 from tokenmill.engines.sequence import Sequence, prepare_sequence
-from tokenmill.errors import EngineFailure, Overloaded, TokenmillError
-from tokenmill.generation import Finished, GenerationRequest, TokenEvent
+from tokenmill.errors import EngineFailure, InvalidRequest, Overloaded, TokenmillError
+from tokenmill.generation import ChatMessage, Finished, GenerationRequest, TokenEvent
 from tokenmill.runners.restarts import RestartPolicy
 
 log = logging.getLogger(__name__)
@@ -25,8 +26,11 @@ log = logging.getLogger(__name__)
 class RequestHandle:
     """Async iterator over one request's events. Producers call `put*` on the event loop thread."""
 
-    def __init__(self, request_id: str, on_abort: Callable[[], object]):  # its result is ignored
+    def __init__(
+        self, request_id: str, on_abort: Callable[[], object], prompt_tokens: int | None = None
+    ):  # on_abort's result is ignored; prompt_tokens: None where unknown until the end (upstream)
         self.request_id = request_id
+        self.prompt_tokens = prompt_tokens
         self._on_abort = on_abort
         self._events: asyncio.Queue[TokenEvent | TokenmillError] = asyncio.Queue()
         self._done = False
@@ -137,8 +141,28 @@ class Runner(ABC):
         self._restarts[reason] += 1
         return delay
 
-    def prepare(self, request: GenerationRequest, tokenizer) -> Sequence:
-        return prepare_sequence(request, tokenizer, self.limits.max_prompt_tokens, self.limits.max_tokens)
+    def request_tokenizer(self) -> Tokenizer:
+        """The tokenizer requests are prepared with; /tokenize and /detokenize use it too."""
+        raise InvalidRequest("this server relays to an upstream API and has no tokenizer of its own")
+
+    def prepare(self, request: GenerationRequest) -> Sequence:
+        return prepare_sequence(
+            request, self.request_tokenizer(), self.limits.max_prompt_tokens, self.limits.max_tokens
+        )
+
+    def tokenize(self, prompt: str | None, messages: tuple[ChatMessage, ...] | None, add_special: bool) -> list[int]:
+        """A prompt's token ids, or chat messages' through the model's template, assistant turn opened."""
+        tokenizer = self.request_tokenizer()
+        text = tokenizer.render_chat(messages) if messages is not None else (prompt or "")
+        return tokenizer.encode(text, add_special)
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        tokenizer = self.request_tokenizer()
+        if any(not 0 <= token < tokenizer.vocab_size for token in token_ids):
+            raise InvalidRequest(
+                f"token ids must be between 0 and {tokenizer.vocab_size - 1} for this model", param="tokens"
+            )
+        return b"".join(tokenizer.token_bytes(token) for token in token_ids).decode("utf-8", errors="replace")
 
     @abstractmethod
     def stats(self) -> RunnerStats:

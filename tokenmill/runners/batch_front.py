@@ -35,6 +35,9 @@ class BatchFront(Runner):
         self._ready = False
         self._next_attempt_in = 1.0
 
+    def request_tokenizer(self) -> Tokenizer:
+        return self._tokenizer()
+
     # -- what the transport provides
     @abstractmethod
     def _tokenizer(self) -> Tokenizer:
@@ -69,14 +72,16 @@ class BatchFront(Runner):
     async def submit(self, request: GenerationRequest) -> RequestHandle:
         if not self._ready:
             raise self.restarting_error()
-        seq = self.prepare(request, self._tokenizer())
+        seq = self.prepare(request)
         if seq.kv_tokens_needed > self.config.kv_tokens:
             raise ContextLengthExceeded(
                 f"The request needs {seq.kv_tokens_needed} KV cache tokens (prompt + max_tokens) but the "
                 f"whole cache holds {self.config.kv_tokens}. Lower max_tokens.",
                 param="max_tokens",
             )
-        handle = RequestHandle(request.request_id, on_abort=lambda: self._send_abort(seq.seq_id))
+        handle = RequestHandle(
+            request.request_id, on_abort=lambda: self._send_abort(seq.seq_id), prompt_tokens=seq.num_prompt_tokens
+        )
         self._handles[seq.seq_id] = handle
         self._admitted()
         self._send_add(seq)

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from tokenmill.engines.base import StepEngine
+from tokenmill.engines.base import StepEngine, Tokenizer
 from tokenmill.engines.replica import generate
 from tokenmill.engines.sequence import Sequence
 from tokenmill.generation import Finished, GenerationRequest
@@ -65,14 +65,13 @@ class ExecutorRunner(Runner):
             kv_tokens_capacity=0,
         )
 
-    @property
-    def tokenizer(self):
+    def request_tokenizer(self) -> Tokenizer:
         return self._engines[0].tokenizer
 
     async def submit(self, request: GenerationRequest) -> RequestHandle:
-        seq = self.prepare(request, self.tokenizer)
+        seq = self.prepare(request)
         cancelled = threading.Event()
-        handle = RequestHandle(request.request_id, on_abort=cancelled.set)
+        handle = RequestHandle(request.request_id, on_abort=cancelled.set, prompt_tokens=seq.num_prompt_tokens)
         loop = asyncio.get_running_loop()
         self._admitted()
         loop.run_in_executor(self._pool, self._run, seq, handle, cancelled, loop)

@@ -21,6 +21,7 @@ from multiprocessing.connection import Connection
 
 from tokenmill.config import Settings
 from tokenmill.engines import build_tokenizer, engine_spec
+from tokenmill.engines.base import Tokenizer
 from tokenmill.errors import EngineFailure
 from tokenmill.generation import GenerationRequest
 from tokenmill.runners.base import RequestHandle, Runner, RunnerStats
@@ -160,12 +161,17 @@ class ProcessRunner(Runner):
         if not self._stopping:
             self._workers[index] = self._spawn(index)
 
+    def request_tokenizer(self) -> Tokenizer:
+        return self._tokenizer
+
     async def submit(self, request: GenerationRequest) -> RequestHandle:
         if not self.ready:
             raise self.restarting_error()
-        seq = self.prepare(request, self._tokenizer)
+        seq = self.prepare(request)
         job = Job(next(self._job_ids), request.request_id, seq.token_ids, seq.params, seq.max_new_tokens)
-        handle = RequestHandle(request.request_id, on_abort=lambda: self._abort(job.job_id))
+        handle = RequestHandle(
+            request.request_id, on_abort=lambda: self._abort(job.job_id), prompt_tokens=seq.num_prompt_tokens
+        )
         self._admitted()
         self._pending[job.job_id] = (job, handle)
         asyncio.ensure_future(self._dispatch(job, handle))

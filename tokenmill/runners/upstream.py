@@ -100,6 +100,8 @@ class UpstreamRunner(Runner):
         return RunnerStats(running=len(self._tasks), waiting=0, kv_tokens_used=0, kv_tokens_capacity=0)
 
     async def submit(self, request: GenerationRequest) -> RequestHandle:
+        if request.params.logprobs is not None:  # refused, not silently dropped
+            raise InvalidRequest("logprobs are not relayed in upstream mode yet", param="logprobs")
         limit = self.limits.max_tokens
         if limit is not None and (request.params.max_tokens or 0) > limit:
             raise InvalidRequest(f"max_tokens may be at most {limit} on this server.", param="max_tokens")
@@ -124,7 +126,7 @@ class UpstreamRunner(Runner):
             async for event in events:
                 if isinstance(event, TextChunk):
                     pieces += 1
-                    handle.put(TextDelta(event.text))
+                    handle.put(TextDelta(event.text, generated=pieces))
                 elif isinstance(event, StreamEnd):
                     handle.put(_finished(event, pieces))
         except asyncio.CancelledError:
@@ -154,6 +156,17 @@ def _upstream_params(request: GenerationRequest) -> dict:
         params["ignore_eos"] = True
     if p.min_tokens:
         params["min_tokens"] = p.min_tokens
+    if p.min_p:
+        params["min_p"] = p.min_p
+    if p.repetition_penalty != 1.0:
+        params["repetition_penalty"] = p.repetition_penalty
+    # OpenAI's own fields
+    if p.presence_penalty:
+        params["presence_penalty"] = p.presence_penalty
+    if p.frequency_penalty:
+        params["frequency_penalty"] = p.frequency_penalty
+    if p.logit_bias:
+        params["logit_bias"] = {str(token): bias for token, bias in p.logit_bias}
     return params
 
 

@@ -17,11 +17,15 @@ from tokenmill.protocol import (
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     GenerateRequest,
     GenerateResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
     new_id,
     now,
 )
@@ -74,7 +78,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         client_gone=_client_gone(request),
     )
     if body.stream:
-        stream = streams.chat_stream(generation, completion_id, created, model, body.include_usage)
+        stream = streams.chat_stream(
+            generation, completion_id, created, model, body.include_usage, body.continuous_usage
+        )
         return GenerationResponse(generation, stream=stream)
     return GenerationResponse(generation, body=lambda g: streams.chat_completion(g, completion_id, created, model))
 
@@ -90,9 +96,26 @@ async def completions(body: CompletionRequest, request: Request):
         client_gone=_client_gone(request),
     )
     if body.stream:
-        stream = streams.completion_stream(generation, completion_id, created, model, body.include_usage)
+        stream = streams.completion_stream(
+            generation, completion_id, created, model, body.include_usage, body.continuous_usage
+        )
         return GenerationResponse(generation, stream=stream)
     return GenerationResponse(generation, body=lambda g: streams.text_completion(g, completion_id, created, model))
+
+
+@router.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
+async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+    runner = _serving(request).runner
+    _check_model(_serving(request), body.model)
+    tokens = runner.tokenize(body.prompt, body.chat_messages(), body.add_special_tokens)
+    window = runner.request_tokenizer().context_window
+    return TokenizeResponse(count=len(tokens), max_model_len=window, tokens=tokens)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=_ERRORS)
+async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+    _check_model(_serving(request), body.model)
+    return DetokenizeResponse(prompt=_serving(request).runner.detokenize(body.tokens))
 
 
 @router.get("/v1/models", response_model=ModelList)
@@ -109,7 +132,7 @@ async def generate(body: GenerateRequest, request: Request):
     )
 
     async def build(g: Generation) -> GenerateResponse:
-        text, finished = await streams.collect(g)
+        text, finished, _ = await streams.collect(g)
         return GenerateResponse(text=text, tokens=finished.usage.completion_tokens)
 
     return GenerationResponse(generation, body=build)

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from tokenmill.errors import ClientGone, DeadlineExceeded, Overloaded
 from tokenmill.generation import Finished, GenerationRequest, TextDelta, TokenEvent
 from tokenmill.runners import RequestHandle, Runner
+from tokenmill.sampling import SamplingParams
 from tokenmill.server.admission import Admission, Ticket
 from tokenmill.server.deadlines import Deadlines, within_deadlines
 from tokenmill.server.lifecycle import Lifecycle
@@ -63,7 +64,7 @@ class Serving:
         except BaseException:
             ticket.release()
             raise
-        generation = Generation(self, handle, ticket, arrived, self.deadlines.shortened_to(timeout))
+        generation = Generation(self, handle, ticket, arrived, self.deadlines.shortened_to(timeout), request.params)
         self.lifecycle.track(generation)
         return generation
 
@@ -84,8 +85,17 @@ class Serving:
 
 
 class Generation:
-    def __init__(self, serving: Serving, handle: RequestHandle, ticket: Ticket, arrived: float, deadlines: Deadlines):
+    def __init__(
+        self,
+        serving: Serving,
+        handle: RequestHandle,
+        ticket: Ticket,
+        arrived: float,
+        deadlines: Deadlines,
+        params: SamplingParams,
+    ):
         self.handle = handle
+        self.params = params  # what the request asked for (renderers read logprobs from it)
         self._serving = serving
         self._ticket = ticket
         self._arrived = arrived

@@ -84,12 +84,7 @@ class TorchEngine:
         if not sampled_chunks:
             return [None] * len(chunks)
         seqs = [chunk.seq for chunk in sampled_chunks]
-        tokens = self.sampler.sample(
-            logits,
-            [s.seq_id for s in seqs],
-            [s.params for s in seqs],
-            [s.params.ignore_eos or s.num_generated < s.params.min_tokens for s in seqs],
-        )
+        tokens = self.sampler.sample(logits, seqs)
         by_seq = {seq.seq_id: token for seq, token in zip(seqs, tokens, strict=True)}
         return [by_seq.get(c.seq.seq_id) if c.completes_sequence_input else None for c in chunks]
 

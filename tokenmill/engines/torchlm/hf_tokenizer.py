@@ -34,8 +34,12 @@ class HFTokenizer:
     def render_chat(self, messages: Seq[ChatMessage]) -> str:
         return self._template.render(messages)
 
-    def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=True).ids
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size()
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=add_special).ids
 
     def token_bytes(self, token_id: int) -> bytes:
         return self._bytes(token_id)

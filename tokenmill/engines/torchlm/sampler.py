@@ -1,6 +1,9 @@
 """Next-token choice for a whole step at once, on the logits tensor.
 
-Greedy rows take the argmax. Sampled rows apply temperature, then top-k, then top-p (vLLM's and
+First, for the rows that ask, the log-probabilities (log-softmax of the raw logits, OpenAI's
+definition). Then every row's logit bias and penalties, as tensor operations over the rows that
+have them (presence and frequency over generated tokens, OpenAI's; repetition over prompt and
+generated tokens, vLLM's and HF's). Greedy rows take the argmax. Sampled rows apply temperature, then top-k, then top-p (vLLM's and
 OpenAI's order), all as masked tensor operations over the rows together. The draw inverts each
 row's cumulative distribution at one uniform number taken from that sequence's own seeded
 generator: one random number per row (drawing a noise vector per row instead, as the
@@ -14,6 +17,8 @@ from collections.abc import Sequence as Seq
 
 import torch
 
+from tokenmill.engines.base import SampledLogprobs
+from tokenmill.engines.sequence import Sequence
 from tokenmill.sampling import SamplingParams
 
 
@@ -36,20 +41,69 @@ class BatchSampler:
     def remove(self, seq_id: int) -> None:
         self._generators.pop(seq_id, None)
 
-    def sample(
-        self, logits: torch.Tensor, seq_ids: Seq[int], params: Seq[SamplingParams], forbid_end: Seq[bool]
-    ) -> list[int]:
-        """One token per row of `logits` ([rows, vocab], fp32; modified in place)."""
-        if any(forbid_end):
-            rows = torch.tensor([i for i, f in enumerate(forbid_end) if f], device=self._device)
+    def sample(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> list[int]:
+        """One token per row of `logits` ([rows, vocab], fp32; modified in place), row i for seqs[i].
+        Sequences that ask for log-probabilities get them through `note_logprobs`."""
+        asked = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
+        raw = logits[torch.tensor(asked, device=self._device)].log_softmax(dim=-1) if asked else None
+        forbid_end = [
+            i for i, seq in enumerate(seqs) if seq.params.ignore_eos or seq.num_generated < seq.params.min_tokens
+        ]
+        if forbid_end:
+            rows = torch.tensor(forbid_end, device=self._device)
             logits[rows[:, None], self._eog[None, :]] = -torch.inf
+        self._bias(logits, seqs)
+        self._penalize(logits, seqs)
         chosen = logits.argmax(dim=-1)
+        params = [seq.params for seq in seqs]
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         if sampled:
             rows = torch.tensor(sampled, device=self._device)
-            picked = self._draw(logits[rows], [params[i] for i in sampled], [seq_ids[i] for i in sampled])
+            picked = self._draw(logits[rows], [params[i] for i in sampled], [seqs[i].seq_id for i in sampled])
             chosen[rows] = picked
-        return chosen.tolist()
+        tokens = chosen.tolist()
+        if raw is not None:
+            self._report_logprobs(raw, [seqs[i] for i in asked], [tokens[i] for i in asked])
+        return tokens
+
+    @staticmethod
+    def _report_logprobs(raw: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> None:
+        k = max(seq.params.logprobs or 0 for seq in seqs)
+        chosen = raw.gather(1, torch.tensor(tokens, device=raw.device)[:, None])[:, 0].tolist()
+        top_values, top_ids = raw.topk(k, dim=-1) if k else (raw[:, :0], raw[:, :0].long())
+        top_values_list, top_ids_list = top_values.tolist(), top_ids.tolist()
+        for row, seq in enumerate(seqs):
+            want = seq.params.logprobs or 0
+            top = tuple(zip(top_ids_list[row][:want], top_values_list[row][:want], strict=True))
+            seq.note_logprobs(SampledLogprobs(tokens[row], chosen[row], top))
+
+    def _bias(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> None:
+        vocab = logits.shape[-1]
+        entries = [
+            (row, token, bias) for row, seq in enumerate(seqs) for token, bias in seq.params.logit_bias if token < vocab
+        ]
+        if entries:
+            rows, tokens, biases = zip(*entries, strict=True)
+            index = (torch.tensor(rows, device=self._device), torch.tensor(tokens, device=self._device))
+            logits.index_put_(index, torch.tensor(biases, dtype=logits.dtype, device=self._device), accumulate=True)
+
+    def _penalize(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> None:
+        rows = [i for i, seq in enumerate(seqs) if seq.params.penalized]
+        if not rows:
+            return
+        device, vocab = self._device, logits.shape[-1]
+        picked = [seqs[i] for i in rows]
+        index = torch.tensor(rows, device=device)
+        part = logits[index]
+        generated = _counts([seq.token_ids[seq.num_prompt_tokens :] for seq in picked], vocab, device)
+        frequency = torch.tensor([seq.params.frequency_penalty for seq in picked], device=device)[:, None]
+        presence = torch.tensor([seq.params.presence_penalty for seq in picked], device=device)[:, None]
+        part -= frequency * generated + presence * (generated > 0)
+        repetition = torch.tensor([seq.params.repetition_penalty for seq in picked], device=device)[:, None]
+        if bool((repetition != 1.0).any()):
+            seen = _counts([seq.token_ids for seq in picked], vocab, device) > 0
+            part = torch.where(seen, torch.where(part > 0, part / repetition, part * repetition), part)
+        logits[index] = part
 
     def _draw(self, logits: torch.Tensor, params: list[SamplingParams], seq_ids: list[int]) -> torch.Tensor:
         device = self._device
@@ -60,6 +114,10 @@ class BatchSampler:
             k = torch.tensor(top_k, device=device)
             kth = logits.topk(max(top_k), dim=-1).values.gather(1, (k - 1)[:, None])
             logits = logits.masked_fill(logits < kth, -torch.inf)
+        min_p = torch.tensor([p.min_p for p in params], device=device)
+        if bool((min_p > 0.0).any()):  # drop tokens less likely than min_p x the most likely one
+            probs = logits.softmax(dim=-1)
+            logits = logits.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, -torch.inf)
         top_p = torch.tensor([p.top_p for p in params], device=device)
         if bool((top_p < 1.0).any()):
             ordered, order = logits.sort(dim=-1, descending=True)
@@ -72,3 +130,16 @@ class BatchSampler:
         # scale by the row's total so rounding in the cumulative sum can never push the draw past it
         picked = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None], right=True)[:, 0]
         return picked.clamp_(max=logits.shape[-1] - 1)
+
+
+def _counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """[rows, vocab]: how often each token occurs in each row's list."""
+    counts = torch.zeros(len(token_lists), vocab, device=device)
+    longest = max((len(tokens) for tokens in token_lists), default=0)
+    if longest:
+        ids = torch.tensor([tokens + [0] * (longest - len(tokens)) for tokens in token_lists], device=device)
+        present = torch.tensor(
+            [[1.0] * len(tokens) + [0.0] * (longest - len(tokens)) for tokens in token_lists], device=device
+        )
+        counts.scatter_add_(1, ids, present)
+    return counts

@@ -1,4 +1,4 @@
-"""OpenAI-compatible request and response models, and the simple seed-design bodies. No I/O.
+"""OpenAI-compatible request models, and the simple `/generate` body. No I/O.
 
 Requests are strict, like OpenAI's own API: wrong JSON types are rejected rather than coerced, and
 unknown arguments are refused by name. These models check shapes only; the ranges of sampling values
@@ -9,13 +9,12 @@ something else.
 
 from __future__ import annotations
 
-import time
-import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tokenmill.generation import ChatMessage, FinishReason, Usage
+from tokenmill.errors import InvalidRequest
+from tokenmill.generation import ChatMessage
 from tokenmill.sampling import SamplingParams
 
 MAX_PROMPT_CHARS = 1_000_000
@@ -27,6 +26,7 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's extension: usage in every chunk (guidellm sends it)
 
 
 class TextPart(_Strict):
@@ -64,22 +64,17 @@ class _SamplingFields(_Strict):
     timeout: float | None = Field(
         None, gt=0, description="Seconds; may shorten the server's total timeout, never extend it."
     )
-    # Accepted at their no-op values only (see the module docstring).
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    logprobs: Any = None
+    # vLLM's documented sampling extensions
+    repetition_penalty: float | None = None
+    min_p: float | None = None
 
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> _SamplingFields:
         if self.n != 1:
-            raise ValueError("n > 1 is not supported: send one request per completion")
-        if self.frequency_penalty or self.presence_penalty:
-            raise ValueError("frequency_penalty and presence_penalty are not supported; leave them at 0")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
-        if self.logprobs not in (None, False, 0):
-            raise ValueError("logprobs are not supported")
+            raise ValueError("n > 1 is not supported yet: send one request per completion")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         return self
@@ -87,6 +82,23 @@ class _SamplingFields(_Strict):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
+    def _logprobs(self) -> int | None:
+        return None
+
+    def _logit_bias(self) -> tuple[tuple[int, float], ...]:
+        entries = []
+        for key, bias in (self.logit_bias or {}).items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise InvalidRequest(f"logit_bias keys must be token ids; got {key!r}", param="logit_bias") from None
+            entries.append((token, bias))
+        return tuple(entries)
 
     def _max_tokens(self) -> int | None:
         return self.max_tokens
@@ -102,6 +114,12 @@ class _SamplingFields(_Strict):
             stop=stop,
             ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens,
+            min_p=self.min_p or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            logit_bias=self._logit_bias(),
+            logprobs=self._logprobs(),
         )
 
 
@@ -112,16 +130,23 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
     @model_validator(mode="after")
     def _refuse_unsupported_chat(self) -> ChatCompletionRequest:
         if self.tools:
-            raise ValueError("tools are not supported")
+            raise ValueError("tools are not supported yet")
         if self.tool_choice not in (None, "none", "auto"):
             raise ValueError("tool_choice is not supported")
         if self.response_format and self.response_format.get("type") != "text":
-            raise ValueError("response_format other than {'type': 'text'} is not supported")
+            raise ValueError("response_format other than {'type': 'text'} is not supported yet")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs set to true")
         return self
+
+    def _logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def _max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -135,6 +160,7 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+    logprobs: int | None = None  # the completions API's form: how many alternatives per token
 
     @field_validator("prompt")
     @classmethod
@@ -152,6 +178,9 @@ class CompletionRequest(_SamplingFields):
         if self.best_of not in (None, 1):
             raise ValueError("best_of is not supported")
         return self
+
+    def _logprobs(self) -> int | None:
+        return self.logprobs
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
@@ -175,117 +204,26 @@ class GenerateRequest(_Strict):
         )
 
 
-class GenerateResponse(BaseModel):
-    text: str
-    tokens: int
+class TokenizeRequest(_Strict):
+    """vLLM's `/tokenize`: a prompt, or chat messages rendered through the model's template."""
+
+    model: str | None = None
+    prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    messages: list[ChatMessageIn] | None = Field(None, min_length=1)
+    add_special_tokens: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        return self
+
+    def chat_messages(self) -> tuple[ChatMessage, ...] | None:
+        if self.messages is None:
+            return None
+        return tuple(ChatMessage(role=m.role, content=m.text(), name=m.name) for m in self.messages)
 
 
-# -- responses
-
-
-class UsageOut(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-    @classmethod
-    def of(cls, usage: Usage) -> UsageOut:
-        return cls(
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            total_tokens=usage.total_tokens,
-        )
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class ChatChoice(BaseModel):
-    index: int = 0
-    message: AssistantMessage
-    finish_reason: FinishReason
-    logprobs: None = None
-
-
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: UsageOut
-
-
-class ChatDelta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-    @model_serializer
-    def _only_present(self) -> dict[str, str]:
-        # OpenAI omits absent delta fields rather than sending nulls.
-        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
-
-
-class ChatChunkChoice(BaseModel):
-    index: int = 0
-    delta: ChatDelta
-    finish_reason: FinishReason | None = None
-    logprobs: None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: UsageOut | None = None
-
-
-class CompletionChoice(BaseModel):
-    index: int = 0
-    text: str
-    finish_reason: FinishReason | None = None
-    logprobs: None = None
-
-
-class Completion(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: UsageOut | None = None
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "tokenmill"
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def now() -> int:
-    return int(time.time())
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int] = Field(max_length=MAX_PROMPT_CHARS)
