@@ -35,6 +35,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     # None: no log-probabilities; k >= 0: the chosen token's, and the k most likely alternatives
     logprobs: int | None = None
+    json_schema: str | None = None  # the output must be JSON valid for this schema (JSON text)
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -78,6 +79,8 @@ class SamplingParams:
                 raise InvalidRequest("logit_bias keys must be token ids (non-negative integers)", param="logit_bias")
             if not math.isfinite(bias) or not -100.0 <= bias <= 100.0:
                 raise InvalidRequest("logit_bias values must be between -100 and 100", param="logit_bias")
+        if self.json_schema is not None and self.ignore_eos:
+            raise InvalidRequest("ignore_eos cannot be combined with response_format", param="ignore_eos")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidRequest(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs")
 

@@ -1,14 +1,19 @@
 """The OpenAI fields beyond plain text, through the official SDK, on real `tokenmill serve`
-processes with the default model in batch mode, in both engines: logprobs, penalties and
-logit_bias, vLLM's continuous usage stats, and cached prompt tokens."""
+processes with the default model in batch mode, in both engines: structured outputs, logprobs,
+penalties and logit_bias, vLLM's continuous usage stats, cached prompt tokens, /tokenize."""
 
 from __future__ import annotations
 
+import asyncio
+import enum
+import json
 import math
+from typing import Annotated
 
 import httpx
 import pytest
-from openai import AsyncOpenAI
+from openai import AsyncOpenAI, BadRequestError
+from pydantic import BaseModel, Field
 
 from tokenmill.bench.spawn import SpawnedServer
 
@@ -24,7 +29,7 @@ MESSAGES = [
 def server(request):
     if request.param == "torch":
         pytest.importorskip("torch")
-    with SpawnedServer(["--engine", request.param, "--max-batch", "4", "--context-window", "2048"]) as server:
+    with SpawnedServer(["--engine", request.param, "--max-batch", "8", "--context-window", "2048"]) as server:
         server.engine = request.param
         yield server
 
@@ -124,3 +129,64 @@ async def test_cached_tokens_count_the_shared_prompt_start(sdk, server):
         assert cached == again.usage.prompt_tokens - 1
     else:  # the torch engine has no prefix cache yet (issue 17): it says so by reporting 0
         assert cached == 0
+
+
+class Colour(enum.Enum):
+    RED = "red"
+    GREEN = "green"
+    BLUE = "blue"
+
+
+class Address(BaseModel):
+    city: str = Field(max_length=30)
+    country: str = Field(max_length=30)
+
+
+class Person(BaseModel):
+    name: str = Field(max_length=30)
+    age: int
+    favourite_colour: Colour
+    hobbies: list[Annotated[str, Field(max_length=20)]] = Field(max_length=3)
+    address: Address
+
+
+async def test_sdk_parse_gives_a_valid_object_50_times_in_50(sdk):
+    """Nested objects, an enum, an array and required fields, sampled at temperature 0.7."""
+    model = await _model(sdk)
+    limit = asyncio.Semaphore(8)
+
+    async def one(seed: int) -> Person | None:
+        async with limit:
+            reply = await sdk.chat.completions.parse(
+                model=model,
+                messages=[{"role": "user", "content": "Invent a person and describe them."}],
+                response_format=Person,
+                temperature=0.7,
+                seed=seed,
+                max_tokens=300,
+            )
+        return reply.choices[0].message.parsed
+
+    people = await asyncio.gather(*(one(seed) for seed in range(50)))
+    assert all(isinstance(person, Person) for person in people)
+    assert len({person.model_dump_json() for person in people}) > 10  # different seeds, different people
+
+
+async def test_json_object_mode_and_a_schema_that_cannot_compile(sdk):
+    model = await _model(sdk)
+    reply = await sdk.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Reply with a JSON object: a cat's name and age."}],
+        response_format={"type": "json_object"},
+        max_tokens=400,
+        temperature=0,
+    )
+    assert reply.choices[0].finish_reason == "stop", reply.choices[0].message.content
+    assert isinstance(json.loads(reply.choices[0].message.content), dict)
+    with pytest.raises(BadRequestError) as refused:
+        await sdk.chat.completions.create(
+            model=model,
+            messages=MESSAGES,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},
+        )
+    assert "schema" in refused.value.message

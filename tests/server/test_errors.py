@@ -66,6 +66,27 @@ BAD_CHAT_REQUESTS = [
     ),
     pytest.param({"messages": USER, "top_logprobs": 3}, "needs logprobs", None, id="top-logprobs-alone"),
     pytest.param(
+        {"messages": USER, "response_format": {"type": "xml"}}, "response_format type", None, id="response-format-type"
+    ),
+    pytest.param(
+        {"messages": USER, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+        "json_schema.schema",
+        None,
+        id="json-schema-without-schema",
+    ),
+    pytest.param(
+        {"messages": USER, "response_format": {"type": "json_object"}},
+        "GGUF vocabulary",  # the simulated engine has no real vocabulary to constrain
+        "response_format",
+        id="json-object-on-the-simulated-engine",
+    ),
+    pytest.param(
+        {"messages": USER, "response_format": {"type": "json_object"}, "ignore_eos": True},
+        "ignore_eos",
+        "ignore_eos",
+        id="json-with-ignore-eos",
+    ),
+    pytest.param(
         {"messages": [{"role": "user", "content": "word " * 5000}]},
         "maximum context length",
         "messages",

@@ -36,6 +36,7 @@ from tokenmill.engines import logprobs
 from tokenmill.engines.base import Chunk
 from tokenmill.engines.chat_template import ChatTemplate
 from tokenmill.engines.sequence import Sequence
+from tokenmill.engines.structured import Constrained
 from tokenmill.errors import EngineFailure
 from tokenmill.generation import ChatMessage
 
@@ -90,6 +91,12 @@ class LlamaCppTokenizer:
     @property
     def vocab_size(self) -> int:
         return llama_cpp.llama_vocab_n_tokens(self._vocab)
+
+    def structured_tokenizer(self):
+        """llguidance's view of this vocabulary, for constrained decoding (built once, ~1 s)."""
+        from tokenmill.engines.structured import ll_tokenizer
+
+        return ll_tokenizer(self._vocab, self.vocab_size, self.eog_ids)
 
     def encode(self, text: str, add_special: bool = True) -> list[int]:
         data = text.encode("utf-8")
@@ -210,6 +217,8 @@ class LlamaCppEngine:
         self._free_slots = list(range(max_sequences - 1, -1, -1))
         self._slots: dict[int, int] = {}
         self._samplers: dict[int, llama_cpp.llama_sampler_p] = {}
+        self._threads = threads
+        self._constrained: Constrained | None = None  # built with the first constrained sequence
         self._prefix_cache = prefix_cache
         self._cache_slot = max_sequences
         self._cached: list[int] = []  # the tokens whose KV cells the cache slot holds, from position 0
@@ -220,6 +229,10 @@ class LlamaCppEngine:
             raise EngineFailure("no free sequence slot in the llama.cpp context")
         slot = self._slots[seq.seq_id] = self._free_slots.pop()
         self._samplers[seq.seq_id] = _sampler_chain(seq, self._n_vocab, self.tokenizer.context_window)
+        if seq.params.json_schema is not None:
+            if self._constrained is None:
+                self._constrained = Constrained(self.tokenizer.structured_tokenizer(), self._n_vocab, self._threads)
+            self._constrained.add(seq)
         if self._prefix_cache and seq.num_computed == 0:
             self._reuse_prefix(seq, slot)
 
@@ -249,6 +262,8 @@ class LlamaCppEngine:
         sampler = self._samplers.pop(seq.seq_id, None)
         if sampler is not None:
             llama_cpp.llama_sampler_free(sampler)
+        if self._constrained is not None:
+            self._constrained.remove(seq)
 
     def step(self, chunks: Seq[Chunk]) -> list[int | None]:
         batch, n = self._batch, 0
@@ -271,12 +286,19 @@ class LlamaCppEngine:
             for chunk in chunks:
                 if chunk.completes_sequence_input and chunk.seq.num_generated == 0:
                     self._remember_prompt(chunk.seq, self._slots[chunk.seq.seq_id])
+        sampled = [(chunk.seq, row) for chunk, row in zip(chunks, sample_rows, strict=True) if row is not None]
+        allowed = None if self._constrained is None else self._constrained.mask_rows([seq for seq, _ in sampled])
+        tokens = {
+            seq.seq_id: self._sample(seq, row, None if allowed is None else allowed[i])
+            for i, (seq, row) in enumerate(sampled)
+        }
         return [
-            None if row is None else self._sample(chunk.seq, row)
+            tokens.get(chunk.seq.seq_id) if row is not None else None
             for chunk, row in zip(chunks, sample_rows, strict=True)
         ]
 
-    def _sample(self, seq: Sequence, row: int) -> int:
+    def _sample(self, seq: Sequence, row: int, allowed: np.ndarray | None) -> int:
+        """`allowed`: the grammar's mask for this row (True: the token may follow), if constrained."""
         raw = None
         if seq.params.logprobs is not None:  # before anything below changes the row
             raw = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, row), shape=(self._n_vocab,))
@@ -285,7 +307,12 @@ class LlamaCppEngine:
             logits = llama_cpp.llama_get_logits_ith(self._ctx, row)
             for token in self.tokenizer.eog_ids:
                 logits[token] = -math.inf
+        if allowed is not None and self._constrained is not None and self._constrained.constrains(seq):
+            logits_row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, row), shape=(self._n_vocab,))
+            logits_row[~allowed] = -np.inf
         token = llama_cpp.llama_sampler_sample(self._samplers[seq.seq_id], self._ctx, row)
+        if self._constrained is not None:
+            self._constrained.accept(seq, token)
         if raw is not None:
             seq.note_logprobs(logprobs.from_logits(raw, token, seq.params.logprobs or 0))
         return token

@@ -146,6 +146,10 @@ def prepare_sequence(
             "the prompt contains invalid Unicode (a lone surrogate)",
             param="prompt" if request.prompt is not None else "messages",
         ) from None
+    if request.params.json_schema is not None:
+        from tokenmill.engines.structured import check_schema, structured_tokenizer
+
+        check_schema(request.params.json_schema, structured_tokenizer(tokenizer))
     vocab = tokenizer.vocab_size
     if any(token >= vocab for token, _ in request.params.logit_bias):
         raise InvalidRequest(

@@ -9,6 +9,7 @@ something else.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -90,6 +91,9 @@ class _SamplingFields(_Strict):
     def _logprobs(self) -> int | None:
         return None
 
+    def _json_schema(self) -> str | None:
+        return None
+
     def _logit_bias(self) -> tuple[tuple[int, float], ...]:
         entries = []
         for key, bias in (self.logit_bias or {}).items():
@@ -120,6 +124,7 @@ class _SamplingFields(_Strict):
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             logit_bias=self._logit_bias(),
             logprobs=self._logprobs(),
+            json_schema=self._json_schema(),
         )
 
 
@@ -139,14 +144,29 @@ class ChatCompletionRequest(_SamplingFields):
             raise ValueError("tools are not supported yet")
         if self.tool_choice not in (None, "none", "auto"):
             raise ValueError("tool_choice is not supported")
-        if self.response_format and self.response_format.get("type") != "text":
-            raise ValueError("response_format other than {'type': 'text'} is not supported yet")
+        self._json_schema()  # a malformed response_format is refused here, with the request
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
         return self
 
     def _logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def _json_schema(self) -> str | None:
+        """OpenAI's response_format, as the JSON schema the output must match (None: free text)."""
+        form = self.response_format
+        kind = None if form is None else form.get("type")
+        if form is None or kind == "text":
+            return None
+        if kind == "json_object":
+            return '{"type": "object"}'
+        if kind == "json_schema":
+            spec = form.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, dict):
+                raise ValueError("response_format json_schema needs json_schema.schema, a JSON schema object")
+            return json.dumps(schema)
+        raise ValueError(f"response_format type {kind!r} is not supported: use text, json_object or json_schema")
 
     def _max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

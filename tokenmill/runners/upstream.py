@@ -10,6 +10,7 @@ upstream's message rather than a generic 500.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 from tokenmill.client import (
@@ -167,6 +168,9 @@ def _upstream_params(request: GenerationRequest) -> dict:
         params["frequency_penalty"] = p.frequency_penalty
     if p.logit_bias:
         params["logit_bias"] = {str(token): bias for token, bias in p.logit_bias}
+    if p.json_schema is not None:
+        schema = json.loads(p.json_schema)
+        params["response_format"] = {"type": "json_schema", "json_schema": {"name": "response", "schema": schema}}
     return params
 
 

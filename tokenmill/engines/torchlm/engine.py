@@ -17,6 +17,7 @@ import torch
 
 from tokenmill.engines.base import Chunk
 from tokenmill.engines.sequence import Sequence
+from tokenmill.engines.structured import Constrained, structured_tokenizer
 from tokenmill.engines.torchlm.checkpoint import load_checkpoint
 from tokenmill.engines.torchlm.kv_cache import SlotKVCache
 from tokenmill.engines.torchlm.model import DecodeBatch, LlamaModel, PrefillChunk, StepInputs
@@ -61,15 +62,23 @@ class TorchEngine:
         self.cache = SlotKVCache(checkpoint.config, max_sequences, window, DTYPES[dtype], self.device)
         self.sampler = BatchSampler(self.tokenizer.eog_ids, self.device)
         self.max_chunk_tokens = max_step_tokens
+        self._constrained: Constrained | None = None
         log.info("torch engine ready on %s (%s) in %.1f s", self.device, dtype, time.perf_counter() - started)
 
     def add_sequence(self, seq: Sequence) -> None:
         self.cache.add(seq.seq_id)
         self.sampler.add(seq.seq_id, seq.params)
+        if seq.params.json_schema is not None:
+            if self._constrained is None:  # built with the first constrained sequence (~1 s)
+                tokenizer = structured_tokenizer(self.tokenizer)
+                self._constrained = Constrained(tokenizer, self.tokenizer.vocab_size, torch.get_num_threads())
+            self._constrained.add(seq)
 
     def remove_sequence(self, seq: Sequence) -> None:
         self.cache.remove(seq.seq_id)
         self.sampler.remove(seq.seq_id)
+        if self._constrained is not None:
+            self._constrained.remove(seq)
 
     @torch.inference_mode()
     def step(self, chunks: Seq[Chunk]) -> list[int | None]:
@@ -84,7 +93,7 @@ class TorchEngine:
         if not sampled_chunks:
             return [None] * len(chunks)
         seqs = [chunk.seq for chunk in sampled_chunks]
-        tokens = self.sampler.sample(logits, seqs)
+        tokens = self.sampler.sample(logits, seqs, self._constrained)
         by_seq = {seq.seq_id: token for seq, token in zip(seqs, tokens, strict=True)}
         return [by_seq.get(c.seq.seq_id) if c.completes_sequence_input else None for c in chunks]
 

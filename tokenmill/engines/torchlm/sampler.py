@@ -19,6 +19,7 @@ import torch
 
 from tokenmill.engines.base import SampledLogprobs
 from tokenmill.engines.sequence import Sequence
+from tokenmill.engines.structured import Constrained
 from tokenmill.sampling import SamplingParams
 
 
@@ -41,9 +42,10 @@ class BatchSampler:
     def remove(self, seq_id: int) -> None:
         self._generators.pop(seq_id, None)
 
-    def sample(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> list[int]:
+    def sample(self, logits: torch.Tensor, seqs: Seq[Sequence], constrained: Constrained | None = None) -> list[int]:
         """One token per row of `logits` ([rows, vocab], fp32; modified in place), row i for seqs[i].
-        Sequences that ask for log-probabilities get them through `note_logprobs`."""
+        Sequences that ask for log-probabilities get them through `note_logprobs`; `constrained`
+        masks the rows under a grammar, and learns the tokens chosen."""
         asked = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
         raw = logits[torch.tensor(asked, device=self._device)].log_softmax(dim=-1) if asked else None
         forbid_end = [
@@ -54,6 +56,8 @@ class BatchSampler:
             logits[rows[:, None], self._eog[None, :]] = -torch.inf
         self._bias(logits, seqs)
         self._penalize(logits, seqs)
+        if constrained is not None:
+            self._mask(logits, seqs, constrained)
         chosen = logits.argmax(dim=-1)
         params = [seq.params for seq in seqs]
         sampled = [i for i, p in enumerate(params) if not p.greedy]
@@ -62,6 +66,9 @@ class BatchSampler:
             picked = self._draw(logits[rows], [params[i] for i in sampled], [seqs[i].seq_id for i in sampled])
             chosen[rows] = picked
         tokens = chosen.tolist()
+        if constrained is not None:
+            for seq, token in zip(seqs, tokens, strict=True):
+                constrained.accept(seq, token)
         if raw is not None:
             self._report_logprobs(raw, [seqs[i] for i in asked], [tokens[i] for i in asked])
         return tokens
@@ -76,6 +83,17 @@ class BatchSampler:
             want = seq.params.logprobs or 0
             top = tuple(zip(top_ids_list[row][:want], top_values_list[row][:want], strict=True))
             seq.note_logprobs(SampledLogprobs(tokens[row], chosen[row], top))
+
+    def _mask(self, logits: torch.Tensor, seqs: Seq[Sequence], constrained: Constrained) -> None:
+        allowed = constrained.mask_rows(seqs)
+        if allowed is None:
+            return
+        blocked = torch.zeros_like(logits, dtype=torch.bool)
+        vocab = allowed.shape[1]
+        blocked[:, :vocab] = torch.from_numpy(~allowed).to(self._device)
+        rows = [i for i, seq in enumerate(seqs) if constrained.constrains(seq)]
+        blocked[rows, vocab:] = True  # padding rows of the output matrix are never tokens
+        logits.masked_fill_(blocked, -torch.inf)
 
     def _bias(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> None:
         vocab = logits.shape[-1]
