@@ -204,3 +204,23 @@ def test_logprobs_match_transformers_log_softmax(reference):
     assert max(chosen_diffs) < 0.25 and sum(chosen_diffs) / len(chosen_diffs) < 0.06, chosen_diffs
     assert sum(top_diffs) / len(top_diffs) < 0.08
     assert sum(same_ids) / len(same_ids) >= 4.5  # the same alternatives, near ties aside
+
+
+def test_a_sequence_joins_and_leaves_after_the_cache_has_grown():
+    """The cache grows inside step() (inference mode); adding and removing sequences later touches
+    the grown tensor in place, which torch refuses outside inference mode (a crash at concurrency)."""
+    engine = TorchEngine(default_model_path(), context_window=1024, threads=2, max_sequences=2, max_step_tokens=512)
+    make = lambda prompt, n: prepare_sequence(
+        GenerationRequest("r", SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), prompt=prompt),
+        engine.tokenizer,
+    )
+    first = make("word " * (GROWTH + 10), 2)  # its prefill makes the cache grow past its first size
+    engine.add_sequence(first)
+    assert engine.step([Chunk(first, first.num_pending)])[0] is not None
+    first.num_computed = first.num_prompt_tokens
+    assert engine.cache.capacity > GROWTH
+    second = make("Hi", 2)
+    engine.add_sequence(second)  # zeroes its slot in the grown cache
+    engine.remove_sequence(first)  # moves the second one's cells into the freed slot
+    assert engine.step([Chunk(second, second.num_pending)])[0] is not None
+    engine.remove_sequence(second)

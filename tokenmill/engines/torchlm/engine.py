@@ -65,6 +65,9 @@ class TorchEngine:
         self._constrained: Constrained | None = None
         log.info("torch engine ready on %s (%s) in %.1f s", self.device, dtype, time.perf_counter() - started)
 
+    # Every method that touches the KV cache runs in inference mode: the cache grows inside step(),
+    # and a tensor made in inference mode may not be changed in place outside it.
+    @torch.inference_mode()
     def add_sequence(self, seq: Sequence) -> None:
         self.cache.add(seq.seq_id)
         self.sampler.add(seq.seq_id, seq.params)
@@ -74,6 +77,7 @@ class TorchEngine:
                 self._constrained = Constrained(tokenizer, self.tokenizer.vocab_size, torch.get_num_threads())
             self._constrained.add(seq)
 
+    @torch.inference_mode()
     def remove_sequence(self, seq: Sequence) -> None:
         self.cache.remove(seq.seq_id)
         self.sampler.remove(seq.seq_id)
