@@ -98,3 +98,15 @@ async def test_ramp_up_starts_the_clients_evenly(monkeypatch):
     assert len(records) == 4
     starts = [first_sends[i] for i in range(4)]
     assert starts[0] < 0.05 and all(0.07 <= b - a <= 0.2 for a, b in itertools.pairwise(starts))
+
+
+def test_the_json_workload_asks_for_the_schema_and_lets_the_grammar_end_the_answer():
+    from tokenmill.bench.workload import ANSWER_SCHEMA, Workload
+
+    plain, constrained = Workload().request_body(3, "m"), Workload(json=True).request_body(3, "m")
+    assert "response_format" not in plain and plain["ignore_eos"] is True
+    assert constrained["response_format"]["json_schema"]["schema"] == ANSWER_SCHEMA
+    assert constrained["ignore_eos"] is False
+    assert {k: v for k, v in constrained.items() if k not in ("response_format", "ignore_eos")} == {
+        k: v for k, v in plain.items() if k != "ignore_eos"
+    }  # otherwise the same requests: the comparison is of the constraint alone

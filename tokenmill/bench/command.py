@@ -58,6 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="64",
         help="output tokens per request (ignore_eos): N, or LOW:HIGH drawn per request [64]",
     )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="constrain every answer to a JSON schema (response_format json_schema): the structured-output workload",
+    )
     parser.add_argument("--slo-ttft", type=float, default=None, help="goodput SLO: time to first token, seconds")
     parser.add_argument("--slo-itl", type=float, default=None, help="goodput SLO: p99 inter-token gap, seconds")
     parser.add_argument(
@@ -92,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     open_loop_rates = [float(r) for r in args.rate.split(",")] if args.rate else None
     levels = open_loop_rates or [int(c) for c in (args.concurrency or "1,8,32").split(",")]
-    workload = Workload.from_spec(args.max_tokens)
+    workload = Workload.from_spec(args.max_tokens, json=args.json)
     rows: list[dict] = []
     latencies: dict[str, list[float]] = {}
     if args.url:

@@ -5,6 +5,19 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+# `--json`: every answer constrained to this schema (a long free-text field, so that answers run
+# to max_tokens as the unconstrained ones do, and the two are compared on equal lengths)
+ANSWER_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "topic": {"type": "string", "maxLength": 40},
+        "kind": {"enum": ["fact", "story", "advice", "poem"]},
+        "answer": {"type": "string", "maxLength": 4000},
+    },
+    "required": ["topic", "kind", "answer"],
+    "additionalProperties": False,
+}
+
 # Shipped with the package so every run, on every machine, sends the same requests.
 PROMPTS = (
     "Explain how a lighthouse works.",
@@ -33,6 +46,7 @@ class Workload:
     ignore_eos: bool = True  # every request really generates its max_tokens
     temperature: float = 0.7
     seed: int = 1234
+    json: bool = False  # constrain every answer to ANSWER_SCHEMA (ignore_eos cannot apply then)
 
     @classmethod
     def from_spec(cls, length: str, **kwargs) -> Workload:
@@ -43,7 +57,7 @@ class Workload:
     def request_body(self, index: int, model: str) -> dict:
         rng = random.Random(self.seed * 1_000_003 + index)
         length = rng.randint(self.max_tokens, self.max_tokens_upper) if self.max_tokens_upper else self.max_tokens
-        return {
+        body = {
             "model": model,
             "messages": [
                 {"role": "system", "content": "You are a helpful assistant."},
@@ -56,3 +70,10 @@ class Workload:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        if self.json:
+            body["ignore_eos"] = False
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "answer", "schema": ANSWER_SCHEMA, "strict": True},
+            }
+        return body
