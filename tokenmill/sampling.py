@@ -7,7 +7,7 @@ Validation lives here (not in the HTTP models) so every entry point -- OpenAI ro
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tokenmill.errors import InvalidRequest
 
@@ -15,6 +15,7 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's limit
+MAX_CHOICES = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +92,16 @@ class SamplingParams:
     @property
     def penalized(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+
+def choices(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """The parameters of each of a request's n choices: one sequence each, the seed (if any)
+    advanced per choice, so that a seeded request repeats and its choices still differ."""
+    if not 1 <= n <= MAX_CHOICES:
+        raise InvalidRequest(f"n must be between 1 and {MAX_CHOICES}", param="n")
+    if params.seed is None:
+        return [params] * n
+    return [replace(params, seed=(params.seed + i) % 2**64) for i in range(n)]
 
 
 def _check_finite(value: float, name: str) -> None:

@@ -190,3 +190,13 @@ async def test_json_object_mode_and_a_schema_that_cannot_compile(sdk):
             response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},
         )
     assert "schema" in refused.value.message
+
+
+async def test_n_4_choices_repeat_with_a_seed_and_differ_from_each_other(sdk):
+    model = await _model(sdk)
+    asked = {"model": model, "messages": MESSAGES, "max_tokens": 16, "temperature": 0.9, "n": 4, "seed": 11}
+    first, again = await sdk.chat.completions.create(**asked), await sdk.chat.completions.create(**asked)
+    texts = [choice.message.content for choice in first.choices]
+    assert [choice.index for choice in first.choices] == [0, 1, 2, 3]
+    assert texts == [choice.message.content for choice in again.choices]
+    assert len(set(texts)) > 1

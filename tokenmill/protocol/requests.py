@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from tokenmill.errors import InvalidRequest
 from tokenmill.generation import ChatMessage
-from tokenmill.sampling import SamplingParams
+from tokenmill.sampling import SamplingParams, choices
 
 MAX_PROMPT_CHARS = 1_000_000
 
@@ -56,7 +56,7 @@ class _SamplingFields(_Strict):
     top_k: int | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: int = Field(1, ge=1)
+    n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -74,8 +74,6 @@ class _SamplingFields(_Strict):
 
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> _SamplingFields:
-        if self.n != 1:
-            raise ValueError("n > 1 is not supported yet: send one request per completion")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         return self
@@ -106,6 +104,10 @@ class _SamplingFields(_Strict):
 
     def _max_tokens(self) -> int | None:
         return self.max_tokens
+
+    def choice_params(self) -> list[SamplingParams]:
+        """One SamplingParams per choice (n of them)."""
+        return choices(self.to_sampling_params(), self.n)
 
     def to_sampling_params(self) -> SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from tokenmill.errors import Overloaded
+from tokenmill.errors import InvalidRequest, Overloaded
 
 _RATE_WINDOW_S = 30.0
 
@@ -55,16 +55,24 @@ class ReleaseRate:
 
 
 class Ticket:
-    """One admitted request's place; `release()` is idempotent."""
+    """An admitted request's places (one per sequence it runs); `release()` is idempotent."""
 
-    def __init__(self, admission: Admission):
+    def __init__(self, admission: Admission, places: int = 1):
         self._admission = admission
+        self._places = places
         self._released = False
+
+    def split(self) -> list[Ticket]:
+        """One ticket per place, each released on its own (a request's n choices end apart)."""
+        if self._released:
+            return []
+        self._released = True
+        return [Ticket(self._admission) for _ in range(self._places)]
 
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._admission._release()
+            self._admission._release(self._places)
 
 
 class Admission:
@@ -75,7 +83,7 @@ class Admission:
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
         self.active = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: deque[tuple[asyncio.Future[None], int]] = deque()  # (waiter, places it needs)
         self._releases = ReleaseRate(_RATE_WINDOW_S, clock)
         self.draining = False
 
@@ -90,32 +98,39 @@ class Admission:
             return 1.0
         return max(1.0, math.ceil((self.queued + 1) / rate))
 
-    def has_place(self) -> bool:
+    def has_place(self, places: int = 1) -> bool:
         """Whether acquire() would admit at once (no waiting, no refusal)."""
-        return not self.draining and self.active < self.capacity and not self._waiters
+        return not self.draining and self.active + places <= self.capacity and not self._waiters
 
-    async def acquire(self) -> Ticket:
+    async def acquire(self, places: int = 1) -> Ticket:
+        """`places`: taken together or not at all (n choices run together; taking them one by one,
+        two such requests could each hold part of what the other waits for)."""
         if self.draining:
             raise Overloaded(
                 "The server is shutting down; retry on another instance.",
                 retry_after=self.retry_after(),
                 code="draining",
             )
-        if self.active < self.capacity and not self._waiters:
-            self.active += 1
-            return Ticket(self)
+        if places > self.capacity:
+            raise InvalidRequest(
+                f"This request needs {places} places at once; this server runs at most {self.capacity}.", param="n"
+            )
+        if self.has_place(places):
+            self.active += places
+            return Ticket(self, places)
         if len(self._waiters) >= self.max_queue:
             raise Overloaded(
                 f"The server is at capacity ({self.capacity} running, {self.queued} queued); retry later.",
                 retry_after=self.retry_after(),
             )
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        entry = (waiter, places)
+        self._waiters.append(entry)
         try:
             await asyncio.wait_for(asyncio.shield(waiter), timeout=self.queue_timeout)
         except TimeoutError:
             if waiter.done() and not waiter.cancelled():
-                return Ticket(self)  # a place arrived just as the timer fired: keep it
+                return Ticket(self, places)  # the places arrived just as the timer fired: keep them
             waiter.cancel()
             raise Overloaded(
                 f"The request waited {self.queue_timeout:g}s in the queue without a free place; retry later.",
@@ -124,38 +139,45 @@ class Admission:
             ) from None
         except asyncio.CancelledError:  # the client left while queued
             if waiter.done() and not waiter.cancelled():
-                self._release()
+                self._release(places)
             waiter.cancel()
             raise
         finally:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
-        return Ticket(self)
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+                self._admit_waiting()  # a large request leaving the head may unblock smaller ones
+        return Ticket(self, places)
 
-    def _release(self) -> None:
+    def _release(self, places: int = 1) -> None:
         self._releases.record()
-        while self._waiters and self.active <= self.capacity:  # still a place (capacity may have shrunk)
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)  # the place passes straight to the next in line
+        self.active -= places
+        self._admit_waiting()
+
+    def _admit_waiting(self) -> None:
+        """First come, first served: the head of the queue gets its places as soon as they are
+        free (capacity may have shrunk meanwhile: then nobody enters until it has room again)."""
+        while self._waiters:
+            waiter, places = self._waiters[0]
+            if waiter.done():
+                self._waiters.popleft()
+                continue
+            if self.active + places > self.capacity:
                 return
-        self.active -= 1
+            self._waiters.popleft()
+            self.active += places
+            waiter.set_result(None)
 
     def set_capacity(self, capacity: int) -> None:
         """The runner can now serve this many at once (a worker died, or came back). Running requests
         keep their places; a larger capacity lets queued ones in at once."""
         self.capacity = capacity
-        while self._waiters and self.active < self.capacity:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                self.active += 1
-                waiter.set_result(None)
+        self._admit_waiting()
 
     def refuse_new(self) -> None:
         """Drain: new requests are refused; queued ones too (they have done no work yet)."""
         self.draining = True
         while self._waiters:
-            waiter = self._waiters.popleft()
+            waiter, _ = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(
                     Overloaded(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Sequence as Seq
 from typing import Any
 
 from fastapi.encoders import jsonable_encoder
@@ -30,15 +31,16 @@ async def until_disconnected(receive: Receive) -> None:
 class GenerationResponse(Response):
     def __init__(
         self,
-        generation: Generation,
+        generations: Generation | Seq[Generation],
         *,
         stream: AsyncIterator[bytes] | None = None,
-        body: Callable[[Generation], Awaitable[Any]] | None = None,
+        body: Callable[[], Awaitable[Any]] | None = None,
     ):
-        """Exactly one of `stream` (SSE bytes) or `body` (builds a JSON body from the generation)."""
+        """Exactly one of `stream` (SSE bytes) or `body` (builds the JSON body). `generations`: the
+        request's choices (n of them), all closed together when the exchange ends."""
         if (stream is None) == (body is None):
             raise ValueError("a GenerationResponse carries either a stream or a body")
-        self.generation = generation
+        self.generations = [generations] if isinstance(generations, Generation) else list(generations)
         self._stream = stream
         self._body = body
         self.status_code = 200  # read by nothing but Starlette's type expectations
@@ -56,7 +58,8 @@ class GenerationResponse(Response):
             client_gone = True
             raise
         finally:
-            self.generation.close(client_gone=client_gone)
+            for generation in self.generations:
+                generation.close(client_gone=client_gone)
 
     @staticmethod
     async def _send_stream(stream: AsyncIterator[bytes], scope: Scope, receive: Receive, send: Send) -> bool:
@@ -72,12 +75,11 @@ class GenerationResponse(Response):
         await EventStreamResponse(tracked())(scope, receive, send)
         return completed
 
-    async def _send_body(
-        self, build: Callable[[Generation], Awaitable[Any]], scope: Scope, receive: Receive, send: Send
-    ) -> bool:
+    @staticmethod
+    async def _send_body(build: Callable[[], Awaitable[Any]], scope: Scope, receive: Receive, send: Send) -> bool:
         """Build the body while watching the connection: if the client leaves first, generation
         stops at once instead of running to the end for nobody."""
-        body_task = asyncio.ensure_future(build(self.generation))
+        body_task = asyncio.ensure_future(build())
         gone_task = asyncio.ensure_future(until_disconnected(receive))
         try:
             await asyncio.wait({body_task, gone_task}, return_when=asyncio.FIRST_COMPLETED)

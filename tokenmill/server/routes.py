@@ -32,7 +32,7 @@ from tokenmill.protocol import (
 from tokenmill.sampling import SamplingParams
 from tokenmill.server import streams
 from tokenmill.server.responses import GenerationResponse, until_disconnected
-from tokenmill.server.serving import Generation, Serving
+from tokenmill.server.serving import Serving
 
 router = APIRouter()
 
@@ -72,17 +72,21 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     serving = _serving(request)
     model = _check_model(serving, body.model)
     completion_id, created = new_id("chatcmpl"), now()
-    generation = await serving.start(
-        GenerationRequest(request_id=completion_id, params=body.to_sampling_params(), messages=body.chat_messages()),
+    choice_params = body.choice_params()
+    generations = await serving.start_choices(
+        GenerationRequest(request_id=completion_id, params=choice_params[0], messages=body.chat_messages()),
+        choice_params,
         timeout=body.timeout,
         client_gone=_client_gone(request),
     )
     if body.stream:
         stream = streams.chat_stream(
-            generation, completion_id, created, model, body.include_usage, body.continuous_usage
+            generations, completion_id, created, model, body.include_usage, body.continuous_usage
         )
-        return GenerationResponse(generation, stream=stream)
-    return GenerationResponse(generation, body=lambda g: streams.chat_completion(g, completion_id, created, model))
+        return GenerationResponse(generations, stream=stream)
+    return GenerationResponse(
+        generations, body=lambda: streams.chat_completion(generations, completion_id, created, model)
+    )
 
 
 @router.post("/v1/completions", response_model=Completion, responses=_ERRORS)
@@ -90,17 +94,21 @@ async def completions(body: CompletionRequest, request: Request):
     serving = _serving(request)
     model = _check_model(serving, body.model)
     completion_id, created = new_id("cmpl"), now()
-    generation = await serving.start(
-        GenerationRequest(request_id=completion_id, params=body.to_sampling_params(), prompt=body.prompt_text()),
+    choice_params = body.choice_params()
+    generations = await serving.start_choices(
+        GenerationRequest(request_id=completion_id, params=choice_params[0], prompt=body.prompt_text()),
+        choice_params,
         timeout=body.timeout,
         client_gone=_client_gone(request),
     )
     if body.stream:
         stream = streams.completion_stream(
-            generation, completion_id, created, model, body.include_usage, body.continuous_usage
+            generations, completion_id, created, model, body.include_usage, body.continuous_usage
         )
-        return GenerationResponse(generation, stream=stream)
-    return GenerationResponse(generation, body=lambda g: streams.text_completion(g, completion_id, created, model))
+        return GenerationResponse(generations, stream=stream)
+    return GenerationResponse(
+        generations, body=lambda: streams.text_completion(generations, completion_id, created, model)
+    )
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
@@ -131,8 +139,8 @@ async def generate(body: GenerateRequest, request: Request):
         client_gone=_client_gone(request),
     )
 
-    async def build(g: Generation) -> GenerateResponse:
-        text, finished, _ = await streams.collect(g)
+    async def build() -> GenerateResponse:
+        text, finished, _ = await streams.collect(generation)
         return GenerateResponse(text=text, tokens=finished.usage.completion_tokens)
 
     return GenerationResponse(generation, body=build)

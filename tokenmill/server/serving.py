@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 
 from tokenmill.errors import ClientGone, DeadlineExceeded, Overloaded
 from tokenmill.generation import Finished, GenerationRequest, TextDelta, TokenEvent
@@ -44,32 +45,52 @@ class Serving:
     ) -> Generation:
         """`client_gone`: completes when the client disconnects; a request waiting in the queue
         then leaves it at once (ClientGone) instead of holding its place until admitted."""
+        [generation] = await self.start_choices(request, [request.params], timeout, client_gone)
+        return generation
+
+    async def start_choices(
+        self,
+        request: GenerationRequest,
+        choice_params: list[SamplingParams],
+        timeout: float | None = None,
+        client_gone: Callable[[], Awaitable[None]] | None = None,
+    ) -> list[Generation]:
+        """A request's n choices: n sequences of the same prompt, admitted together (n places, as
+        they hold n places in the engine), then each released as its own response part ends."""
         arrived = time.monotonic()
+        places = len(choice_params)
         try:
             if not self.runner.ready:  # an engine is being replaced: say so at once, do not queue
                 raise self.runner.restarting_error()
-            if self.admission.has_place() or client_gone is None:
-                ticket = await self.admission.acquire()
+            if self.admission.has_place(places) or client_gone is None:
+                ticket = await self.admission.acquire(places)
             else:
-                ticket = await self._queue(client_gone)
+                ticket = await self._queue(client_gone, places)
         except Overloaded as error:
             self.metrics.rejections.labels(error.code or "overloaded").inc()
             raise
+        tickets = ticket.split()
+        generations: list[Generation] = []
         try:
-            handle = await self.runner.submit(request)
-        except Overloaded as error:  # the engine failed while this request was queued
-            ticket.release()
-            self.metrics.rejections.labels(error.code or "overloaded").inc()
+            for index, (params, choice_ticket) in enumerate(zip(choice_params, tickets, strict=True)):
+                choice_id = request.request_id if places == 1 else f"{request.request_id}-{index}"
+                handle = await self.runner.submit(replace(request, request_id=choice_id, params=params))
+                deadlines = self.deadlines.shortened_to(timeout)
+                generation = Generation(self, handle, choice_ticket, arrived, deadlines, params)
+                self.lifecycle.track(generation)
+                generations.append(generation)
+        except BaseException as error:
+            for generation in generations:
+                generation.close()
+            for unused in tickets[len(generations) :]:
+                unused.release()
+            if isinstance(error, Overloaded):  # the engine failed while this request was queued
+                self.metrics.rejections.labels(error.code or "overloaded").inc()
             raise
-        except BaseException:
-            ticket.release()
-            raise
-        generation = Generation(self, handle, ticket, arrived, self.deadlines.shortened_to(timeout), request.params)
-        self.lifecycle.track(generation)
-        return generation
+        return generations
 
-    async def _queue(self, client_gone: Callable[[], Awaitable[None]]) -> Ticket:
-        waiting = asyncio.ensure_future(self.admission.acquire())
+    async def _queue(self, client_gone: Callable[[], Awaitable[None]], places: int) -> Ticket:
+        waiting = asyncio.ensure_future(self.admission.acquire(places))
         gone = asyncio.ensure_future(client_gone())
         try:
             await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)

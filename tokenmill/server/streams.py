@@ -7,11 +7,12 @@ generation is not done here: `responses.GenerationResponse` owns that.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from tokenmill.errors import EngineFailure, TokenmillError
-from tokenmill.generation import Finished, TextDelta, TokenLogprob, Usage
+from tokenmill.generation import Finished, TextDelta, TokenEvent, TokenLogprob, Usage
 from tokenmill.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -49,46 +50,89 @@ def _asked_logprobs(generation: Generation) -> bool:
     return generation.params.logprobs is not None
 
 
-async def chat_completion(generation: Generation, completion_id: str, created: int, model: str) -> ChatCompletion:
-    text, finished, logprobs = await collect(generation)
+def _total_usage(ends: Sequence[Finished]) -> UsageOut:
+    """The request's usage over its n choices: the prompt once (it is shared), every completion."""
+    first = ends[0].usage
+    return UsageOut.of(
+        Usage(first.prompt_tokens, sum(end.usage.completion_tokens for end in ends), first.cached_tokens)
+    )
+
+
+async def chat_completion(
+    generations: Sequence[Generation], completion_id: str, created: int, model: str
+) -> ChatCompletion:
+    results = await asyncio.gather(*(collect(g) for g in generations))
     return ChatCompletion(
         id=completion_id,
         created=created,
         model=model,
         choices=[
             ChatChoice(
+                index=index,
                 message=AssistantMessage(content=text),
                 finish_reason=finished.reason,
                 logprobs=ChatLogprobs.of(logprobs) if _asked_logprobs(generation) else None,
             )
+            for index, (generation, (text, finished, logprobs)) in enumerate(zip(generations, results, strict=True))
         ],
-        usage=UsageOut.of(finished.usage),
+        usage=_total_usage([finished for _, finished, _ in results]),
     )
 
 
-async def text_completion(generation: Generation, completion_id: str, created: int, model: str) -> Completion:
-    text, finished, logprobs = await collect(generation)
+async def text_completion(
+    generations: Sequence[Generation], completion_id: str, created: int, model: str
+) -> Completion:
+    results = await asyncio.gather(*(collect(g) for g in generations))
     return Completion(
         id=completion_id,
         created=created,
         model=model,
         choices=[
             CompletionChoice(
+                index=index,
                 text=text,
                 finish_reason=finished.reason,
                 logprobs=CompletionLogprobs.of(logprobs) if _asked_logprobs(generation) else None,
             )
+            for index, (generation, (text, finished, logprobs)) in enumerate(zip(generations, results, strict=True))
         ],
-        usage=UsageOut.of(finished.usage),
+        usage=_total_usage([finished for _, finished, _ in results]),
     )
 
 
-def _running_usage(generation: Generation, delta: TextDelta) -> UsageOut:
-    """vLLM's continuous usage: the counts so far, in every chunk."""
-    return UsageOut.of(Usage(generation.handle.prompt_tokens or 0, delta.generated))
+async def interleave(generations: Sequence[Generation]) -> AsyncIterator[tuple[int, TokenEvent]]:
+    """Every choice's events as they come, tagged with the choice's index; ends when all have
+    finished. A failure of any choice ends the whole stream (the caller sends the error event)."""
+    streams = [g.events() for g in generations]
+    pending = {asyncio.ensure_future(anext(stream)): index for index, stream in enumerate(streams)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=pending.__getitem__):
+                index = pending.pop(task)
+                event = task.result()  # raises the choice's failure
+                yield index, event
+                if not isinstance(event, Finished):
+                    pending[asyncio.ensure_future(anext(streams[index]))] = index
+    finally:
+        for task in pending:
+            task.cancel()
 
 
-async def _guarded(generation: Generation, body: Callable[[], AsyncIterator[bytes]]) -> AsyncIterator[bytes]:
+class _Usage:
+    """Usage as a stream goes: vLLM's continuous usage counts every choice's tokens so far."""
+
+    def __init__(self, generations: Sequence[Generation]):
+        self._prompt = generations[0].handle.prompt_tokens or 0
+        self._generated = [0] * len(generations)
+        self.ends: list[Finished] = []
+
+    def running(self, index: int, delta: TextDelta) -> UsageOut:
+        self._generated[index] = delta.generated
+        return UsageOut.of(Usage(self._prompt, sum(self._generated)))
+
+
+async def _guarded(request_id: str, body: Callable[[], AsyncIterator[bytes]]) -> AsyncIterator[bytes]:
     """Shared frame of every stream: an error event on failure, [DONE] last."""
     try:
         async for chunk in body():
@@ -96,13 +140,13 @@ async def _guarded(generation: Generation, body: Callable[[], AsyncIterator[byte
     except TokenmillError as error:
         yield json_event(error_body(error))
     except Exception as error:  # never let a stream end silently
-        log.exception("stream %s failed", generation.handle.request_id)
+        log.exception("stream %s failed", request_id)
         yield json_event(error_body(EngineFailure(f"generation failed: {type(error).__name__}")))
     yield DONE
 
 
 def chat_stream(
-    generation: Generation,
+    generations: Sequence[Generation],
     completion_id: str,
     created: int,
     model: str,
@@ -111,36 +155,42 @@ def chat_stream(
 ) -> AsyncIterator[bytes]:
     with_usage = include_usage or continuous_usage
 
-    def chunk(delta: ChatDelta, finish=None, usage=None, choices=True, logprobs=None) -> bytes:
+    def chunk(index: int, delta: ChatDelta, finish=None, usage=None, choices=True, logprobs=None) -> bytes:
         body = ChatCompletionChunk(
             id=completion_id,
             created=created,
             model=model,
-            choices=[ChatChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs)] if choices else [],
+            choices=[ChatChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)]
+            if choices
+            else [],
             usage=usage,
         )
         return data_event(body.model_dump_json(exclude=None if with_usage else {"usage"}))
 
     async def body() -> AsyncIterator[bytes]:
-        yield chunk(ChatDelta(role="assistant", content=""))
-        async for event in generation.events():
+        usage = _Usage(generations)
+        for index in range(len(generations)):
+            yield chunk(index, ChatDelta(role="assistant", content=""))
+        async for index, event in interleave(generations):
             if isinstance(event, TextDelta):
                 yield chunk(
+                    index,
                     ChatDelta(content=event.text),
-                    usage=_running_usage(generation, event) if continuous_usage else None,
+                    usage=usage.running(index, event) if continuous_usage else None,
                     logprobs=ChatLogprobs.of(event.logprobs) if event.logprobs else None,
                 )
             else:
-                final = UsageOut.of(event.usage)
-                yield chunk(ChatDelta(), finish=event.reason, usage=final if continuous_usage else None)
-                if include_usage:
-                    yield chunk(ChatDelta(), usage=final, choices=False)
+                usage.ends.append(event)
+                total = _total_usage(usage.ends) if continuous_usage else None
+                yield chunk(index, ChatDelta(), finish=event.reason, usage=total)
+        if include_usage:
+            yield chunk(0, ChatDelta(), usage=_total_usage(usage.ends), choices=False)
 
-    return _guarded(generation, body)
+    return _guarded(completion_id, body)
 
 
 def completion_stream(
-    generation: Generation,
+    generations: Sequence[Generation],
     completion_id: str,
     created: int,
     model: str,
@@ -148,33 +198,36 @@ def completion_stream(
     continuous_usage: bool = False,
 ) -> AsyncIterator[bytes]:
     with_usage = include_usage or continuous_usage
-    offset = 0  # the completions form gives each token's offset in the whole text
+    offsets = [0] * len(generations)  # the completions form gives each token's offset in its text
 
-    def chunk(text: str, finish=None, usage=None, choices=True, logprobs=None) -> bytes:
+    def chunk(index: int, text: str, finish=None, usage=None, choices=True, logprobs=None) -> bytes:
         body = Completion(
             id=completion_id,
             created=created,
             model=model,
-            choices=[CompletionChoice(text=text, finish_reason=finish, logprobs=logprobs)] if choices else [],
+            choices=[CompletionChoice(index=index, text=text, finish_reason=finish, logprobs=logprobs)]
+            if choices
+            else [],
             usage=usage,
         )
         return data_event(body.model_dump_json(exclude=None if with_usage else {"usage"}))
 
     async def body() -> AsyncIterator[bytes]:
-        nonlocal offset
-        async for event in generation.events():
+        usage = _Usage(generations)
+        async for index, event in interleave(generations):
             if isinstance(event, TextDelta):
-                logprobs = CompletionLogprobs.of(event.logprobs, offset) if event.logprobs else None
-                offset += sum(len(entry.token) for entry in event.logprobs)
-                usage = _running_usage(generation, event) if continuous_usage else None
-                yield chunk(event.text, usage=usage, logprobs=logprobs)
+                logprobs = CompletionLogprobs.of(event.logprobs, offsets[index]) if event.logprobs else None
+                offsets[index] += sum(len(entry.token) for entry in event.logprobs)
+                running = usage.running(index, event) if continuous_usage else None
+                yield chunk(index, event.text, usage=running, logprobs=logprobs)
             else:
-                final = UsageOut.of(event.usage)
-                yield chunk("", finish=event.reason, usage=final if continuous_usage else None)
-                if include_usage:
-                    yield chunk("", usage=final, choices=False)
+                usage.ends.append(event)
+                total = _total_usage(usage.ends) if continuous_usage else None
+                yield chunk(index, "", finish=event.reason, usage=total)
+        if include_usage:
+            yield chunk(0, "", usage=_total_usage(usage.ends), choices=False)
 
-    return _guarded(generation, body)
+    return _guarded(completion_id, body)
 
 
 def token_stream(generation: Generation) -> AsyncIterator[bytes]:
@@ -185,4 +238,4 @@ def token_stream(generation: Generation) -> AsyncIterator[bytes]:
             if isinstance(event, TextDelta):
                 yield data_event(event.text)
 
-    return _guarded(generation, body)
+    return _guarded(generation.handle.request_id, body)
