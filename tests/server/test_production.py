@@ -273,3 +273,10 @@ def test_idle_connections_outlive_the_pools_of_common_clients():
     server_idle = Settings().keep_alive_timeout
     assert server_idle > (httpx.Limits().keepalive_expiry or 0)
     assert server_idle > (openai._constants.DEFAULT_CONNECTION_LIMITS.keepalive_expiry or 0)
+
+
+@pytest.mark.parametrize("path", ["/health", "/ready", "/metrics"])
+async def test_operational_routes_answer_head_probes(path):
+    async with asgi_client(sim_settings()) as client:
+        response = await client.head(path)
+    assert response.status_code == 200 and response.content == b""

@@ -159,13 +159,14 @@ async def stream(
     return GenerationResponse(generation, stream=streams.token_stream(generation))
 
 
-@router.get(HEALTH_PATH)
+# The operational routes answer HEAD too: load balancers and load tools (aiperf) probe with it.
+@router.api_route(HEALTH_PATH, methods=["GET", "HEAD"])
 async def health() -> JSONResponse:
     """Liveness: the process and its event loop answer."""
     return JSONResponse({"status": "ok"})
 
 
-@router.get(READY_PATH)
+@router.api_route(READY_PATH, methods=["GET", "HEAD"])
 async def ready(request: Request) -> JSONResponse:
     """Readiness: the model is loaded and its engine is up, and the server is not draining."""
     serving = _serving(request)
@@ -182,7 +183,7 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse({"status": state}, status_code=503, headers={"Retry-After": str(retry_after)})
 
 
-@router.get(METRICS_PATH, include_in_schema=False)
+@router.api_route(METRICS_PATH, methods=["GET", "HEAD"], include_in_schema=False)
 async def metrics(request: Request) -> PlainTextResponse:
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
