@@ -16,6 +16,7 @@ class ByteTokenizer:
     """Token id = a byte value; 0 is end-of-generation. Enough to drive a Sequence."""
 
     context_window = 32
+    vocab_size = 256
 
     def render_chat(self, messages):
         return "".join(f"{m.role}:{m.content};" for m in messages)

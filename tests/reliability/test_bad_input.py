@@ -85,7 +85,16 @@ CORPUS: list[tuple[str, str, str, bytes, dict]] = [
     ("empty messages", "POST", "/v1/chat/completions", json.dumps({"messages": []}).encode(), {}),
     ("empty prompt", "POST", "/v1/completions", json.dumps({"prompt": ""}).encode(), {}),
     ("empty stop string", "POST", "/v1/chat/completions", chat(stop=[""]), {}),
-    ("n > 1", "POST", "/v1/chat/completions", chat(n=3), {}),
+    ("n above 16", "POST", "/v1/chat/completions", chat(n=17), {}),
+    ("logit_bias id outside the vocabulary", "POST", "/v1/chat/completions", chat(logit_bias={"9999999": 5}), {}),
+    ("top_logprobs above 20", "POST", "/v1/chat/completions", chat(logprobs=True, top_logprobs=21), {}),
+    (
+        "response_format schema that cannot compile",
+        "POST",
+        "/v1/chat/completions",
+        chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}),
+        {},
+    ),
     ("unknown field", "POST", "/v1/chat/completions", chat(frobnicate=True), {}),
     (
         "prompt over the context window",
