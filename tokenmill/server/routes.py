@@ -67,48 +67,41 @@ def _client_gone(request: Request) -> Callable[[], Awaitable[None]]:
     return lambda: until_disconnected(request.receive)
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
-async def chat_completions(body: ChatCompletionRequest, request: Request):
+async def _serve_choices(
+    request: Request,
+    body: ChatCompletionRequest | CompletionRequest,
+    id_prefix: str,
+    prompt: dict[str, Any],
+    stream: streams.StreamRenderer,
+    answer: streams.BodyRenderer,
+) -> GenerationResponse:
+    """Chat and text completions alike: admit the n choices, then stream them or build the body."""
     serving = _serving(request)
     model = _check_model(serving, body.model)
-    completion_id, created = new_id("chatcmpl"), now()
+    completion_id, created = new_id(id_prefix), now()
     choice_params = body.choice_params()
     generations = await serving.start_choices(
-        GenerationRequest(request_id=completion_id, params=choice_params[0], messages=body.chat_messages()),
+        GenerationRequest(request_id=completion_id, params=choice_params[0], **prompt),
         choice_params,
         timeout=body.timeout,
         client_gone=_client_gone(request),
     )
     if body.stream:
-        stream = streams.chat_stream(
-            generations, completion_id, created, model, body.include_usage, body.continuous_usage
-        )
-        return GenerationResponse(generations, stream=stream)
-    return GenerationResponse(
-        generations, body=lambda: streams.chat_completion(generations, completion_id, created, model)
-    )
+        events = stream(generations, completion_id, created, model, body.include_usage, body.continuous_usage)
+        return GenerationResponse(generations, stream=events)
+    return GenerationResponse(generations, body=lambda: answer(generations, completion_id, created, model))
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    prompt = {"messages": body.chat_messages()}
+    return await _serve_choices(request, body, "chatcmpl", prompt, streams.chat_stream, streams.chat_completion)
 
 
 @router.post("/v1/completions", response_model=Completion, responses=_ERRORS)
 async def completions(body: CompletionRequest, request: Request):
-    serving = _serving(request)
-    model = _check_model(serving, body.model)
-    completion_id, created = new_id("cmpl"), now()
-    choice_params = body.choice_params()
-    generations = await serving.start_choices(
-        GenerationRequest(request_id=completion_id, params=choice_params[0], prompt=body.prompt_text()),
-        choice_params,
-        timeout=body.timeout,
-        client_gone=_client_gone(request),
-    )
-    if body.stream:
-        stream = streams.completion_stream(
-            generations, completion_id, created, model, body.include_usage, body.continuous_usage
-        )
-        return GenerationResponse(generations, stream=stream)
-    return GenerationResponse(
-        generations, body=lambda: streams.text_completion(generations, completion_id, created, model)
-    )
+    prompt = {"prompt": body.prompt_text()}
+    return await _serve_choices(request, body, "cmpl", prompt, streams.completion_stream, streams.text_completion)
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from tokenmill.errors import EngineFailure, TokenmillError
 from tokenmill.generation import Finished, TextDelta, TokenEvent, TokenLogprob, Usage
@@ -31,6 +31,11 @@ from tokenmill.server.serving import Generation
 from tokenmill.server.sse import DONE, data_event, json_event
 
 log = logging.getLogger(__name__)
+
+# (generations, completion id, created, model, include_usage, continuous_usage) -> SSE bytes
+StreamRenderer = Callable[[Sequence[Generation], str, int, str, bool, bool], AsyncIterator[bytes]]
+# (generations, completion id, created, model) -> the JSON body
+BodyRenderer = Callable[[Sequence[Generation], str, int, str], Awaitable[ChatCompletion | Completion]]
 
 
 async def collect(generation: Generation) -> tuple[str, Finished, list[TokenLogprob]]:
