@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
-import math
 import os
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
@@ -212,6 +211,7 @@ class LlamaCppEngine:
         vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.tokenizer = LlamaCppTokenizer(self._model, vocab, window)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+        self._eog_ids = np.array(self.tokenizer.eog_ids, dtype=np.int64)
         self.max_chunk_tokens = max_step_tokens
         self._batch = llama_cpp.llama_batch_init(max_step_tokens, 0, 1)
         self._free_slots = list(range(max_sequences - 1, -1, -1))
@@ -287,29 +287,21 @@ class LlamaCppEngine:
                 if chunk.completes_sequence_input and chunk.seq.num_generated == 0:
                     self._remember_prompt(chunk.seq, self._slots[chunk.seq.seq_id])
         sampled = [(chunk.seq, row) for chunk, row in zip(chunks, sample_rows, strict=True) if row is not None]
-        allowed = None if self._constrained is None else self._constrained.mask_rows([seq for seq, _ in sampled])
-        tokens = {
-            seq.seq_id: self._sample(seq, row, None if allowed is None else allowed[i])
-            for i, (seq, row) in enumerate(sampled)
-        }
-        return [
-            tokens.get(chunk.seq.seq_id) if row is not None else None
-            for chunk, row in zip(chunks, sample_rows, strict=True)
-        ]
+        # every constrained row of the step in one call (None: no row is constrained)
+        masks = None if self._constrained is None else self._constrained.mask_rows([seq for seq, _ in sampled])
+        tokens = iter(
+            [self._sample(seq, row, None if masks is None else masks[i]) for i, (seq, row) in enumerate(sampled)]
+        )
+        return [None if row is None else next(tokens) for row in sample_rows]
 
     def _sample(self, seq: Sequence, row: int, allowed: np.ndarray | None) -> int:
         """`allowed`: the grammar's mask for this row (True: the token may follow), if constrained."""
-        raw = None
-        if seq.params.logprobs is not None:  # before anything below changes the row
-            raw = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, row), shape=(self._n_vocab,))
-            raw = raw.copy()
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, row), shape=(self._n_vocab,))
+        raw = logits.copy() if seq.params.logprobs is not None else None  # before anything changes the row
         if seq.params.ignore_eos or seq.num_generated < seq.params.min_tokens:
-            logits = llama_cpp.llama_get_logits_ith(self._ctx, row)
-            for token in self.tokenizer.eog_ids:
-                logits[token] = -math.inf
+            logits[self._eog_ids] = -np.inf
         if allowed is not None and self._constrained is not None and self._constrained.constrains(seq):
-            logits_row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, row), shape=(self._n_vocab,))
-            logits_row[~allowed] = -np.inf
+            logits[~allowed] = -np.inf
         token = llama_cpp.llama_sampler_sample(self._samplers[seq.seq_id], self._ctx, row)
         if self._constrained is not None:
             self._constrained.accept(seq, token)
@@ -345,7 +337,7 @@ def _sampler_chain(seq: Sequence, n_vocab: int, window: int) -> llama_cpp.llama_
     def add(sampler: llama_cpp.llama_sampler_p) -> None:
         llama_cpp.llama_sampler_chain_add(chain, sampler)
 
-    bias = [(token, value) for token, value in params.logit_bias if token < n_vocab]
+    bias = params.logit_bias  # ids checked against the vocabulary when the request was prepared
     if bias:
         entries = (llama_cpp.llama_logit_bias * len(bias))(*(llama_cpp.llama_logit_bias(t, v) for t, v in bias))
         add(llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(bias), entries))

@@ -115,6 +115,8 @@ class Sequence:
 
     def _delta(self, text: str) -> TextDelta:
         """A delta carrying the logprobs of every token since the last one (text may lag tokens)."""
+        if not self._logprobs:  # the usual case, once per token
+            return TextDelta(text, (), self.num_generated)
         entries, self._logprobs = tuple(self._logprobs), []
         return TextDelta(text, entries, self.num_generated)
 

@@ -14,8 +14,6 @@ sampling, `accept` after it.
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import threading
 from collections.abc import Sequence as Seq
@@ -132,9 +130,3 @@ class Constrained:
             # rather than failing the step that every other sequence shares
             log.warning("sequence %s left its grammar: %s", seq.request_id, matcher.get_error())
             del self._matchers[seq.seq_id]
-
-
-@functools.cache
-def json_object_schema() -> str:
-    """`response_format: {"type": "json_object"}`: any JSON object."""
-    return json.dumps({"type": "object"})

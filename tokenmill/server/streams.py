@@ -108,6 +108,10 @@ async def text_completion(
 async def interleave(generations: Sequence[Generation]) -> AsyncIterator[tuple[int, TokenEvent]]:
     """Every choice's events as they come, tagged with the choice's index; ends when all have
     finished. A failure of any choice ends the whole stream (the caller sends the error event)."""
+    if len(generations) == 1:  # the usual case, on the per-token path: no task per token
+        async for event in generations[0].events():
+            yield 0, event
+        return
     streams = [g.events() for g in generations]
     pending = {asyncio.ensure_future(anext(stream)): index for index, stream in enumerate(streams)}
     try:

@@ -96,10 +96,8 @@ class BatchSampler:
         logits.masked_fill_(blocked, -torch.inf)
 
     def _bias(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> None:
-        vocab = logits.shape[-1]
-        entries = [
-            (row, token, bias) for row, seq in enumerate(seqs) for token, bias in seq.params.logit_bias if token < vocab
-        ]
+        # ids are checked against the vocabulary when the request is prepared
+        entries = [(row, token, bias) for row, seq in enumerate(seqs) for token, bias in seq.params.logit_bias]
         if entries:
             rows, tokens, biases = zip(*entries, strict=True)
             index = (torch.tensor(rows, device=self._device), torch.tensor(tokens, device=self._device))
@@ -113,10 +111,11 @@ class BatchSampler:
         picked = [seqs[i] for i in rows]
         index = torch.tensor(rows, device=device)
         part = logits[index]
-        generated = _counts([seq.token_ids[seq.num_prompt_tokens :] for seq in picked], vocab, device)
-        frequency = torch.tensor([seq.params.frequency_penalty for seq in picked], device=device)[:, None]
-        presence = torch.tensor([seq.params.presence_penalty for seq in picked], device=device)[:, None]
-        part -= frequency * generated + presence * (generated > 0)
+        if any(seq.params.frequency_penalty or seq.params.presence_penalty for seq in picked):
+            generated = _counts([seq.token_ids[seq.num_prompt_tokens :] for seq in picked], vocab, device)
+            frequency = torch.tensor([seq.params.frequency_penalty for seq in picked], device=device)[:, None]
+            presence = torch.tensor([seq.params.presence_penalty for seq in picked], device=device)[:, None]
+            part -= frequency * generated + presence * (generated > 0)
         repetition = torch.tensor([seq.params.repetition_penalty for seq in picked], device=device)[:, None]
         if bool((repetition != 1.0).any()):
             seen = _counts([seq.token_ids for seq in picked], vocab, device) > 0
@@ -152,12 +151,9 @@ class BatchSampler:
 
 def _counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
     """[rows, vocab]: how often each token occurs in each row's list."""
-    counts = torch.zeros(len(token_lists), vocab, device=device)
     longest = max((len(tokens) for tokens in token_lists), default=0)
+    counts = torch.zeros(len(token_lists), vocab + 1, device=device)  # the last column counts the padding
     if longest:
-        ids = torch.tensor([tokens + [0] * (longest - len(tokens)) for tokens in token_lists], device=device)
-        present = torch.tensor(
-            [[1.0] * len(tokens) + [0.0] * (longest - len(tokens)) for tokens in token_lists], device=device
-        )
-        counts.scatter_add_(1, ids, present)
-    return counts
+        ids = torch.tensor([tokens + [vocab] * (longest - len(tokens)) for tokens in token_lists], device=device)
+        counts.scatter_add_(1, ids, torch.ones(ids.shape, device=device))
+    return counts[:, :vocab]
