@@ -6,12 +6,31 @@ behaviour beyond trivial derived values, so every layer can share them without i
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from tokenmill.sampling import SamplingParams
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]  # tool_calls: only from an upstream API
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A function call the assistant made (in a conversation's history, or parsed from its output)."""
+
+    id: str
+    name: str
+    arguments: str  # a JSON object, as text (OpenAI's form)
+
+
+@dataclass(frozen=True, slots=True)
+class ToolFunction:
+    """A function the model may call, as the client declared it."""
+
+    name: str
+    description: str = ""
+    parameters: str = '{"type": "object", "properties": {}}'  # its arguments' JSON schema, as text
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +38,8 @@ class ChatMessage:
     role: str
     content: str
     name: str | None = None  # the participant's name, for templates that render it
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn's answer to that call
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +50,9 @@ class GenerationRequest:
     params: SamplingParams
     prompt: str | None = None
     messages: tuple[ChatMessage, ...] | None = None
+    tools: tuple[ToolFunction, ...] = ()  # rendered into the chat template's prompt
+    # upstream mode: the client's request fields this server does not act on, relayed as sent
+    relay: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
@@ -64,14 +88,27 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """Part of a streamed tool call, in OpenAI's delta form: the first part of call `index` carries
+    its id and name, every part some of its arguments' text."""
+
+    index: int
+    arguments: str
+    id: str | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class TextDelta:
     """New text for the client; never a broken UTF-8 character, never part of a stop string.
     `logprobs`: one entry per token generated since the last delta, when the request asked.
-    `generated`: the tokens generated so far, this delta's included (0 where unknown)."""
+    `generated`: the tokens generated so far, this delta's included (0 where unknown).
+    `tool_calls`: calls an upstream API streamed (local models' calls are parsed from the text)."""
 
     text: str
     logprobs: tuple[TokenLogprob, ...] = ()
     generated: int = 0
+    tool_calls: tuple[ToolCallDelta, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

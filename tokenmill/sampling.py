@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 from tokenmill.errors import InvalidRequest
 
@@ -16,6 +17,17 @@ MAX_STOP_LENGTH = 256
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's limit
 MAX_CHOICES = 16
+
+
+@dataclass(frozen=True, slots=True)
+class OutputGrammar:
+    """What the output must match, compiled to a token mask by `engines.structured`: a JSON schema
+    (`response_format`) or a Lark grammar (forced tool calls). `param` names the request field that
+    a problem with it is reported against."""
+
+    kind: Literal["json_schema", "lark"]
+    source: str
+    param: str = "response_format"
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +48,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     # None: no log-probabilities; k >= 0: the chosen token's, and the k most likely alternatives
     logprobs: int | None = None
-    json_schema: str | None = None  # the output must be JSON valid for this schema (JSON text)
+    grammar: OutputGrammar | None = None  # constrained decoding: the output must match it
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -80,8 +92,8 @@ class SamplingParams:
                 raise InvalidRequest("logit_bias keys must be token ids (non-negative integers)", param="logit_bias")
             if not math.isfinite(bias) or not -100.0 <= bias <= 100.0:
                 raise InvalidRequest("logit_bias values must be between -100 and 100", param="logit_bias")
-        if self.json_schema is not None and self.ignore_eos:
-            raise InvalidRequest("ignore_eos cannot be combined with response_format", param="ignore_eos")
+        if self.grammar is not None and self.ignore_eos:
+            raise InvalidRequest(f"ignore_eos cannot be combined with {self.grammar.param}", param="ignore_eos")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidRequest(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs")
 

@@ -11,6 +11,7 @@ import math
 from typing import Annotated
 
 import httpx
+import openai
 import pytest
 from openai import AsyncOpenAI, BadRequestError
 from pydantic import BaseModel, Field
@@ -204,3 +205,115 @@ async def test_n_4_choices_come_back_indexed_and_differ_from_each_other(sdk):
     assert all(choice.message.content and choice.finish_reason for choice in reply.choices)
     assert len({choice.message.content for choice in reply.choices}) > 1
     assert 4 <= reply.usage.completion_tokens <= 4 * 16  # every choice's tokens, the prompt once
+
+
+class Unit(enum.Enum):
+    CELSIUS = "celsius"
+    FAHRENHEIT = "fahrenheit"
+
+
+class WeatherArguments(BaseModel):
+    city: str = Field(max_length=40)
+    unit: Unit
+
+
+# the SDK's own helper: a strict schema, no properties beyond the model's
+WEATHER_TOOL = openai.pydantic_function_tool(
+    WeatherArguments, name="get_weather", description="The current weather in a city."
+)
+TIME_TOOL = {"type": "function", "function": {"name": "get_time", "description": "The time now, in UTC."}}
+ASK_WEATHER = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+
+
+async def test_a_tool_call_round_trip_with_the_sdk_50_times_in_50(sdk, server):
+    """tool_choice "required", the result back as a tool message, then the final answer. Fifty
+    round trips in the default engine; ten in the torch engine, which shares the grammar, the
+    template and the parser (the suite's time goes to prefilling the tools' prompt section)."""
+    model = await _model(sdk)
+    limit = asyncio.Semaphore(8)
+
+    async def one(seed: int) -> tuple[WeatherArguments, str]:
+        async with limit:
+            called = await sdk.chat.completions.create(
+                model=model,
+                messages=ASK_WEATHER,
+                tools=[WEATHER_TOOL, TIME_TOOL],
+                tool_choice="required",
+                parallel_tool_calls=False,
+                temperature=0.7,
+                seed=seed,
+                max_tokens=80,
+            )
+            choice = called.choices[0]
+            assert choice.finish_reason == "tool_calls" and choice.message.tool_calls, choice
+            results, weather = [], None
+            for call in choice.message.tool_calls:
+                if call.function.name == "get_weather":
+                    weather = WeatherArguments.model_validate_json(call.function.arguments)
+                    result = '{"temperature": 18, "sky": "clear"}'
+                else:
+                    assert (call.function.name, json.loads(call.function.arguments)) == ("get_time", {})
+                    result = '{"utc": "12:00"}'
+                results.append({"role": "tool", "tool_call_id": call.id, "content": result})
+            answered = await sdk.chat.completions.create(
+                model=model,
+                messages=[*ASK_WEATHER, choice.message.model_dump(exclude_none=True), *results],
+                tools=[WEATHER_TOOL, TIME_TOOL],
+                tool_choice="none",
+                temperature=0.7,
+                seed=seed,
+                max_tokens=12,
+            )
+        if weather is None:  # only the time was asked for: valid, but not the round trip this test wants
+            return await one(seed + 1000)
+        assert answered.choices[0].message.tool_calls is None
+        return weather, answered.choices[0].message.content
+
+    runs = 50 if server.engine == "llamacpp" else 10
+    results = await asyncio.gather(*(one(seed) for seed in range(runs)))
+    assert len(results) == runs
+    assert all(isinstance(arguments, WeatherArguments) and answer for arguments, answer in results)
+
+
+async def test_streamed_tool_call_deltas_assemble_to_the_non_streamed_calls(sdk):
+    model = await _model(sdk)
+    asked = {
+        "model": model,
+        "messages": ASK_WEATHER,
+        "tools": [WEATHER_TOOL, TIME_TOOL],
+        "tool_choice": "required",
+        "parallel_tool_calls": True,
+        "temperature": 0,
+        "max_tokens": 120,
+    }
+    await sdk.chat.completions.create(**asked)  # warm the prefix cache: both answers below then reuse it alike
+    whole = await sdk.chat.completions.create(**asked)
+    calls: dict[int, dict[str, str]] = {}
+    finish = None
+    async for chunk in await sdk.chat.completions.create(**asked, stream=True):
+        choice = chunk.choices[0]
+        finish = choice.finish_reason or finish
+        for part in choice.delta.tool_calls or ():
+            entry = calls.setdefault(part.index, {"id": "", "name": "", "arguments": ""})
+            entry["id"] += part.id or ""
+            entry["name"] += part.function.name or ""
+            entry["arguments"] += part.function.arguments or ""
+    expected = [
+        {"name": c.function.name, "arguments": c.function.arguments} for c in whole.choices[0].message.tool_calls
+    ]
+    assert [{"name": c["name"], "arguments": c["arguments"]} for _, c in sorted(calls.items())] == expected
+    assert all(c["id"].startswith("call_") for c in calls.values())
+    assert finish == whole.choices[0].finish_reason
+
+
+async def test_a_named_tool_choice_calls_that_tool(sdk):
+    model = await _model(sdk)
+    reply = await sdk.chat.completions.create(
+        model=model,
+        messages=ASK_WEATHER,
+        tools=[WEATHER_TOOL, TIME_TOOL],
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+        max_tokens=40,
+    )
+    (call,) = reply.choices[0].message.tool_calls
+    assert call.function.name == "get_time" and json.loads(call.function.arguments) == {}

@@ -113,3 +113,70 @@ async def test_max_tokens_limit_caps_requests_that_give_no_max_tokens_upstream_t
         refused = await client.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 8})
     assert reply["usage"]["completion_tokens"] == 7
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 30}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+PERSON = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "person",
+        "schema": {
+            "type": "object",
+            "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"}},
+            "required": ["name", "age"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+@pytest.mark.slow
+async def test_tools_response_format_and_logprobs_pass_through_and_come_back(serve_process):
+    """A second tokenmill with the default model as the upstream: what the client sent reaches it
+    unchanged, and its tool calls, logprobs and structured answers come back unchanged."""
+    upstream = serve_process("--mode", "batch", "--context-window", "2048")
+    asked = [
+        {"messages": CHAT, "tools": [WEATHER], "tool_choice": "required", "max_tokens": 60},
+        {"messages": CHAT, "response_format": PERSON, "max_tokens": 60},
+        {"messages": CHAT, "logprobs": True, "top_logprobs": 3, "max_tokens": 8},
+    ]
+    seen = []
+    async with (
+        httpx.AsyncClient(base_url=upstream.url, timeout=60) as direct,
+        asgi_client(front(upstream.url)) as relay,
+    ):
+        for body in asked:
+            body = {**body, "temperature": 0}
+            await direct.post("/v1/chat/completions", json=body)  # warm its prefix cache: the next two reuse it alike
+            expected = (await direct.post("/v1/chat/completions", json=body)).json()["choices"][0]
+            relayed = await relay.post("/v1/chat/completions", json=body)
+            assert relayed.status_code == 200, relayed.text
+            got = relayed.json()["choices"][0]
+            assert got["finish_reason"] == expected["finish_reason"]
+            assert got["message"]["content"] == expected["message"]["content"]
+            calls = [(c["function"]["name"], c["function"]["arguments"]) for c in got["message"]["tool_calls"] or ()]
+            assert calls == [
+                (c["function"]["name"], c["function"]["arguments"]) for c in expected["message"]["tool_calls"] or ()
+            ]
+            assert got["logprobs"] == expected["logprobs"]
+            streamed = await relay.post("/v1/chat/completions", json={**body, "stream": True})
+            chunks = [e["choices"][0] for e in events(streamed.text) if e.get("choices")]
+            parts = [part for c in chunks for part in c["delta"].get("tool_calls") or ()]
+            assert [(p["function"]["name"], p["function"]["arguments"]) for p in parts] == calls
+            assert chunks[-1]["finish_reason"] == expected["finish_reason"]
+            seen.append((calls, got))
+    (calls, called), (_, structured), (_, with_logprobs) = seen
+    assert called["finish_reason"] == "tool_calls" and calls[0][0] == "get_weather" and json.loads(calls[0][1])["city"]
+    assert set(json.loads(structured["message"]["content"])) == {"name", "age"}
+    assert len(with_logprobs["logprobs"]["content"][0]["top_logprobs"]) == 3

@@ -18,7 +18,7 @@ class ByteTokenizer:
     context_window = 32
     vocab_size = 256
 
-    def render_chat(self, messages):
+    def render_chat(self, messages, tools=()):
         return "".join(f"{m.role}:{m.content};" for m in messages)
 
     def encode(self, text):

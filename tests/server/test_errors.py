@@ -7,6 +7,8 @@ import pytest
 
 USER = [{"role": "user", "content": "hi"}]
 
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+
 BAD_CHAT_REQUESTS = [
     pytest.param(b"{not json", "not valid JSON", None, id="malformed-json"),
     pytest.param(b"[1, 2]", "Invalid", None, id="body-not-an-object"),
@@ -14,7 +16,7 @@ BAD_CHAT_REQUESTS = [
     pytest.param({"messages": []}, "at least 1 item", "messages", id="empty-messages"),
     pytest.param({"messages": "hi"}, "messages", "messages", id="messages-wrong-type"),
     pytest.param({"messages": [{"role": "wizard", "content": "x"}]}, "role", "messages.0.role", id="unknown-role"),
-    pytest.param({"messages": [{"role": "user"}]}, "content", "messages.0.content", id="message-without-content"),
+    pytest.param({"messages": [{"role": "user"}]}, "needs content", "messages.0", id="message-without-content"),
     pytest.param({"messages": USER, "max_tokens": 0}, "max_tokens", "max_tokens", id="max-tokens-zero"),
     pytest.param({"messages": USER, "max_tokens": -3}, "max_tokens", "max_tokens", id="max-tokens-negative"),
     pytest.param({"messages": USER, "max_tokens": "12"}, "valid integer", "max_tokens", id="max-tokens-string"),
@@ -40,7 +42,56 @@ BAD_CHAT_REQUESTS = [
         "frobnicate",
         id="unknown-field",
     ),
-    pytest.param({"messages": USER, "tools": [{"type": "function"}]}, "tools are not supported", None, id="tools"),
+    pytest.param(
+        {"messages": USER, "tools": [{"type": "function"}]}, "function", "tools.0.function", id="tool-no-function"
+    ),
+    pytest.param(
+        {"messages": USER, "tools": [{"type": "function", "function": {"name": "no spaces"}}]},
+        "pattern",
+        "tools.0.function.name",
+        id="tool-name-pattern",
+    ),
+    pytest.param({"messages": USER, "tool_choice": "required"}, "tool_choice needs tools", None, id="choice-no-tools"),
+    pytest.param(
+        {"messages": USER, "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "other"}}},
+        "not among the tools",
+        None,
+        id="choice-names-unknown-tool",
+    ),
+    pytest.param(
+        {"messages": USER, "tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
+        "cannot be combined",
+        None,
+        id="forced-call-and-response-format",
+    ),
+    pytest.param(
+        {"messages": USER, "tools": TOOLS, "tool_choice": "required"},
+        "GGUF vocabulary",  # a forced call is constrained decoding: the simulated engine cannot
+        "tools",
+        id="forced-call-on-the-simulated-engine",
+    ),
+    pytest.param(
+        {"messages": [*USER, {"role": "tool", "content": "42"}]}, "tool_call_id", "messages.1", id="tool-without-id"
+    ),
+    pytest.param(
+        {"messages": [{"role": "user", "content": "x", "tool_calls": []}]},
+        "only assistant",
+        "messages.0",
+        id="user-calls",
+    ),
+    pytest.param(
+        {
+            "messages": [
+                {
+                    "role": "assistant",
+                    "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "[1]"}}],
+                }
+            ]
+        },
+        "JSON object",
+        "messages.0.tool_calls.0.function.arguments",
+        id="call-arguments-not-an-object",
+    ),
     pytest.param(
         {"messages": USER, "stream_options": {"include_usage": True}},
         "only allowed when stream",

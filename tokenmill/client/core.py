@@ -17,8 +17,8 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Self
 
 import httpx
@@ -43,7 +43,10 @@ class Usage:
 
 @dataclass(frozen=True, slots=True)
 class TextChunk:
+    """Part of an answer: its text, and the choice as the server sent it (tool calls, logprobs...)."""
+
     text: str
+    choice: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,13 +105,13 @@ class LLMClient:
         await self._http.aclose()
 
     # -- the API
-    async def chat(self, messages: Sequence[dict[str, str]], **params: Any) -> Completion:
+    async def chat(self, messages: Sequence[Mapping[str, Any]], **params: Any) -> Completion:
         return _completion(await self._call("/v1/chat/completions", {"messages": list(messages), **params}), chat=True)
 
     async def complete(self, prompt: str, **params: Any) -> Completion:
         return _completion(await self._call("/v1/completions", {"prompt": prompt, **params}), chat=False)
 
-    async def stream_chat(self, messages: Sequence[dict[str, str]], **params: Any) -> AsyncIterator[str]:
+    async def stream_chat(self, messages: Sequence[Mapping[str, Any]], **params: Any) -> AsyncIterator[str]:
         async for event in self.stream_chat_events(messages, **params):
             if isinstance(event, TextChunk):
                 yield event.text
@@ -119,7 +122,7 @@ class LLMClient:
                 yield event.text
 
     def stream_chat_events(
-        self, messages: Sequence[dict[str, str]], **params: Any
+        self, messages: Sequence[Mapping[str, Any]], **params: Any
     ) -> AsyncGenerator[StreamEvent, None]:
         return self._stream("/v1/chat/completions", {"messages": list(messages), **params}, chat=True)
 
@@ -238,11 +241,12 @@ class LLMClient:
                         raise StreamError(str(error.get("message", "the server reported an error")), error.get("code"))
                     usage = _usage(chunk.get("usage")) or usage
                     for choice in chunk.get("choices") or []:
-                        text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                        delta = choice.get("delta") or {}
+                        text = delta.get("content") if chat else choice.get("text")
                         finish = choice.get("finish_reason") or finish
-                        if text:
+                        if text or delta.get("tool_calls") or choice.get("logprobs"):
                             first = False
-                            yield TextChunk(text)
+                            yield TextChunk(text or "", choice)
         except httpx.ConnectTimeout:
             raise TimedOut("connect", t.connect) from None
         except httpx.TransportError as error:

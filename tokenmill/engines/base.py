@@ -12,7 +12,8 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from tokenmill.generation import ChatMessage
+from tokenmill.generation import ChatMessage, ToolFunction
+from tokenmill.tools import ToolCallFormat
 
 if TYPE_CHECKING:
     from tokenmill.engines.sequence import Sequence
@@ -22,8 +23,13 @@ class Tokenizer(Protocol):
     @property
     def context_window(self) -> int: ...
 
-    def render_chat(self, messages: Seq[ChatMessage]) -> str:
-        """Apply the model's own chat template, ending with the assistant's turn opened."""
+    def render_chat(self, messages: Seq[ChatMessage], tools: Seq[ToolFunction] = ()) -> str:
+        """Apply the model's own chat template, ending with the assistant's turn opened; `tools`
+        are declared in the prompt the way the model's family expects."""
+
+    @property
+    def tool_call_format(self) -> ToolCallFormat:
+        """How this model writes tool calls (the prompt section, the grammar, the parser)."""
 
     @property
     def vocab_size(self) -> int:

@@ -37,7 +37,8 @@ from tokenmill.engines.chat_template import ChatTemplate
 from tokenmill.engines.sequence import Sequence
 from tokenmill.engines.structured import Constrained
 from tokenmill.errors import EngineFailure
-from tokenmill.generation import ChatMessage
+from tokenmill.generation import ChatMessage, ToolFunction
+from tokenmill.tools import ToolCallFormat
 
 log = logging.getLogger(__name__)
 _LLAMA_LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level: 2 info, 3 warn, 4 error
@@ -81,11 +82,15 @@ class LlamaCppTokenizer:
     def context_window(self) -> int:
         return self._context_window
 
-    def render_chat(self, messages: Seq[ChatMessage]) -> str:
-        text = self._template.render(messages)
+    def render_chat(self, messages: Seq[ChatMessage], tools: Seq[ToolFunction] = ()) -> str:
+        text = self._template.render(messages, tools)
         if self._add_bos and self._bos_text and text.startswith(self._bos_text):
             text = text[len(self._bos_text) :]  # encode() adds it; never send it twice
         return text
+
+    @property
+    def tool_call_format(self) -> ToolCallFormat:
+        return self._template.tool_format
 
     @property
     def vocab_size(self) -> int:
@@ -229,7 +234,7 @@ class LlamaCppEngine:
             raise EngineFailure("no free sequence slot in the llama.cpp context")
         slot = self._slots[seq.seq_id] = self._free_slots.pop()
         self._samplers[seq.seq_id] = _sampler_chain(seq, self._n_vocab, self.tokenizer.context_window)
-        if seq.params.json_schema is not None:
+        if seq.params.grammar is not None:
             if self._constrained is None:
                 self._constrained = Constrained(self.tokenizer.structured_tokenizer(), self._n_vocab, self._threads)
             self._constrained.add(seq)

@@ -137,7 +137,7 @@ def prepare_sequence(
 ) -> Sequence:
     """Render, tokenize and size-check a request; raises InvalidRequest before any model work."""
     if request.messages is not None:
-        text = tokenizer.render_chat(request.messages)
+        text = tokenizer.render_chat(request.messages, request.tools)
     else:
         assert request.prompt is not None
         text = request.prompt
@@ -148,10 +148,11 @@ def prepare_sequence(
             "the prompt contains invalid Unicode (a lone surrogate)",
             param="prompt" if request.prompt is not None else "messages",
         ) from None
-    if request.params.json_schema is not None:
-        from tokenmill.engines.structured import check_schema, structured_tokenizer
+    grammar = request.params.grammar
+    if grammar is not None:
+        from tokenmill.engines.structured import check_grammar, structured_tokenizer
 
-        check_schema(request.params.json_schema, structured_tokenizer(tokenizer))
+        check_grammar(grammar, structured_tokenizer(tokenizer, grammar.param))
     vocab = tokenizer.vocab_size
     if any(token >= vocab for token, _ in request.params.logit_bias):
         raise InvalidRequest(

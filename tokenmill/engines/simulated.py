@@ -32,8 +32,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from tokenmill.engines.base import Chunk, SampledLogprobs
+from tokenmill.engines.chat_template import written_out
 from tokenmill.engines.sequence import Sequence
-from tokenmill.generation import ChatMessage
+from tokenmill.generation import ChatMessage, ToolFunction
+from tokenmill.tools import FORMATS, ToolCallFormat
 
 GilMode = Literal["release", "hold"]
 FaultKind = Literal["none", "crash", "raise", "bad_token"]
@@ -128,9 +130,13 @@ class SimulatedTokenizer:
     def context_window(self) -> int:
         return self._context_window
 
-    def render_chat(self, messages: Seq[ChatMessage]) -> str:
-        turns = "".join(f"<|{m.role}|>\n{m.content}\n" for m in messages)
+    def render_chat(self, messages: Seq[ChatMessage], tools: Seq[ToolFunction] = ()) -> str:
+        turns = "".join(f"<|{m.role}|>\n{m.content}\n" for m in written_out(messages, tools, self.tool_call_format))
         return turns + "<|assistant|>\n"
+
+    @property
+    def tool_call_format(self) -> ToolCallFormat:
+        return FORMATS["hermes"]
 
     @property
     def vocab_size(self) -> int:

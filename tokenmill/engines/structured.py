@@ -1,4 +1,5 @@
-"""Constrained decoding: a JSON schema (OpenAI's `response_format`) as a per-step token mask.
+"""Constrained decoding: a JSON schema (OpenAI's `response_format`) or a Lark grammar (a forced tool
+call) as a per-step token mask.
 
 Built on llguidance (Microsoft's grammar engine behind guidance, also used by llama.cpp and vLLM):
 a schema compiles to a grammar, a matcher per sequence tracks where the output is in it, and each
@@ -28,20 +29,28 @@ if TYPE_CHECKING:
 
     from tokenmill.engines.base import Tokenizer
     from tokenmill.engines.sequence import Sequence
+    from tokenmill.sampling import OutputGrammar
 
 log = logging.getLogger(__name__)
 
 
-def grammar_for(json_schema: str) -> str:
-    """llguidance's grammar for a JSON schema (compact JSON, no free whitespace: every token counts)."""
+def grammar_for(grammar: OutputGrammar) -> str:
+    """llguidance's grammar for a JSON schema or a Lark grammar."""
     import llguidance
 
     try:
-        return llguidance.LLMatcher.grammar_from_json_schema(
-            json_schema, defaults={"whitespace_flexible": False, "coerce_one_of": True}
-        )
+        if grammar.kind == "json_schema":
+            # compact JSON (no free whitespace): every token counts
+            return llguidance.LLMatcher.grammar_from_json_schema(
+                grammar.source, defaults={"whitespace_flexible": False, "coerce_one_of": True}
+            )
+        return llguidance.LLMatcher.grammar_from_lark(grammar.source)
     except ValueError as error:
-        raise InvalidRequest(f"the JSON schema is not valid: {error}", param="response_format") from None
+        raise InvalidRequest(f"the {_what(grammar)} is not valid: {error}", param=grammar.param) from None
+
+
+def _what(grammar: OutputGrammar) -> str:
+    return "JSON schema" if grammar.kind == "json_schema" else "tools' grammar"
 
 
 _TOKENIZERS: dict[int, llguidance.LLTokenizer] = {}
@@ -62,22 +71,21 @@ def ll_tokenizer(vocab, n_vocab: int, eos_ids: Seq[int]) -> llguidance.LLTokeniz
         return _TOKENIZERS[key]
 
 
-def check_schema(json_schema: str, tokenizer: llguidance.LLTokenizer) -> None:
-    """Raise a 400 naming the problem when the schema cannot be compiled."""
+def check_grammar(grammar: OutputGrammar, tokenizer: llguidance.LLTokenizer) -> None:
+    """Raise a 400 naming the problem when the schema or grammar cannot be compiled."""
     import llguidance
 
-    problem = llguidance.LLMatcher.validate_grammar(grammar_for(json_schema), tokenizer)
+    problem = llguidance.LLMatcher.validate_grammar(grammar_for(grammar), tokenizer)
     if problem:
-        raise InvalidRequest(f"the JSON schema cannot be used: {problem}", param="response_format")
+        raise InvalidRequest(f"the {_what(grammar)} cannot be used: {problem}", param=grammar.param)
 
 
-def structured_tokenizer(tokenizer: Tokenizer) -> llguidance.LLTokenizer:
+def structured_tokenizer(tokenizer: Tokenizer, param: str = "response_format") -> llguidance.LLTokenizer:
     """The grammar engine's tokenizer for a model tokenizer, or a 400 when it has none."""
     build = getattr(tokenizer, "structured_tokenizer", None)
     if build is None:
         raise InvalidRequest(
-            "response_format needs a model with a GGUF vocabulary (the llama.cpp or torch engine)",
-            param="response_format",
+            f"{param} needs a model with a GGUF vocabulary (the llama.cpp or torch engine)", param=param
         )
     return build()
 
@@ -96,12 +104,12 @@ class Constrained:
     def add(self, seq: Sequence) -> None:
         import llguidance
 
-        schema = seq.params.json_schema
-        if schema is None:
+        grammar = seq.params.grammar
+        if grammar is None:
             return
-        matcher = llguidance.LLMatcher(self._tokenizer, grammar_for(schema), log_level=0)
+        matcher = llguidance.LLMatcher(self._tokenizer, grammar_for(grammar), log_level=0)
         if matcher.is_error():
-            raise InvalidRequest(f"the JSON schema cannot be used: {matcher.get_error()}", param="response_format")
+            raise InvalidRequest(f"the {_what(grammar)} cannot be used: {matcher.get_error()}", param=grammar.param)
         self._matchers[seq.seq_id] = matcher
 
     def remove(self, seq: Sequence) -> None:

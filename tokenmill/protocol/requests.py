@@ -15,8 +15,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tokenmill.errors import InvalidRequest
-from tokenmill.generation import ChatMessage
-from tokenmill.sampling import SamplingParams, choices
+from tokenmill.generation import ChatMessage, ToolCall, ToolFunction
+from tokenmill.sampling import OutputGrammar, SamplingParams, choices
+from tokenmill.tools import ToolCallFormat
 
 MAX_PROMPT_CHARS = 1_000_000
 
@@ -35,15 +36,87 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCallIn(_Strict):
+    name: str
+    arguments: str  # a JSON object, as text
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, arguments: str) -> str:
+        try:
+            value = json.loads(arguments)
+        except ValueError:
+            raise ValueError("a tool call's arguments must be a JSON object, as text") from None
+        if not isinstance(value, dict):
+            raise ValueError("a tool call's arguments must be a JSON object, as text")  # noqa: TRY004 (pydantic wants ValueError)
+        return arguments
+
+
+class ToolCallIn(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessageIn(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] = Field(max_length=MAX_PROMPT_CHARS)
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = Field(None, max_length=MAX_PROMPT_CHARS)
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn's answer to that call
+
+    @model_validator(mode="after")
+    def _fits_role(self) -> ChatMessageIn:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("tool messages, and only they, need tool_call_id")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content")
+        return self
 
     def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
         return "".join(part.text for part in self.content)
+
+    def message(self) -> ChatMessage:
+        calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments) for c in self.tool_calls or ())
+        return ChatMessage(self.role, self.text(), self.name, calls, self.tool_call_id)
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolIn(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+    def declared(self) -> ToolFunction:
+        # no parameters: a function of no arguments (OpenAI's reading), not one of any arguments
+        parameters = self.function.parameters or {"type": "object", "properties": {}, "additionalProperties": False}
+        return ToolFunction(self.function.name, self.function.description or "", json.dumps(parameters))
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+# The fields tokenmill acts on itself even when it relays to an upstream API: the model (the
+# upstream's own), streaming (always streamed upstream), n (one upstream request per choice), the
+# length and seed (per choice, within --max-tokens-limit) and its own timeout.
+_ACTED_ON = frozenset(
+    {"model", "stream", "stream_options", "n", "timeout", "max_tokens", "max_completion_tokens", "seed"}
+)
 
 
 class _SamplingFields(_Strict):
@@ -89,7 +162,11 @@ class _SamplingFields(_Strict):
     def _logprobs(self) -> int | None:
         return None
 
-    def _json_schema(self) -> str | None:
+    def relayed_fields(self) -> dict[str, Any]:
+        """What an upstream API gets as the client sent it: every field given but those acted on here."""
+        return self.model_dump(mode="json", exclude_unset=True, exclude=set(_ACTED_ON))
+
+    def _grammar(self, tool_format: ToolCallFormat | None) -> OutputGrammar | None:
         return None
 
     def _logit_bias(self) -> tuple[tuple[int, float], ...]:
@@ -105,11 +182,11 @@ class _SamplingFields(_Strict):
     def _max_tokens(self) -> int | None:
         return self.max_tokens
 
-    def choice_params(self) -> list[SamplingParams]:
-        """One SamplingParams per choice (n of them)."""
-        return choices(self.to_sampling_params(), self.n)
+    def choice_params(self, tool_format: ToolCallFormat | None = None) -> list[SamplingParams]:
+        """One SamplingParams per choice (n of them); `tool_format`: the model's, for a forced tool call."""
+        return choices(self.to_sampling_params(tool_format), self.n)
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self, tool_format: ToolCallFormat | None = None) -> SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(
             max_tokens=self._max_tokens(),
@@ -126,15 +203,15 @@ class _SamplingFields(_Strict):
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             logit_bias=self._logit_bias(),
             logprobs=self._logprobs(),
-            json_schema=self._json_schema(),
+            grammar=self._grammar(tool_format),
         )
 
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: int | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[ToolIn] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     response_format: dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
@@ -142,10 +219,13 @@ class ChatCompletionRequest(_SamplingFields):
 
     @model_validator(mode="after")
     def _refuse_unsupported_chat(self) -> ChatCompletionRequest:
-        if self.tools:
-            raise ValueError("tools are not supported yet")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise ValueError("tool_choice is not supported")
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise ValueError("tool_choice needs tools")
+        named = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
+        if named is not None and named not in {t.function.name for t in self.tools or ()}:
+            raise ValueError(f"tool_choice names {named!r}, which is not among the tools")
+        if self.forced_tools() and self._json_schema() is not None:
+            raise ValueError("a forced tool call (tool_choice) cannot be combined with response_format")
         self._json_schema()  # a malformed response_format is refused here, with the request
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
@@ -153,6 +233,28 @@ class ChatCompletionRequest(_SamplingFields):
 
     def _logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def offered_tools(self) -> tuple[ToolFunction, ...]:
+        """The tools the model is told about (none when tool_choice is "none")."""
+        if not self.tools or self.tool_choice == "none":
+            return ()
+        return tuple(tool.declared() for tool in self.tools)
+
+    def forced_tools(self) -> tuple[ToolFunction, ...]:
+        """The tools one of which must be called: all ("required"), the named one, or none ("auto")."""
+        if self.tool_choice == "required":
+            return self.offered_tools()
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return tuple(t for t in self.offered_tools() if t.name == self.tool_choice.function.name)
+        return ()
+
+    def _grammar(self, tool_format: ToolCallFormat | None) -> OutputGrammar | None:
+        forced = self.forced_tools()
+        if forced and tool_format is not None:
+            parallel = self.parallel_tool_calls is not False and len(forced) > 1
+            return OutputGrammar("lark", tool_format.grammar(forced, parallel), param="tools")
+        schema = self._json_schema()
+        return None if schema is None else OutputGrammar("json_schema", schema)
 
     def _json_schema(self) -> str | None:
         """OpenAI's response_format, as the JSON schema the output must match (None: free text)."""
@@ -174,7 +276,7 @@ class ChatCompletionRequest(_SamplingFields):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def chat_messages(self) -> tuple[ChatMessage, ...]:
-        return tuple(ChatMessage(role=m.role, content=m.text(), name=m.name) for m in self.messages)
+        return tuple(m.message() for m in self.messages)
 
 
 class CompletionRequest(_SamplingFields):
@@ -243,7 +345,7 @@ class TokenizeRequest(_Strict):
     def chat_messages(self) -> tuple[ChatMessage, ...] | None:
         if self.messages is None:
             return None
-        return tuple(ChatMessage(role=m.role, content=m.text(), name=m.name) for m in self.messages)
+        return tuple(m.message() for m in self.messages)
 
 
 class DetokenizeRequest(_Strict):

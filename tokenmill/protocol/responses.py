@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, model_serializer
 
-from tokenmill.generation import FinishReason, TokenLogprob, Usage
+from tokenmill.generation import FinishReason, TokenLogprob, ToolCall, ToolCallDelta, Usage
 
 
 class PromptTokensDetails(BaseModel):
@@ -86,9 +86,43 @@ class CompletionLogprobs(BaseModel):
         )
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+    @classmethod
+    def of(cls, call: ToolCall) -> ToolCallOut:
+        return cls(id=call.id, function=FunctionCallOut(name=call.name, arguments=call.arguments))
+
+
+class ToolCallDeltaOut(BaseModel):
+    """A streamed part of a call: id, type and name come with the first part only."""
+
+    index: int
+    id: str | None = None
+    function: dict[str, str]
+
+    @model_serializer
+    def _only_present(self) -> dict[str, object]:
+        head = {"index": self.index} | ({"id": self.id, "type": "function"} if self.id is not None else {})
+        return head | {"function": self.function}
+
+    @classmethod
+    def of(cls, delta: ToolCallDelta) -> ToolCallDeltaOut:
+        function = {"name": delta.name} if delta.name is not None else {}
+        return cls(index=delta.index, id=delta.id, function=function | {"arguments": delta.arguments})
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -110,11 +144,13 @@ class ChatCompletion(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDeltaOut] | None = None
 
     @model_serializer
-    def _only_present(self) -> dict[str, str]:
+    def _only_present(self) -> dict[str, object]:
         # OpenAI omits absent delta fields rather than sending nulls.
-        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+        present = (("role", self.role), ("content", self.content), ("tool_calls", self.tool_calls))
+        return {k: v for k, v in present if v is not None}
 
 
 class ChatChunkChoice(BaseModel):

@@ -19,6 +19,7 @@ from tokenmill.engines.sequence import Sequence, prepare_sequence
 from tokenmill.errors import EngineFailure, InvalidRequest, Overloaded, TokenmillError
 from tokenmill.generation import ChatMessage, Finished, GenerationRequest, TokenEvent
 from tokenmill.runners.restarts import RestartPolicy
+from tokenmill.tools import ToolCallFormat
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,12 @@ class Runner(ABC):
     def request_tokenizer(self) -> Tokenizer:
         """The tokenizer requests are prepared with; /tokenize and /detokenize use it too."""
         raise InvalidRequest("this server relays to an upstream API and has no tokenizer of its own")
+
+    relays = False  # an upstream API gets the client's own request fields (GenerationRequest.relay)
+
+    def tool_call_format(self) -> ToolCallFormat | None:
+        """How the served model writes tool calls; None where an upstream API parses its own."""
+        return self.request_tokenizer().tool_call_format
 
     def prepare(self, request: GenerationRequest) -> Sequence:
         return prepare_sequence(

@@ -10,8 +10,8 @@ upstream's message rather than a generic 500.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+from typing import Any
 
 from tokenmill.client import (
     APIStatusError,
@@ -33,7 +33,16 @@ from tokenmill.errors import (
     TokenmillError,
     UpstreamFailure,
 )
-from tokenmill.generation import Finished, FinishReason, GenerationRequest, TextDelta, Usage
+from tokenmill.generation import (
+    Finished,
+    FinishReason,
+    GenerationRequest,
+    TextDelta,
+    TokenLogprob,
+    ToolCallDelta,
+    TopLogprob,
+    Usage,
+)
 from tokenmill.runners.base import RequestHandle, Runner, RunnerStats
 
 log = logging.getLogger(__name__)
@@ -97,12 +106,15 @@ class UpstreamRunner(Runner):
         assert self._client is not None, "start() first"
         return self._client
 
+    relays = True
+
+    def tool_call_format(self) -> None:
+        return None  # the upstream API renders the tools and parses its model's calls itself
+
     def stats(self) -> RunnerStats:
         return RunnerStats(running=len(self._tasks), waiting=0, kv_tokens_used=0, kv_tokens_capacity=0)
 
     async def submit(self, request: GenerationRequest) -> RequestHandle:
-        if request.params.logprobs is not None:  # refused, not silently dropped
-            raise InvalidRequest("logprobs are not relayed in upstream mode yet", param="logprobs")
         limit = self.limits.max_tokens
         if limit is not None and (request.params.max_tokens or 0) > limit:
             raise InvalidRequest(f"max_tokens may be at most {limit} on this server.", param="max_tokens")
@@ -114,20 +126,19 @@ class UpstreamRunner(Runner):
 
     async def _relay(self, request: GenerationRequest, handle: RequestHandle) -> None:
         client = self.client
-        params = _upstream_params(request)
-        if self.limits.max_tokens is not None and "max_tokens" not in params:
-            params["max_tokens"] = self.limits.max_tokens  # --max-tokens-limit caps the default length too
+        params = self._upstream_params(request)
         if request.messages is not None:
-            turns = [{"role": m.role, "content": m.content} for m in request.messages]
+            turns = params.pop("messages", None) or [{"role": m.role, "content": m.content} for m in request.messages]
             events = client.stream_chat_events(turns, **params)
         else:
+            params.pop("prompt", None)
             events = client.stream_complete_events(request.prompt or "", **params)
         pieces = 0
         try:
             async for event in events:
                 if isinstance(event, TextChunk):
                     pieces += 1
-                    handle.put(TextDelta(event.text, generated=pieces))
+                    handle.put(_delta(event, pieces, chat=request.messages is not None))
                 elif isinstance(event, StreamEnd):
                     handle.put(_finished(event, pieces))
         except asyncio.CancelledError:
@@ -140,42 +151,72 @@ class UpstreamRunner(Runner):
         finally:
             await events.aclose()
 
+    def _upstream_params(self, request: GenerationRequest) -> dict[str, Any]:
+        """The client's own fields as sent (tools, response_format, logprobs...: whatever it gave),
+        with what this server acts on set by it: this choice's seed and the length, within
+        --max-tokens-limit. A request from a route without a client body carries the basics."""
+        p = request.params
+        if request.relay is not None:
+            params = dict(request.relay)
+        else:
+            params = {"temperature": p.temperature, "top_p": p.top_p}
+            if p.stop:
+                params["stop"] = list(p.stop)
+        if p.seed is not None:
+            params["seed"] = p.seed
+        max_tokens = p.max_tokens if p.max_tokens is not None else self.limits.max_tokens
+        if max_tokens is not None:
+            params["max_tokens"] = max_tokens
+        return params
 
-def _upstream_params(request: GenerationRequest) -> dict:
-    p = request.params
-    params: dict = {"temperature": p.temperature, "top_p": p.top_p}
-    if p.max_tokens is not None:
-        params["max_tokens"] = p.max_tokens
-    if p.seed is not None:
-        params["seed"] = p.seed
-    if p.stop:
-        params["stop"] = list(p.stop)
-    # extensions (vLLM, TGI, tokenmill): sent only when used, so plain OpenAI endpoints still accept the call
-    if p.top_k:
-        params["top_k"] = p.top_k
-    if p.ignore_eos:
-        params["ignore_eos"] = True
-    if p.min_tokens:
-        params["min_tokens"] = p.min_tokens
-    if p.min_p:
-        params["min_p"] = p.min_p
-    if p.repetition_penalty != 1.0:
-        params["repetition_penalty"] = p.repetition_penalty
-    # OpenAI's own fields
-    if p.presence_penalty:
-        params["presence_penalty"] = p.presence_penalty
-    if p.frequency_penalty:
-        params["frequency_penalty"] = p.frequency_penalty
-    if p.logit_bias:
-        params["logit_bias"] = {str(token): bias for token, bias in p.logit_bias}
-    if p.json_schema is not None:
-        schema = json.loads(p.json_schema)
-        params["response_format"] = {"type": "json_schema", "json_schema": {"name": "response", "schema": schema}}
-    return params
+
+def _delta(chunk: TextChunk, generated: int, chat: bool) -> TextDelta:
+    """An upstream chunk as this server's event: its text, tool-call parts and logprobs kept."""
+    choice = chunk.choice
+    calls = tuple(
+        ToolCallDelta(
+            index=part.get("index", 0),
+            arguments=(part.get("function") or {}).get("arguments") or "",
+            id=part.get("id"),
+            name=(part.get("function") or {}).get("name"),
+        )
+        for part in (choice.get("delta") or {}).get("tool_calls") or ()
+    )
+    logprobs = choice.get("logprobs") or {}
+    entries = _chat_logprobs(logprobs) if chat else _completion_logprobs(logprobs)
+    return TextDelta(chunk.text, logprobs=entries, generated=generated, tool_calls=calls)
+
+
+def _chat_logprobs(logprobs: dict[str, Any]) -> tuple[TokenLogprob, ...]:
+    def alternative(entry: dict[str, Any]) -> TopLogprob:
+        return TopLogprob(entry["token"], tuple(entry.get("bytes") or ()), entry["logprob"])
+
+    return tuple(
+        TokenLogprob(
+            e["token"], tuple(e.get("bytes") or ()), e["logprob"], tuple(map(alternative, e.get("top_logprobs") or ()))
+        )
+        for e in logprobs.get("content") or ()
+    )
+
+
+def _completion_logprobs(logprobs: dict[str, Any]) -> tuple[TokenLogprob, ...]:
+    tops = logprobs.get("top_logprobs") or []
+    return tuple(
+        TokenLogprob(
+            token,
+            tuple(token.encode()),
+            logprob,
+            tuple(TopLogprob(t, tuple(t.encode()), lp) for t, lp in (tops[i] if i < len(tops) else {}).items()),
+        )
+        for i, (token, logprob) in enumerate(zip(logprobs.get("tokens") or (), logprobs.get("token_logprobs") or ()))
+    )
+
+
+_FINISH_REASONS: dict[str, FinishReason] = {"length": "length", "tool_calls": "tool_calls"}
 
 
 def _finished(end: StreamEnd, pieces: int) -> Finished:
-    reason: FinishReason = "length" if end.finish_reason == "length" else "stop"
+    reason: FinishReason = _FINISH_REASONS.get(end.finish_reason or "", "stop")
     if end.usage is not None:
         return Finished(reason=reason, usage=Usage(end.usage.prompt_tokens, end.usage.completion_tokens))
     return Finished(reason=reason, usage=Usage(0, pieces))  # an upstream without usage: count the chunks

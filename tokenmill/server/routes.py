@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
@@ -33,6 +34,7 @@ from tokenmill.sampling import SamplingParams
 from tokenmill.server import streams
 from tokenmill.server.responses import GenerationResponse, until_disconnected
 from tokenmill.server.serving import Serving
+from tokenmill.tools import ToolCallFormat
 
 router = APIRouter()
 
@@ -74,14 +76,16 @@ async def _serve_choices(
     prompt: dict[str, Any],
     stream: streams.StreamRenderer,
     answer: streams.BodyRenderer,
+    tool_format: ToolCallFormat | None = None,
 ) -> GenerationResponse:
     """Chat and text completions alike: admit the n choices, then stream them or build the body."""
     serving = _serving(request)
     model = _check_model(serving, body.model)
     completion_id, created = new_id(id_prefix), now()
-    choice_params = body.choice_params()
+    choice_params = body.choice_params(tool_format)
+    relay = body.relayed_fields() if serving.runner.relays else None
     generations = await serving.start_choices(
-        GenerationRequest(request_id=completion_id, params=choice_params[0], **prompt),
+        GenerationRequest(request_id=completion_id, params=choice_params[0], relay=relay, **prompt),
         choice_params,
         timeout=body.timeout,
         client_gone=_client_gone(request),
@@ -94,8 +98,14 @@ async def _serve_choices(
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
-    prompt = {"messages": body.chat_messages()}
-    return await _serve_choices(request, body, "chatcmpl", prompt, streams.chat_stream, streams.chat_completion)
+    tools = body.offered_tools()
+    # the model's own call syntax: its prompt section, its grammar and its parser (None: an upstream API's)
+    tool_format = _serving(request).runner.tool_call_format() if tools else None
+    parser = tool_format.parser if tool_format is not None else None
+    prompt = {"messages": body.chat_messages(), "tools": tools}
+    stream = functools.partial(streams.chat_stream, tool_parser=parser)
+    answer = functools.partial(streams.chat_completion, tool_parser=parser)
+    return await _serve_choices(request, body, "chatcmpl", prompt, stream, answer, tool_format)
 
 
 @router.post("/v1/completions", response_model=Completion, responses=_ERRORS)
@@ -133,8 +143,8 @@ async def generate(body: GenerateRequest, request: Request):
     )
 
     async def build() -> GenerateResponse:
-        text, finished, _ = await streams.collect(generation)
-        return GenerateResponse(text=text, tokens=finished.usage.completion_tokens)
+        result = await streams.collect(generation)
+        return GenerateResponse(text=result.text, tokens=result.finished.usage.completion_tokens)
 
     return GenerationResponse(generation, body=build)
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 from tokenmill.errors import EngineFailure, TokenmillError
-from tokenmill.generation import Finished, TextDelta, TokenEvent, TokenLogprob, Usage
+from tokenmill.generation import Finished, TextDelta, TokenEvent, TokenLogprob, ToolCallDelta, Usage
 from tokenmill.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -24,11 +25,15 @@ from tokenmill.protocol import (
     Completion,
     CompletionChoice,
     CompletionLogprobs,
+    ToolCallDeltaOut,
+    ToolCallOut,
     UsageOut,
 )
+from tokenmill.server.choice_text import ChoiceText, Piece, whole
 from tokenmill.server.errors import error_body
 from tokenmill.server.serving import Generation
 from tokenmill.server.sse import DONE, data_event, json_event
+from tokenmill.tools import ToolCallParser
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +43,28 @@ StreamRenderer = Callable[[Sequence[Generation], str, int, str, bool, bool], Asy
 BodyRenderer = Callable[[Sequence[Generation], str, int, str], Awaitable[ChatCompletion | Completion]]
 
 
-async def collect(generation: Generation) -> tuple[str, Finished, list[TokenLogprob]]:
-    """Run a request to the end; returns its whole text, how it finished, and its tokens' logprobs."""
+@dataclass(frozen=True, slots=True)
+class Collected:
+    """A whole choice: its text, how it finished, its tokens' logprobs, and an upstream's tool calls."""
+
+    text: str
+    finished: Finished
+    logprobs: list[TokenLogprob]
+    tool_calls: list[ToolCallDelta]
+
+
+async def collect(generation: Generation) -> Collected:
+    """Run a request to the end."""
     parts: list[str] = []
     logprobs: list[TokenLogprob] = []
+    calls: list[ToolCallDelta] = []
     async for event in generation.events():
         if isinstance(event, TextDelta):
             parts.append(event.text)
             logprobs.extend(event.logprobs)
+            calls.extend(event.tool_calls)
         else:
-            return "".join(parts), event, logprobs
+            return Collected("".join(parts), event, logprobs, calls)
     raise EngineFailure("the generation ended without a finish event")
 
 
@@ -64,7 +81,11 @@ def _total_usage(ends: Sequence[Finished]) -> UsageOut:
 
 
 async def chat_completion(
-    generations: Sequence[Generation], completion_id: str, created: int, model: str
+    generations: Sequence[Generation],
+    completion_id: str,
+    created: int,
+    model: str,
+    tool_parser: Callable[[], ToolCallParser] | None = None,
 ) -> ChatCompletion:
     results = await asyncio.gather(*(collect(g) for g in generations))
     return ChatCompletion(
@@ -72,15 +93,26 @@ async def chat_completion(
         created=created,
         model=model,
         choices=[
-            ChatChoice(
-                index=index,
-                message=AssistantMessage(content=text),
-                finish_reason=finished.reason,
-                logprobs=ChatLogprobs.of(logprobs) if _asked_logprobs(generation) else None,
-            )
-            for index, (generation, (text, finished, logprobs)) in enumerate(zip(generations, results, strict=True))
+            _chat_choice(index, result, tool_parser, _asked_logprobs(generation))
+            for index, (generation, result) in enumerate(zip(generations, results, strict=True))
         ],
-        usage=_total_usage([finished for _, finished, _ in results]),
+        usage=_total_usage([result.finished for result in results]),
+    )
+
+
+def _chat_choice(
+    index: int, result: Collected, tool_parser: Callable[[], ToolCallParser] | None, logprobs: bool
+) -> ChatChoice:
+    output = ChoiceText(tool_parser)
+    content, calls = whole([*output.feed(result.text, result.tool_calls), *output.finish()])
+    return ChatChoice(
+        index=index,
+        message=AssistantMessage(
+            content=content if content or not calls else None,
+            tool_calls=[ToolCallOut.of(call) for call in calls] or None,
+        ),
+        finish_reason=output.finish_reason(result.finished.reason),
+        logprobs=ChatLogprobs.of(result.logprobs) if logprobs else None,
     )
 
 
@@ -95,13 +127,13 @@ async def text_completion(
         choices=[
             CompletionChoice(
                 index=index,
-                text=text,
-                finish_reason=finished.reason,
-                logprobs=CompletionLogprobs.of(logprobs) if _asked_logprobs(generation) else None,
+                text=result.text,
+                finish_reason=result.finished.reason,
+                logprobs=CompletionLogprobs.of(result.logprobs) if _asked_logprobs(generation) else None,
             )
-            for index, (generation, (text, finished, logprobs)) in enumerate(zip(generations, results, strict=True))
+            for index, (generation, result) in enumerate(zip(generations, results, strict=True))
         ],
-        usage=_total_usage([finished for _, finished, _ in results]),
+        usage=_total_usage([result.finished for result in results]),
     )
 
 
@@ -161,6 +193,7 @@ def chat_stream(
     model: str,
     include_usage: bool,
     continuous_usage: bool = False,
+    tool_parser: Callable[[], ToolCallParser] | None = None,
 ) -> AsyncIterator[bytes]:
     with_usage = include_usage or continuous_usage
 
@@ -178,24 +211,35 @@ def chat_stream(
 
     async def body() -> AsyncIterator[bytes]:
         usage = _Usage(generations)
+        outputs = [ChoiceText(tool_parser) for _ in generations]
         for index in range(len(generations)):
             yield chunk(index, ChatDelta(role="assistant", content=""))
         async for index, event in interleave(generations):
             if isinstance(event, TextDelta):
-                yield chunk(
-                    index,
-                    ChatDelta(content=event.text),
-                    usage=usage.running(index, event) if continuous_usage else None,
-                    logprobs=ChatLogprobs.of(event.logprobs) if event.logprobs else None,
-                )
+                running = usage.running(index, event) if continuous_usage else None
+                logprobs = ChatLogprobs.of(event.logprobs) if event.logprobs else None
+                pieces = outputs[index].feed(event.text, event.tool_calls)
+                for piece in pieces:
+                    yield chunk(index, _chat_delta(piece), usage=running, logprobs=logprobs)
+                    logprobs = None
+                if logprobs is not None or (not pieces and running is not None):  # held-back text
+                    yield chunk(index, ChatDelta(), usage=running, logprobs=logprobs)
             else:
+                for piece in outputs[index].finish():
+                    yield chunk(index, _chat_delta(piece))
                 usage.ends.append(event)
                 total = _total_usage(usage.ends) if continuous_usage else None
-                yield chunk(index, ChatDelta(), finish=event.reason, usage=total)
+                yield chunk(index, ChatDelta(), finish=outputs[index].finish_reason(event.reason), usage=total)
         if include_usage:
             yield chunk(0, ChatDelta(), usage=_total_usage(usage.ends), choices=False)
 
     return _guarded(completion_id, body)
+
+
+def _chat_delta(piece: Piece) -> ChatDelta:
+    if isinstance(piece, str):
+        return ChatDelta(content=piece)
+    return ChatDelta(tool_calls=[ToolCallDeltaOut.of(piece)])
 
 
 def completion_stream(

@@ -71,7 +71,7 @@ class TorchEngine:
     def add_sequence(self, seq: Sequence) -> None:
         self.cache.add(seq.seq_id)
         self.sampler.add(seq.seq_id, seq.params)
-        if seq.params.json_schema is not None:
+        if seq.params.grammar is not None:
             if self._constrained is None:  # built with the first constrained sequence (~1 s)
                 tokenizer = structured_tokenizer(self.tokenizer)
                 self._constrained = Constrained(tokenizer, self.tokenizer.vocab_size, torch.get_num_threads())

@@ -8,7 +8,8 @@ from functools import cache
 from pathlib import Path
 
 from tokenmill.engines.chat_template import ChatTemplate
-from tokenmill.generation import ChatMessage
+from tokenmill.generation import ChatMessage, ToolFunction
+from tokenmill.tools import ToolCallFormat
 
 
 class HFTokenizer:
@@ -31,8 +32,12 @@ class HFTokenizer:
     def context_window(self) -> int:
         return self._context_window
 
-    def render_chat(self, messages: Seq[ChatMessage]) -> str:
-        return self._template.render(messages)
+    def render_chat(self, messages: Seq[ChatMessage], tools: Seq[ToolFunction] = ()) -> str:
+        return self._template.render(messages, tools)
+
+    @property
+    def tool_call_format(self) -> ToolCallFormat:
+        return self._template.tool_format
 
     @property
     def vocab_size(self) -> int:

@@ -1,0 +1,68 @@
+"""One chat choice's output on its way to the client: content, and the tool calls in it.
+
+With tools offered, a local model's calls are written in its text (`tokenmill.tools` parses them);
+an upstream API sends them ready-made, as deltas. Either way they leave here as OpenAI's tool-call
+deltas, numbered per choice, and the non-streamed body is assembled from the very same deltas, so a
+streamed answer and a whole one carry identical calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from tokenmill.generation import FinishReason, ToolCall, ToolCallDelta
+from tokenmill.tools import ToolCallParser
+
+Piece = str | ToolCallDelta
+
+
+class ChoiceText:
+    def __init__(self, parser: Callable[[], ToolCallParser] | None = None):
+        self._parser = parser() if parser is not None else None
+        self._calls = 0
+
+    def feed(self, text: str, upstream_calls: Sequence[ToolCallDelta] = ()) -> list[Piece]:
+        pieces: list[Piece] = []
+        if self._parser is None:
+            if text:
+                pieces.append(text)
+        else:
+            pieces.extend(self._numbered(self._parser.feed(text)))
+        for delta in upstream_calls:
+            self._calls = max(self._calls, delta.index + 1)
+            pieces.append(delta)
+        return pieces
+
+    def finish(self) -> list[Piece]:
+        return [] if self._parser is None else self._numbered(self._parser.finish())
+
+    def finish_reason(self, reason: FinishReason) -> FinishReason:
+        return "tool_calls" if self._calls and reason == "stop" else reason
+
+    def _numbered(self, parsed: Sequence[str | ToolCall]) -> list[Piece]:
+        pieces: list[Piece] = []
+        for item in parsed:
+            if isinstance(item, str):
+                pieces.append(item)
+            else:
+                pieces.append(ToolCallDelta(self._calls, item.arguments, item.id, item.name))
+                self._calls += 1
+        return pieces
+
+
+def whole(pieces: Sequence[Piece]) -> tuple[str, list[ToolCall]]:
+    """A finished choice's content, and its calls assembled from their deltas."""
+    content = "".join(piece for piece in pieces if isinstance(piece, str))
+    calls: dict[int, list[ToolCallDelta]] = {}
+    for piece in pieces:
+        if isinstance(piece, ToolCallDelta):
+            calls.setdefault(piece.index, []).append(piece)
+    assembled = [
+        ToolCall(
+            id=next((d.id for d in parts if d.id), ""),
+            name=next((d.name for d in parts if d.name), ""),
+            arguments="".join(d.arguments for d in parts),
+        )
+        for _, parts in sorted(calls.items())
+    ]
+    return content, assembled
