@@ -63,6 +63,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="constrain every answer to a JSON schema (response_format json_schema): the structured-output workload",
     )
+    parser.add_argument(
+        "--tools",
+        choices=["auto", "required"],
+        default=None,
+        help="offer a tool with this tool_choice: 'required' forces a call (constrained decoding), 'auto' is the "
+        "same prompt unconstrained; the tools workload",
+    )
     parser.add_argument("--slo-ttft", type=float, default=None, help="goodput SLO: time to first token, seconds")
     parser.add_argument("--slo-itl", type=float, default=None, help="goodput SLO: p99 inter-token gap, seconds")
     parser.add_argument(
@@ -97,7 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     open_loop_rates = [float(r) for r in args.rate.split(",")] if args.rate else None
     levels = open_loop_rates or [int(c) for c in (args.concurrency or "1,8,32").split(",")]
-    workload = Workload.from_spec(args.max_tokens, json=args.json)
+    workload = Workload.from_spec(args.max_tokens, json=args.json, tools=args.tools)
     rows: list[dict] = []
     latencies: dict[str, list[float]] = {}
     if args.url:

@@ -38,7 +38,8 @@ async def stream_one(client: httpx.AsyncClient, body: dict, run_started: float) 
                 if chunk.get("usage"):
                     record.output_tokens = chunk["usage"]["completion_tokens"]
                 choices = chunk.get("choices") or []
-                if choices and choices[0].get("delta", {}).get("content"):
+                delta = choices[0].get("delta", {}) if choices else {}
+                if delta.get("content") or delta.get("tool_calls"):
                     now = time.perf_counter()
                     if last is None:
                         record.ttft = now - started

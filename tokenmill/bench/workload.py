@@ -18,6 +18,25 @@ ANSWER_SCHEMA = {
     "additionalProperties": False,
 }
 
+# `--tools`: every request offers this tool. Its free-text argument is long, so that a forced call
+# runs to max_tokens as an unforced answer (ignore_eos) does, and the two compare on equal lengths.
+NOTE_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "save_note",
+        "description": "Save a note that answers the user's request.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "title": {"type": "string", "maxLength": 40},
+                "text": {"type": "string", "maxLength": 4000},
+            },
+            "required": ["title", "text"],
+            "additionalProperties": False,
+        },
+    },
+}
+
 # Shipped with the package so every run, on every machine, sends the same requests.
 PROMPTS = (
     "Explain how a lighthouse works.",
@@ -47,6 +66,7 @@ class Workload:
     temperature: float = 0.7
     seed: int = 1234
     json: bool = False  # constrain every answer to ANSWER_SCHEMA (ignore_eos cannot apply then)
+    tools: str | None = None  # offer NOTE_TOOL with this tool_choice: "auto" (free) or "required" (forced)
 
     @classmethod
     def from_spec(cls, length: str, **kwargs) -> Workload:
@@ -70,6 +90,12 @@ class Workload:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        if self.tools is not None:
+            body["tools"] = [NOTE_TOOL]
+            body["tool_choice"] = self.tools
+            body["parallel_tool_calls"] = False
+            if self.tools != "auto":  # a forced call is constrained decoding: it ends where its grammar does
+                body["ignore_eos"] = False
         if self.json:
             body["ignore_eos"] = False
             body["response_format"] = {
