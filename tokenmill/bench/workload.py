@@ -18,8 +18,9 @@ ANSWER_SCHEMA = {
     "additionalProperties": False,
 }
 
-# `--tools`: every request offers this tool. Its free-text argument is long, so that a forced call
-# runs to max_tokens as an unforced answer (ignore_eos) does, and the two compare on equal lengths.
+# `--tools`: every request offers this tool. Its free-text argument must be long (minLength), so
+# that a forced call runs to max_tokens as an unforced answer (ignore_eos) does, and the two compare
+# on equal lengths (a short call would leave prefill a larger share of the time, and look slower).
 NOTE_TOOL = {
     "type": "function",
     "function": {
@@ -29,7 +30,7 @@ NOTE_TOOL = {
             "type": "object",
             "properties": {
                 "title": {"type": "string", "maxLength": 40},
-                "text": {"type": "string", "maxLength": 4000},
+                "text": {"type": "string", "minLength": 2000, "maxLength": 4000},
             },
             "required": ["title", "text"],
             "additionalProperties": False,
