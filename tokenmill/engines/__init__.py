@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from tokenmill.config import Settings
 from tokenmill.cpus import available_cpus
 from tokenmill.engines.base import Chunk, StepEngine, Tokenizer
+from tokenmill.engines.embeddings import Embedder
 
 __all__ = [
     "Chunk",
+    "Embedder",
     "EngineSpec",
     "StepEngine",
     "Tokenizer",
+    "build_embedder",
     "build_engine",
     "build_tokenizer",
     "engine_spec",
@@ -187,6 +191,22 @@ def _construct(spec: EngineSpec) -> StepEngine:
             four_bit_rows=spec.torch_four_bit_rows,
         )
     raise ValueError(f"unknown engine {spec.engine!r}")
+
+
+def build_embedder(spec: EngineSpec) -> Embedder:
+    """The served model's embeddings (engines.embeddings): its own copy of the weights."""
+    if spec.engine == "simulated":
+        from tokenmill.engines.simulated import SimulatedEmbedder
+
+        return SimulatedEmbedder()
+    assert spec.model_path is not None
+    if spec.engine == "torch":
+        from tokenmill.engines.torchlm.embedder import TorchEmbedder
+
+        return TorchEmbedder(Path(spec.model_path), spec.context_window, spec.torch_dtype, spec.torch_device)
+    from tokenmill.engines.embeddings import LlamaCppEmbedder
+
+    return LlamaCppEmbedder(Path(spec.model_path), spec.context_window, spec.threads, spec.llama_extra_buffers)
 
 
 def served_model_name(settings: Settings) -> str:

@@ -31,6 +31,8 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
+
 from tokenmill.engines.base import Chunk, SampledLogprobs
 from tokenmill.engines.chat_template import written_out
 from tokenmill.engines.sequence import Sequence
@@ -259,3 +261,21 @@ class SimulatedEngine:
 
 def _stable_hash(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+class SimulatedEmbedder:
+    """Embeddings for the simulated engine: a fixed random vector per token id, mean-pooled, so
+    inputs that share words are near each other (enough to test the route, not to rank anything)."""
+
+    dimensions = 64
+
+    def embed(self, inputs: Seq[Seq[int]]) -> list[np.ndarray]:
+        from tokenmill.engines.embeddings import unit
+
+        return [
+            unit(np.mean([np.random.default_rng(token).standard_normal(self.dimensions) for token in tokens], axis=0))
+            for tokens in inputs
+        ]
+
+    def close(self) -> None:
+        pass

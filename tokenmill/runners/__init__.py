@@ -19,6 +19,10 @@ __all__ = ["RequestHandle", "RequestLimits", "Runner", "RunnerStats", "build_run
 def build_runner(settings: Settings) -> Runner:
     runner = _build(settings)
     runner.limits = RequestLimits(max_prompt_tokens=settings.max_prompt_tokens, max_tokens=settings.max_tokens_limit)
+    if settings.engine != "upstream":
+        from tokenmill.runners.embeddings import EmbeddingService
+
+        runner.embeddings = EmbeddingService(engine_spec(settings))
     return runner
 
 

@@ -12,12 +12,14 @@ import logging
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 from tokenmill.engines.base import Tokenizer
 from tokenmill.engines.sequence import Sequence, prepare_sequence
 from tokenmill.errors import EngineFailure, InvalidRequest, Overloaded, TokenmillError
 from tokenmill.generation import ChatMessage, Finished, GenerationRequest, TokenEvent
+from tokenmill.runners.embeddings import Embeddings, EmbeddingService
 from tokenmill.runners.restarts import RestartPolicy
 from tokenmill.tools import ToolCallFormat
 
@@ -147,6 +149,28 @@ class Runner(ABC):
         raise InvalidRequest("this server relays to an upstream API and has no tokenizer of its own")
 
     relays = False  # an upstream API gets the client's own request fields (GenerationRequest.relay)
+    embeddings: EmbeddingService | None = None  # set by build_runner for a local model
+
+    async def embed(self, inputs: Seq[str] | Seq[Seq[int]]) -> Embeddings:
+        """Unit vectors for texts (tokenized as prompts are) or token id lists, in order."""
+        if self.embeddings is None:
+            raise InvalidRequest("this server relays to an upstream API and serves no embeddings", param="input")
+        tokenizer = self.request_tokenizer()
+        token_lists = [tokenizer.encode(item) if isinstance(item, str) else list(item) for item in inputs]
+        window = tokenizer.context_window
+        for index, tokens in enumerate(token_lists):
+            if not tokens:
+                raise InvalidRequest(f"input {index} is empty", param="input")
+            if len(tokens) > window:
+                raise InvalidRequest(
+                    f"input {index} has {len(tokens)} tokens; this model embeds at most {window}", param="input"
+                )
+            if any(not 0 <= token < tokenizer.vocab_size for token in tokens):
+                raise InvalidRequest(
+                    f"input {index} holds a token id outside the vocabulary (0 to {tokenizer.vocab_size - 1})",
+                    param="input",
+                )
+        return await self.embeddings.embed(token_lists)
 
     def tool_call_format(self) -> ToolCallFormat | None:
         """How the served model writes tool calls; None where an upstream API parses its own."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import functools
 import math
 from collections.abc import Awaitable, Callable
@@ -11,7 +12,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.routing import APIRoute
 
-from tokenmill.errors import ModelNotFound
+from tokenmill.errors import InvalidRequest, ModelNotFound
 from tokenmill.generation import GenerationRequest
 from tokenmill.protocol import (
     ChatCompletion,
@@ -20,6 +21,10 @@ from tokenmill.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
+    EmbeddingData,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbeddingUsage,
     ErrorResponse,
     GenerateRequest,
     GenerateResponse,
@@ -112,6 +117,29 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 async def completions(body: CompletionRequest, request: Request):
     prompt = {"prompt": body.prompt_text()}
     return await _serve_choices(request, body, "cmpl", prompt, streams.completion_stream, streams.text_completion)
+
+
+@router.post("/v1/embeddings", response_model=EmbeddingResponse, responses=_ERRORS)
+async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingResponse:
+    serving = _serving(request)
+    model = _check_model(serving, body.model)
+    result = await serving.embed(body.inputs(), client_gone=_client_gone(request))
+    width = result.vectors[0].shape[0]
+    if body.dimensions is not None and body.dimensions != width:
+        raise InvalidRequest(
+            f"dimensions is not supported: this model's embeddings have {width} dimensions, and it is not "
+            "trained to give shortened ones",
+            param="dimensions",
+        )
+    if body.encoding_format == "base64":
+        data = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in result.vectors]
+    else:
+        data = [v.tolist() for v in result.vectors]
+    return EmbeddingResponse(
+        data=[EmbeddingData(index=i, embedding=vector) for i, vector in enumerate(data)],
+        model=model,
+        usage=EmbeddingUsage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens),
+    )
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)

@@ -14,12 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
 
 from tokenmill.errors import ClientGone, DeadlineExceeded, Overloaded
 from tokenmill.generation import Finished, GenerationRequest, TextDelta, TokenEvent
 from tokenmill.runners import RequestHandle, Runner
+from tokenmill.runners.embeddings import Embeddings
 from tokenmill.sampling import SamplingParams
 from tokenmill.server.admission import Admission, Ticket
 from tokenmill.server.deadlines import Deadlines, within_deadlines
@@ -88,6 +89,35 @@ class Serving:
                 self.metrics.rejections.labels(error.code or "overloaded").inc()
             raise
         return generations
+
+    async def embed(
+        self, inputs: Sequence[str] | Sequence[Sequence[int]], client_gone: Callable[[], Awaitable[None]] | None = None
+    ) -> Embeddings:
+        """Embeddings behind the same admission as generation (a batch holds one place while it is
+        computed), within the total timeout, counted as prompt tokens."""
+        arrived = time.monotonic()
+        try:
+            if self.admission.has_place(1) or client_gone is None:
+                ticket = await self.admission.acquire(1)
+            else:
+                ticket = await self._queue(client_gone, 1)
+        except Overloaded as error:
+            self.metrics.rejections.labels(error.code or "overloaded").inc()
+            raise
+        try:
+            left = self.deadlines.total_s - (time.monotonic() - arrived)
+            try:
+                async with asyncio.timeout(max(0.0, left)):
+                    result = await self.runner.embed(inputs)
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"the embeddings took longer than the {self.deadlines.total_s:g} s total timeout",
+                    code="request_timeout",
+                ) from None
+        finally:
+            ticket.release()
+        self.metrics.prompt_tokens.inc(result.prompt_tokens)
+        return result
 
     async def _queue(self, client_gone: Callable[[], Awaitable[None]], places: int) -> Ticket:
         waiting = asyncio.ensure_future(self.admission.acquire(places))

@@ -118,6 +118,33 @@ class LlamaModel:
         last = _rms_norm(x[inputs.sample_rows], self._final_norm, c.rms_norm_eps)
         return self._lm_head(last).float()
 
+    @torch.inference_mode()
+    def hidden_states(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Every token's final (normed) hidden state, for one whole sequence with no KV cache: the
+        embeddings pass (`torchlm.embedder`)."""
+        c = self.config
+        tokens = token_ids.shape[0]
+        x = self._embedding[token_ids]
+        positions = torch.arange(tokens, device=token_ids.device)
+        cos, sin = self._cos[positions][:, None, :], self._sin[positions][:, None, :]
+        q_size, heads = c.num_heads * c.head_dim, c.num_heads + c.num_kv_heads
+        for layer in self._layers:
+            qkv = layer.qkv(_rms_norm(x, layer.attn_norm, c.rms_norm_eps))
+            qk = _rotate(qkv[:, : q_size + c.kv_size].view(tokens, heads, c.head_dim), cos, sin)
+            q, k = qk[:, : c.num_heads], qk[:, c.num_heads :]
+            v = qkv[:, q_size + c.kv_size :].view(tokens, c.num_kv_heads, c.head_dim)
+            attended = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None],
+                k.transpose(0, 1)[None],
+                v.transpose(0, 1)[None],
+                is_causal=True,
+                enable_gqa=True,
+            )
+            x = x + layer.out(attended[0].transpose(0, 1).reshape(tokens, q_size))
+            gate, up = layer.gate_up(_rms_norm(x, layer.mlp_norm, c.rms_norm_eps)).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
+        return _rms_norm(x, self._final_norm, c.rms_norm_eps)
+
     def _attend(
         self, q: torch.Tensor, bias: torch.Tensor | None, inputs: StepInputs, keys: torch.Tensor, values: torch.Tensor
     ) -> torch.Tensor:
