@@ -78,6 +78,18 @@ class Settings(BaseSettings):
         512, ge=1, description="Batch mode: most tokens fed to the model in one step (prefill is chunked to fit)."
     )
 
+    prefix_cache: bool = Field(
+        True,
+        description="Keep recent prompts' KV cells and reuse them for requests that start the same way (a system "
+        "prompt, a conversation so far); --no-prefix-cache computes every prompt in full.",
+    )
+    prefix_cache_tokens: int | None = Field(
+        None,
+        ge=0,
+        description="KV cells the prefix cache may hold beside the running sequences' budget (--kv-tokens). "
+        "Default: one context window.",
+    )
+
     engine_process: bool = Field(
         True,
         description="Batch mode: run the engine (model, scheduler, KV cache) in a supervised child process, so a "
@@ -260,6 +272,12 @@ class Settings(BaseSettings):
         if self.engine == "upstream":
             return self.upstream_pool
         return self.max_batch if self.mode == "batch" else self.replicas
+
+    def prefix_cache_budget(self) -> int:
+        """The prefix cache's cells (0 when it is off)."""
+        if not self.prefix_cache:
+            return 0
+        return self.prefix_cache_tokens if self.prefix_cache_tokens is not None else self.context_window
 
     def queue_limit(self) -> int:
         return self.max_queue if self.max_queue is not None else max(8, 2 * self.capacity())

@@ -58,6 +58,7 @@ class EngineSpec:
     torch_dtype: str = "bfloat16"
     torch_device: str = "auto"
     torch_four_bit_rows: int = 4
+    prefix_cache_tokens: int = 0  # cells the prefix cache may hold beside the running sequences; 0: off
     simulated: SimulatedSpec | None = None
 
 
@@ -92,6 +93,7 @@ def engine_spec(settings: Settings) -> EngineSpec:
         torch_dtype=settings.torch_dtype,
         torch_device=settings.torch_device,
         torch_four_bit_rows=settings.torch_four_bit_rows,
+        prefix_cache_tokens=settings.prefix_cache_budget(),
         simulated=simulated,
     )
 
@@ -154,8 +156,6 @@ def _construct(spec: EngineSpec) -> StepEngine:
             fault_at_step=sim.fault_at_step,
         )
     assert spec.model_path is not None
-    from pathlib import Path
-
     if spec.engine == "llamacpp":
         from tokenmill.engines.llamacpp import LlamaCppEngine
 
@@ -164,17 +164,21 @@ def _construct(spec: EngineSpec) -> StepEngine:
                 Path(spec.model_path),
                 context_window=spec.context_window,
                 max_sequences=spec.max_sequences,
-                # Headroom over the scheduler's budget: the cells the prefix cache holds on its own
-                # (at most one prompt), and slack so a step never lacks free cells to place its tokens.
-                kv_tokens=spec.kv_tokens + spec.context_window + spec.max_step_tokens,
+                # slack over the scheduler's budget, so a step never lacks free cells to place its tokens
+                # (the engine adds the prefix cache's cells itself)
+                kv_tokens=spec.kv_tokens + spec.max_step_tokens,
                 threads=spec.threads,
                 max_step_tokens=spec.max_step_tokens,
+                prefix_cache=spec.prefix_cache_tokens > 0,
+                prefix_cache_tokens=spec.prefix_cache_tokens,
                 extra_buffers=spec.llama_extra_buffers,
             )
         return LlamaCppEngine(
             Path(spec.model_path),
             context_window=spec.context_window,
             threads=spec.threads,
+            prefix_cache=spec.prefix_cache_tokens > 0,
+            prefix_cache_tokens=spec.prefix_cache_tokens,
             extra_buffers=spec.llama_extra_buffers,
         )
     if spec.engine == "torch":
@@ -189,6 +193,7 @@ def _construct(spec: EngineSpec) -> StepEngine:
             dtype=spec.torch_dtype,
             device=spec.torch_device,
             four_bit_rows=spec.torch_four_bit_rows,
+            prefix_cache_tokens=spec.prefix_cache_tokens,
         )
     raise ValueError(f"unknown engine {spec.engine!r}")
 

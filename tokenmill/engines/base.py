@@ -16,6 +16,7 @@ from tokenmill.generation import ChatMessage, ToolFunction
 from tokenmill.tools import ToolCallFormat
 
 if TYPE_CHECKING:
+    from tokenmill.engines.prefix_cache import PrefixCacheStats
     from tokenmill.engines.sequence import Sequence
 
 
@@ -84,5 +85,8 @@ class StepEngine(Protocol):
 
     def remove_sequence(self, seq: Sequence) -> None:
         """Free everything `seq` held (its KV cells, its sampler). Safe to call twice."""
+
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        """What the prefix cache has served so far, and holds now (zeros for an engine without one)."""
 
     def close(self) -> None: ...

@@ -5,11 +5,14 @@ One context holds up to `max_sequences` sequences in a unified KV cache; each se
 `step()` packs every chunk into one `llama_batch` and runs one `llama_decode`; ctypes releases the
 GIL for the duration, so the event loop and other replicas keep running.
 
-Prefix cache: one extra sequence id holds the KV cells of the last prompt that finished prefill.
-A new sequence whose prompt starts the same way (a chat template, a system prompt, a conversation
-so far) shares those cells -- in a unified cache that is bookkeeping, not a copy -- and only
-prefills the rest. The cache is trimmed to what each newcomer shares, so the cells it holds on its
-own never exceed one prompt.
+Prefix cache: `CACHE_HOLDERS` extra sequence ids hold the KV cells of recent prompts, as the
+shared `PrefixIndex` directs (engines/prefix_cache.py). A new sequence whose prompt starts like a
+cached one (a chat template, a system prompt, a conversation so far) gets those cells -- in the
+unified cache `llama_memory_seq_cp` adds the sequence id to the cells, a reference, not a copy --
+and only prefills the rest. A prompt that finished prefill is copied the same way into a holder
+(a conversation's next turn grows its own entry). The cells the cache holds on its own are
+bounded by its budget, which the context is sized for on top of the running sequences' budget, so
+the cache never takes a cell a running sequence needs.
 
 Weights stay in plain CPU buffers unless `extra_buffers` opts in: llama.cpp's "extra buffer types"
 (AMX tiles, repacked layouts) are on by default in the library, and its AMX matmul segfaults at the
@@ -34,6 +37,7 @@ import numpy as np
 from tokenmill.engines import logprobs
 from tokenmill.engines.base import Chunk
 from tokenmill.engines.chat_template import ChatTemplate
+from tokenmill.engines.prefix_cache import PrefixCacheStats, PrefixIndex
 from tokenmill.engines.sequence import Sequence
 from tokenmill.engines.structured import Constrained
 from tokenmill.errors import EngineFailure
@@ -41,6 +45,8 @@ from tokenmill.generation import ChatMessage, ToolFunction
 from tokenmill.tools import ToolCallFormat
 
 log = logging.getLogger(__name__)
+
+CACHE_HOLDERS = 16  # cached prompts at most: the sequence ids kept for them
 _LLAMA_LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level: 2 info, 3 warn, 4 error
 
 
@@ -193,6 +199,7 @@ class LlamaCppEngine:
         threads: int | None = None,
         max_step_tokens: int = 512,
         prefix_cache: bool = True,
+        prefix_cache_tokens: int | None = None,
         extra_buffers: bool = False,
     ):
         threads = threads or os.cpu_count() or 1
@@ -201,10 +208,13 @@ class LlamaCppEngine:
         if not self._model:
             raise EngineFailure(f"llama.cpp could not load the model file {model_path}")
         window = min(context_window, _trained_context(self._model))
+        cache_budget = (prefix_cache_tokens if prefix_cache_tokens is not None else window) if prefix_cache else 0
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = kv_tokens or window
+        params.n_ctx = (kv_tokens or window) + cache_budget  # the cache's cells come on top of the sequences'
+
         params.n_batch = params.n_ubatch = max_step_tokens
-        params.n_seq_max = max_sequences + 1  # the last sequence id holds the prefix cache
+        holders = CACHE_HOLDERS if prefix_cache else 0
+        params.n_seq_max = max_sequences + holders  # the last sequence ids hold cached prompts
         params.n_threads = params.n_threads_batch = threads
         params.kv_unified = True  # one shared KV budget, however it is split between sequences
         params.no_perf = True
@@ -224,10 +234,9 @@ class LlamaCppEngine:
         self._samplers: dict[int, llama_cpp.llama_sampler_p] = {}
         self._threads = threads
         self._constrained: Constrained | None = None  # built with the first constrained sequence
-        self._prefix_cache = prefix_cache
-        self._cache_slot = max_sequences
-        self._cached: list[int] = []  # the tokens whose KV cells the cache slot holds, from position 0
-        self.prompt_tokens_reused = 0
+        self._prefix: PrefixIndex | None = None
+        if prefix_cache:
+            self._prefix = PrefixIndex(list(range(max_sequences, max_sequences + holders)), cache_budget)
 
     def add_sequence(self, seq: Sequence) -> None:
         if not self._free_slots:
@@ -238,26 +247,29 @@ class LlamaCppEngine:
             if self._constrained is None:
                 self._constrained = Constrained(self.tokenizer.structured_tokenizer(), self._n_vocab, self._threads)
             self._constrained.add(seq)
-        if self._prefix_cache and seq.num_computed == 0:
-            self._reuse_prefix(seq, slot)
+        if self._prefix is not None and seq.num_computed == 0:
+            self._reuse_prefix(self._prefix, seq, slot)
 
-    def _reuse_prefix(self, seq: Sequence, slot: int) -> None:
+    def _reuse_prefix(self, prefix: PrefixIndex, seq: Sequence, slot: int) -> None:
         prompt = seq.token_ids[: seq.num_prompt_tokens]
-        shared = _common_prefix_length(self._cached, prompt[:-1])  # keep one token to compute logits on
-        llama_cpp.llama_memory_seq_rm(self._memory, self._cache_slot, shared, -1)
-        del self._cached[shared:]
-        if shared:
-            llama_cpp.llama_memory_seq_cp(self._memory, self._cache_slot, slot, 0, shared)
+        entry, shared = prefix.longest_match(prompt[:-1])  # keep one token to compute logits on
+        prefix.count(len(prompt), shared)
+        if entry is not None and shared:
+            llama_cpp.llama_memory_seq_cp(self._memory, entry.holder, slot, 0, shared)
             seq.num_computed = seq.num_cached = shared
-            self.prompt_tokens_reused += shared
 
-    def _remember_prompt(self, seq: Sequence, slot: int) -> None:
-        """`seq` has just finished prefill: its prompt becomes the cached prefix."""
-        prompt = seq.token_ids[: seq.num_prompt_tokens]
-        keep = _common_prefix_length(self._cached, prompt)
-        llama_cpp.llama_memory_seq_rm(self._memory, self._cache_slot, keep, -1)
-        llama_cpp.llama_memory_seq_cp(self._memory, slot, self._cache_slot, keep, len(prompt))
-        self._cached = prompt
+    def _remember_prompt(self, prefix: PrefixIndex, seq: Sequence, slot: int) -> None:
+        """`seq` has just finished prefill: its prompt's cells go to the cache."""
+        store = prefix.store(seq.token_ids[: seq.num_prompt_tokens])
+        if store is None:
+            return
+        for holder in store.evicted:
+            llama_cpp.llama_memory_seq_rm(self._memory, holder, -1, -1)
+        llama_cpp.llama_memory_seq_rm(self._memory, store.holder, store.start, -1)
+        llama_cpp.llama_memory_seq_cp(self._memory, slot, store.holder, store.start, store.end)
+
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        return self._prefix.stats() if self._prefix is not None else PrefixCacheStats()
 
     def remove_sequence(self, seq: Sequence) -> None:
         slot = self._slots.pop(seq.seq_id, None)
@@ -287,10 +299,10 @@ class LlamaCppEngine:
         status = llama_cpp.llama_decode(self._ctx, batch)
         if status != 0:
             raise EngineFailure(f"llama_decode failed (status {status})")
-        if self._prefix_cache:
+        if self._prefix is not None:
             for chunk in chunks:
                 if chunk.completes_sequence_input and chunk.seq.num_generated == 0:
-                    self._remember_prompt(chunk.seq, self._slots[chunk.seq.seq_id])
+                    self._remember_prompt(self._prefix, chunk.seq, self._slots[chunk.seq.seq_id])
         sampled = [(chunk.seq, row) for chunk, row in zip(chunks, sample_rows, strict=True) if row is not None]
         # every constrained row of the step in one call (None: no row is constrained)
         masks = None if self._constrained is None else self._constrained.mask_rows([seq for seq, _ in sampled])
@@ -323,14 +335,6 @@ class LlamaCppEngine:
             llama_cpp.llama_free(self._ctx)
             llama_cpp.llama_model_free(self._model)
             self._ctx = self._model = None
-
-
-def _common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 def _sampler_chain(seq: Sequence, n_vocab: int, window: int) -> llama_cpp.llama_sampler_p:

@@ -35,6 +35,7 @@ import numpy as np
 
 from tokenmill.engines.base import Chunk, SampledLogprobs
 from tokenmill.engines.chat_template import written_out
+from tokenmill.engines.prefix_cache import PrefixCacheStats
 from tokenmill.engines.sequence import Sequence
 from tokenmill.generation import ChatMessage, ToolFunction
 from tokenmill.tools import FORMATS, ToolCallFormat
@@ -164,6 +165,9 @@ class _SimState:
 
 class SimulatedEngine:
     max_chunk_tokens = 512
+
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        return PrefixCacheStats()  # no prefix cache: every prompt is "computed"
 
     def __init__(
         self,

@@ -13,9 +13,10 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tokenmill.engines.base import Tokenizer
+from tokenmill.engines.prefix_cache import PrefixCacheStats
 from tokenmill.engines.sequence import Sequence, prepare_sequence
 from tokenmill.errors import EngineFailure, InvalidRequest, Overloaded, TokenmillError
 from tokenmill.generation import ChatMessage, Finished, GenerationRequest, TokenEvent
@@ -86,6 +87,7 @@ class RunnerStats:
     waiting: int  # submitted, not yet running (inside the runner)
     kv_tokens_used: int  # KV cache cells reserved (batch mode; 0 where not tracked)
     kv_tokens_capacity: int
+    prefix_cache: PrefixCacheStats = field(default_factory=PrefixCacheStats)  # zeros where out of reach
 
 
 class Runner(ABC):

@@ -13,6 +13,7 @@ import logging
 from abc import abstractmethod
 
 from tokenmill.engines.base import Tokenizer
+from tokenmill.engines.prefix_cache import PrefixCacheStats
 from tokenmill.engines.sequence import Sequence
 from tokenmill.errors import ContextLengthExceeded, EngineFailure
 from tokenmill.generation import GenerationRequest
@@ -31,7 +32,8 @@ class BatchFront(Runner):
         self.config = config
         self.policy = policy or RestartPolicy()
         self._handles: dict[int, RequestHandle] = {}  # event loop only
-        self._stats = CoreStats(0, 0, 0)
+        self._stats = CoreStats()
+        self._lost_prefix = PrefixCacheStats()  # what engines that have since failed had counted
         self._ready = False
         self._next_attempt_in = 1.0
 
@@ -67,6 +69,11 @@ class BatchFront(Runner):
             waiting=self._stats.waiting,
             kv_tokens_used=self._stats.kv_tokens_used,
             kv_tokens_capacity=self.config.kv_tokens,
+            prefix_cache=PrefixCacheStats(  # counters go on across engine restarts; the gauge is now
+                self._lost_prefix.queried_tokens + self._stats.prefix_cache.queried_tokens,
+                self._lost_prefix.hit_tokens + self._stats.prefix_cache.hit_tokens,
+                self._stats.prefix_cache.cached_tokens,
+            ),
         )
 
     async def submit(self, request: GenerationRequest) -> RequestHandle:
@@ -108,7 +115,8 @@ class BatchFront(Runner):
                 self._settled()
                 handle.fail(error)
         if seq_ids is None:
-            self._stats = CoreStats(0, 0, 0)
+            self._lost_prefix = self.stats().prefix_cache
+            self._stats = CoreStats()
 
     def _engine_lost(self, reason: str, error: EngineFailure, seq_ids: list[int] | None = None) -> float | None:
         """An engine has failed: end its requests, refuse new ones; the restart delay, or None to give up."""

@@ -12,9 +12,10 @@ starts a fresh engine, so nothing waits for events that will never come.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tokenmill.engines.base import StepEngine
+from tokenmill.engines.prefix_cache import PrefixCacheStats
 from tokenmill.engines.sequence import Sequence
 from tokenmill.generation import TokenEvent
 from tokenmill.runners.scheduler import Scheduler, SchedulerConfig
@@ -22,9 +23,10 @@ from tokenmill.runners.scheduler import Scheduler, SchedulerConfig
 
 @dataclass(frozen=True, slots=True)
 class CoreStats:
-    running: int
-    waiting: int
-    kv_tokens_used: int
+    running: int = 0
+    waiting: int = 0
+    kv_tokens_used: int = 0
+    prefix_cache: PrefixCacheStats = field(default_factory=PrefixCacheStats)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +71,9 @@ class EngineCore:
 
     def stats(self) -> CoreStats:
         scheduler = self.scheduler
-        return CoreStats(len(scheduler.running), len(scheduler.waiting), scheduler.kv_reserved)
+        return CoreStats(
+            len(scheduler.running), len(scheduler.waiting), scheduler.kv_reserved, self.engine.prefix_cache_stats()
+        )
 
     def step(self) -> StepReport:
         """One engine step over every running sequence. Raises if the engine or the bookkeeping fails."""

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from tokenmill.engines.base import StepEngine, Tokenizer
+from tokenmill.engines.prefix_cache import PrefixCacheStats
 from tokenmill.engines.replica import generate
 from tokenmill.engines.sequence import Sequence
 from tokenmill.generation import Finished, GenerationRequest
@@ -58,11 +59,17 @@ class ExecutorRunner(Runner):
 
     def stats(self) -> RunnerStats:
         running = min(self._in_flight, self._replicas)
+        caches = [engine.prefix_cache_stats() for engine in self._engines]
         return RunnerStats(
             running=running,
             waiting=self._in_flight - running,
             kv_tokens_used=0,
             kv_tokens_capacity=0,
+            prefix_cache=PrefixCacheStats(
+                sum(s.queried_tokens for s in caches),
+                sum(s.hit_tokens for s in caches),
+                sum(s.cached_tokens for s in caches),
+            ),
         )
 
     def request_tokenizer(self) -> Tokenizer:

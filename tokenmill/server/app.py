@@ -112,6 +112,21 @@ def _metrics_for(runner: Runner, admission: Admission, lifecycle: Lifecycle) -> 
     metrics.gauge(
         "tokenmill_kv_cache_capacity_tokens", "KV cache cells in the budget", lambda: runner.stats().kv_tokens_capacity
     )
+    metrics.counter(
+        "tokenmill_prefix_cache_queries_tokens",
+        "Prompt tokens looked up in the prefix cache",
+        lambda: runner.stats().prefix_cache.queried_tokens,
+    )
+    metrics.counter(
+        "tokenmill_prefix_cache_hit_tokens",
+        "Prompt tokens served from the prefix cache (not computed)",
+        lambda: runner.stats().prefix_cache.hit_tokens,
+    )
+    metrics.gauge(
+        "tokenmill_prefix_cache_used_tokens",
+        "KV cache cells the prefix cache holds now",
+        lambda: runner.stats().prefix_cache.cached_tokens,
+    )
     metrics.gauge("tokenmill_draining", "1 while the server drains for shutdown", lambda: float(lifecycle.draining))
     metrics.gauge("tokenmill_engine_ready", "1 while the model engine can take requests", lambda: float(runner.ready))
     metrics.labelled_counter(

@@ -62,12 +62,19 @@ class Metrics:
         """A counter kept elsewhere (a runner's own tally), read at each scrape."""
         self.registry.register(_CounterReader(name, help_text, label, read))
 
+    def counter(self, name: str, help_text: str, read: Callable[[], int]) -> None:
+        """An unlabelled counter kept elsewhere (an engine's tally), read at each scrape."""
+        self.registry.register(_CounterReader(name, help_text, None, lambda: {"": read()}))
+
 
 class _CounterReader(Collector):
-    def __init__(self, name: str, help_text: str, label: str, read: Callable[[], dict[str, int]]):
+    def __init__(self, name: str, help_text: str, label: str | None, read: Callable[[], dict[str, int]]):
         self._name, self._help, self._label, self._read = name, help_text, label, read
 
     def collect(self) -> Iterator[CounterMetricFamily]:
+        if self._label is None:
+            yield CounterMetricFamily(self._name, self._help, value=self._read()[""])
+            return
         family = CounterMetricFamily(self._name, self._help, labels=[self._label])
         for value, count in sorted(self._read().items()):
             family.add_metric([value], count)

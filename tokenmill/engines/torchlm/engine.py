@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from tokenmill.engines.base import Chunk
+from tokenmill.engines.prefix_cache import PrefixCacheStats, PrefixIndex
 from tokenmill.engines.sequence import Sequence
 from tokenmill.engines.structured import Constrained, structured_tokenizer
 from tokenmill.engines.torchlm.checkpoint import load_checkpoint
@@ -25,6 +26,8 @@ from tokenmill.engines.torchlm.sampler import BatchSampler
 from tokenmill.engines.torchlm.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
+
+CACHE_HOLDERS = 16  # cached prompts at most
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -47,6 +50,7 @@ class TorchEngine:
         dtype: str = "bfloat16",
         device: str = "auto",
         four_bit_rows: int = 4,
+        prefix_cache_tokens: int = 0,
     ):
         started = time.perf_counter()
         if threads:
@@ -63,6 +67,10 @@ class TorchEngine:
         self.sampler = BatchSampler(self.tokenizer.eog_ids, self.device)
         self.max_chunk_tokens = max_step_tokens
         self._constrained: Constrained | None = None
+        # the prefix cache: each cached prompt's cells in a tensor of its own, exactly its length,
+        # so the memory it holds follows its budget (engines/prefix_cache.py decides what to keep)
+        self._prefix = PrefixIndex(list(range(CACHE_HOLDERS)), prefix_cache_tokens) if prefix_cache_tokens else None
+        self._stored: dict[int, torch.Tensor] = {}
         log.info("torch engine ready on %s (%s) in %.1f s", self.device, dtype, time.perf_counter() - started)
 
     # Every method that touches the KV cache runs in inference mode: the cache grows inside step(),
@@ -71,6 +79,13 @@ class TorchEngine:
     def add_sequence(self, seq: Sequence) -> None:
         self.cache.add(seq.seq_id)
         self.sampler.add(seq.seq_id, seq.params)
+        if self._prefix is not None and seq.num_computed == 0:
+            prompt = seq.token_ids[: seq.num_prompt_tokens]
+            entry, shared = self._prefix.longest_match(prompt[:-1])  # keep one token to compute logits on
+            self._prefix.count(len(prompt), shared)
+            if entry is not None and shared:
+                self.cache.load(seq.seq_id, self._stored[entry.holder][:, :, :, :shared])
+                seq.num_computed = seq.num_cached = shared
         if seq.params.grammar is not None:
             if self._constrained is None:  # built with the first constrained sequence (~1 s)
                 tokenizer = structured_tokenizer(self.tokenizer)
@@ -94,12 +109,31 @@ class TorchEngine:
         self.cache.reserve(max(c.seq.num_computed + c.num_tokens for c in chunks))
         inputs, sampled_chunks = self._pack(ordered)
         logits = self.model.forward(inputs, self.cache)  # writes every token's KV even when nothing is sampled
+        if self._prefix is not None:
+            for chunk in chunks:
+                if chunk.completes_sequence_input and chunk.seq.num_generated == 0:
+                    self._remember_prompt(self._prefix, chunk.seq)
         if not sampled_chunks:
             return [None] * len(chunks)
         seqs = [chunk.seq for chunk in sampled_chunks]
         tokens = self.sampler.sample(logits, seqs, self._constrained)
         by_seq = {seq.seq_id: token for seq, token in zip(seqs, tokens, strict=True)}
         return [by_seq.get(c.seq.seq_id) if c.completes_sequence_input else None for c in chunks]
+
+    def _remember_prompt(self, prefix: PrefixIndex, seq: Sequence) -> None:
+        """`seq` has just finished prefill: a copy of its prompt's cells goes to the cache."""
+        store = prefix.store(seq.token_ids[: seq.num_prompt_tokens])
+        if store is None:
+            return
+        for holder in store.evicted:
+            del self._stored[holder]
+        cells = self.cache.read(seq.seq_id, store.start, store.end)
+        if store.start:  # a conversation's next turn: its entry grows
+            cells = torch.cat([self._stored[store.holder][:, :, :, : store.start], cells], dim=3)
+        self._stored[store.holder] = cells
+
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        return self._prefix.stats() if self._prefix is not None else PrefixCacheStats()
 
     def _pack(self, chunks: list[Chunk]) -> tuple[StepInputs, list[Chunk]]:
         token_ids: list[int] = []

@@ -77,6 +77,16 @@ class SlotKVCache:
         grown[:, :, : self.num_slots, :, old:].zero_()
         self._cells = grown
 
+    # -- a sequence's cells, whole (the prefix cache's copies in and out)
+    def read(self, seq_id: int, start: int, end: int) -> torch.Tensor:
+        """A copy of positions [start, end) of a sequence: [layers, 2, kv heads, end - start, head dim]."""
+        return self._cells[:, :, self._slot[seq_id], :, start:end].clone()
+
+    def load(self, seq_id: int, cells: torch.Tensor) -> None:
+        """Fill a sequence's positions from 0 with `cells` (as `read` gives them)."""
+        self.reserve(cells.shape[3])
+        self._cells[:, :, self._slot[seq_id], :, : cells.shape[3]] = cells
+
     # -- tensors
     def keys(self, layer: int) -> torch.Tensor:
         """[slots in use, kv heads, capacity, head dim], contiguous."""
