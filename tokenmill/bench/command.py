@@ -38,6 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     load = parser.add_mutually_exclusive_group()
     load.add_argument("--concurrency", default=None, help="closed loop: concurrency levels, comma-separated [1,8,32]")
+    load.add_argument(
+        "--conversations",
+        default=None,
+        metavar="NxK",
+        help="multi-turn: N conversations at once, K turns each, every turn resending the history; "
+        "TTFT and prefix-cache hit rate per turn (use --max-tokens for each answer's length)",
+    )
     load.add_argument("--rate", default=None, help="open loop: Poisson arrival rates in requests/s, comma-separated")
     parser.add_argument(
         "--requests", type=int, default=None, help="requests per level [closed: 4 x concurrency, at least 8]"
@@ -62,6 +69,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--json",
         action="store_true",
         help="constrain every answer to a JSON schema (response_format json_schema): the structured-output workload",
+    )
+    parser.add_argument(
+        "--think-time", type=float, default=0.5, help="--conversations: seconds between a reply and the next turn [0.5]"
+    )
+    parser.add_argument(
+        "--shared-prefix",
+        action="store_true",
+        help="--conversations: the same ~1,000-token system prompt (rules and tools) in front of every conversation",
     )
     parser.add_argument(
         "--tools",
@@ -102,6 +117,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.conversations:
+        return _run_conversations(args)
     open_loop_rates = [float(r) for r in args.rate.split(",")] if args.rate else None
     levels = open_loop_rates or [int(c) for c in (args.concurrency or "1,8,32").split(",")]
     workload = Workload.from_spec(args.max_tokens, json=args.json, tools=args.tools)
@@ -137,6 +154,43 @@ def run(args: argparse.Namespace) -> int:
         from tokenmill.bench.plots import plot_all
 
         plot_all(rows, latencies, args.out)
+        print(f"wrote results to {args.out}/")
+    return 0
+
+
+def _run_conversations(args: argparse.Namespace) -> int:
+    from tokenmill.bench import conversations
+
+    spec = conversations.Conversations.from_spec(
+        args.conversations,
+        max_tokens=int(args.max_tokens.partition(":")[0]),
+        think_time=args.think_time,
+        shared_prefix=args.shared_prefix,
+    )
+
+    async def measure(url: str, label: str) -> list[dict]:
+        model = await served_model(url)
+        records, seconds = await conversations.run_conversations(url, model, spec)
+        return conversations.per_turn_rows(label, records, seconds)
+
+    rows: list[dict] = []
+    if args.url:
+        rows += asyncio.run(measure(args.url, args.url))
+    else:
+        for entry in args.modes.split(","):
+            for extra in args.serve_args or [""]:
+                engine, _, mode = entry.rpartition(":")
+                flags = ["--mode", mode, *(["--engine", engine] if engine else []), *shlex.split(extra)]
+                with SpawnedServer(flags, cpus=_cpu_list(args.server_cpus)) as server:
+                    measured = asyncio.run(measure(server.url, f"{entry} {extra}".strip()))
+                    measured[-1]["peak_rss_mb"] = server.peak_rss_mb()
+                    rows += measured
+                    print(conversations.table(measured), flush=True)
+    print(conversations.table(rows))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "conversations.md").write_text(conversations.table(rows) + "\n")
+        (args.out / "conversations.json").write_text(json.dumps(rows, indent=2))
         print(f"wrote results to {args.out}/")
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Any
 
 # `--json`: every answer constrained to this schema (a long free-text field, so that answers run
 # to max_tokens as the unconstrained ones do, and the two are compared on equal lengths)
@@ -21,7 +22,7 @@ ANSWER_SCHEMA = {
 # `--tools`: every request offers this tool. Its free-text argument must be long (minLength), so
 # that a forced call runs to max_tokens as an unforced answer (ignore_eos) does, and the two compare
 # on equal lengths (a short call would leave prefill a larger share of the time, and look slower).
-NOTE_TOOL = {
+NOTE_TOOL: dict[str, Any] = {
     "type": "function",
     "function": {
         "name": "save_note",

@@ -1,0 +1,192 @@
+"""Multi-turn workloads: the traffic a prefix cache is for.
+
+`--conversations 8x6`: 8 conversations run at once, 6 turns each. Every turn resends the whole
+history plus a new user message, as chat apps and agents do, then waits a think time before the
+next. `--shared-prefix` puts the same long system prompt (about 1,000 tokens: instructions and a
+tool list, written out as agents do) in front of every conversation, with short questions.
+Seeded: the same run sends the same messages. Greedy answers, `ignore_eos` to a fixed length, so
+runs with the cache on and off do the same work.
+
+Reported per turn index: TTFT p50/p99 and the share of prompt tokens served from the prefix cache
+(`usage.prompt_tokens_details.cached_tokens`); overall: output tokens/s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from tokenmill.bench.stats import percentile
+from tokenmill.bench.workload import NOTE_TOOL, PROMPTS
+from tokenmill.client.streaming import sse_event
+
+FOLLOW_UPS = (
+    "Can you say more about that?",
+    "Give me one concrete example.",
+    "What is the most common mistake here?",
+    "Summarise that in one sentence.",
+    "How would you explain it to a child?",
+    "What should I read next about it?",
+    "Is there a simpler way?",
+    "What are the risks?",
+)
+
+
+def shared_system_prompt() -> str:
+    """About 1,000 tokens of instructions and tools, the same for every conversation."""
+    rules = "\n".join(
+        f"- Rule {i + 1}: when asked '{prompt}', answer briefly and cite no sources."
+        for i, prompt in enumerate(PROMPTS * 2)
+    )
+    function = NOTE_TOOL["function"]
+    tools = "\n".join(json.dumps({**function, "name": f"tool_{i}"}) for i in range(2))
+    return f"You are the assistant of a help desk. Follow these rules.\n{rules}\nYou may use these tools:\n{tools}"
+
+
+@dataclass(frozen=True)
+class Conversations:
+    count: int = 8
+    turns: int = 6
+    max_tokens: int = 32
+    think_time: float = 0.5  # seconds between a reply and the next question (drawn 0.5x-1.5x)
+    shared_prefix: bool = False
+    seed: int = 1234
+
+    @classmethod
+    def from_spec(cls, spec: str, **kwargs) -> Conversations:
+        """'8x6' = 8 conversations of 6 turns."""
+        count, _, turns = spec.lower().partition("x")
+        return cls(count=int(count), turns=int(turns or 6), **kwargs)
+
+    def opening(self, conversation: int) -> list[dict]:
+        rng = random.Random(self.seed * 7919 + conversation)
+        system = shared_system_prompt() if self.shared_prefix else "You are a helpful assistant."
+        return [{"role": "system", "content": system}, {"role": "user", "content": rng.choice(PROMPTS)}]
+
+    def follow_up(self, conversation: int, turn: int) -> str:
+        return random.Random(self.seed * 104729 + conversation * 131 + turn).choice(FOLLOW_UPS)
+
+
+@dataclass
+class TurnRecord:
+    conversation: int
+    turn: int
+    ttft: float | None = None
+    output_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    error: str | None = None
+
+
+async def _turn(client: httpx.AsyncClient, body: dict, record: TurnRecord) -> str:
+    started = time.perf_counter()
+    parts: list[str] = []
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            record.error = f"HTTP {response.status_code}"
+            return ""
+        async for line in response.aiter_lines():
+            chunk = sse_event(line)
+            if not isinstance(chunk, dict):
+                continue
+            if "error" in chunk:
+                record.error = str(chunk["error"].get("message"))
+                return ""
+            usage = chunk.get("usage")
+            if usage:
+                record.output_tokens = usage["completion_tokens"]
+                record.prompt_tokens = usage["prompt_tokens"]
+                record.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+            for choice in chunk.get("choices") or []:
+                text = (choice.get("delta") or {}).get("content")
+                if text:
+                    if record.ttft is None:
+                        record.ttft = time.perf_counter() - started
+                    parts.append(text)
+    return "".join(parts)
+
+
+async def run_conversations(url: str, model: str, spec: Conversations) -> tuple[list[TurnRecord], float]:
+    records: list[TurnRecord] = []
+    limits = httpx.Limits(max_connections=spec.count + 4)
+    timeout = httpx.Timeout(connect=10, read=300, write=30, pool=300)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as client:
+
+        async def conversation(number: int) -> None:
+            rng = random.Random(spec.seed + number)
+            messages = spec.opening(number)
+            for turn in range(spec.turns):
+                if turn:
+                    messages.append({"role": "user", "content": spec.follow_up(number, turn)})
+                record = TurnRecord(number, turn)
+                records.append(record)
+                body = {
+                    "model": model,
+                    "messages": messages,
+                    "max_tokens": spec.max_tokens,
+                    "ignore_eos": True,
+                    "temperature": 0,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                }
+                try:
+                    answer = await _turn(client, body, record)
+                except httpx.HTTPError as error:
+                    record.error = repr(error)
+                    return
+                if record.error:
+                    return
+                messages.append({"role": "assistant", "content": answer})
+                await asyncio.sleep(spec.think_time * rng.uniform(0.5, 1.5))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(conversation(i) for i in range(spec.count)))
+        return records, time.perf_counter() - started
+
+
+def per_turn_rows(label: str, records: list[TurnRecord], seconds: float) -> list[dict]:
+    """One row per turn index, then an 'all' row with throughput and the overall hit rate."""
+    rows = []
+    for turn in sorted({r.turn for r in records}):
+        done = [r for r in records if r.turn == turn and r.error is None and r.ttft is not None]
+        ttfts = sorted(r.ttft for r in done if r.ttft is not None)
+        rows.append(_row(label, str(turn + 1), done, ttfts, len([r for r in records if r.turn == turn])))
+    done = [r for r in records if r.error is None and r.ttft is not None]
+    total = _row(label, "all", done, sorted(r.ttft for r in done if r.ttft is not None), len(records))
+    total["output_tok_s"] = sum(r.output_tokens for r in done) / seconds if seconds else 0.0
+    rows.append(total)
+    return rows
+
+
+def _row(label: str, turn: str, done: list[TurnRecord], ttfts: list[float], sent: int) -> dict:
+    prompt = sum(r.prompt_tokens for r in done)
+    return {
+        "target": label,
+        "turn": turn,
+        "ok": len(done),
+        "errors": sent - len(done),
+        "ttft_p50_ms": 1000 * percentile(ttfts, 50) if ttfts else None,
+        "ttft_p99_ms": 1000 * percentile(ttfts, 99) if ttfts else None,
+        "prompt_tokens_mean": prompt / len(done) if done else 0,
+        "cache_hit_rate": sum(r.cached_tokens for r in done) / prompt if prompt else 0.0,
+    }
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| target | turn | ok | errors | TTFT p50 ms | TTFT p99 ms | prompt tokens | cache hit rate | output tok/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        fmt = lambda v: "" if v is None else f"{v:.0f}"
+        tok_s = f"{r['output_tok_s']:.1f}" if "output_tok_s" in r else ""
+        lines.append(
+            f"| {r['target']} | {r['turn']} | {r['ok']} | {r['errors']} | {fmt(r['ttft_p50_ms'])} | "
+            f"{fmt(r['ttft_p99_ms'])} | {r['prompt_tokens_mean']:.0f} | {r['cache_hit_rate']:.0%} | {tok_s} |"
+        )
+    return "\n".join(lines)
