@@ -126,10 +126,19 @@ async def test_cached_tokens_count_the_shared_prompt_start(sdk, server):
     again = await sdk.chat.completions.create(model=model, messages=MESSAGES, max_tokens=4, temperature=0)
     cached = again.usage.prompt_tokens_details.cached_tokens
     assert first.usage.prompt_tokens == again.usage.prompt_tokens
-    if server.engine == "llamacpp":  # its prefix cache holds the last prompt: all but its last token
-        assert cached == again.usage.prompt_tokens - 1
-    else:  # the torch engine has no prefix cache yet (issue 17): it says so by reporting 0
-        assert cached == 0
+    assert cached == again.usage.prompt_tokens - 1  # all but the last token, computed for its logits
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        metrics = (await http.get("/metrics")).text
+    counters = {
+        line.split()[0]: float(line.split()[1])
+        for line in metrics.splitlines()
+        if line.startswith("tokenmill_prefix_cache_")
+    }
+    assert counters["tokenmill_prefix_cache_hit_tokens_total"] >= cached
+    assert (
+        counters["tokenmill_prefix_cache_queries_tokens_total"] >= counters["tokenmill_prefix_cache_hit_tokens_total"]
+    )
+    assert counters["tokenmill_prefix_cache_used_tokens"] > 0
 
 
 class Colour(enum.Enum):
