@@ -105,7 +105,7 @@ def test_mixed_traffic_leaves_no_cell_behind(kind):
             import llama_cpp
 
             memory = llama_cpp.llama_get_memory(engine._ctx)
-            end = lambda seq_id: llama_cpp.llama_memory_seq_pos_max(memory, seq_id) + 1  # noqa: E731
+            end = lambda seq_id: llama_cpp.llama_memory_seq_pos_max(memory, seq_id) + 1
             assert [s for s in range(8) if end(s)] == []  # no slot keeps a cell
             index = engine._prefix
             assert [h for h in index.holders if end(h)] == []  # a dropped entry keeps none either
