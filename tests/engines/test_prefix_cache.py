@@ -58,3 +58,12 @@ def test_the_budget_holds_under_many_stores():
         cache.store([i % 13] * (1 + i % 9) + [i])
         assert cache.cached_tokens <= 50
         assert len(cache.entries) + len(cache.holders) == 8  # no holder leaks
+
+
+def test_reuse_leaves_the_last_prompt_token_to_compute_and_counts():
+    cache = index()
+    cache.store([1, 2, 3, 4])
+    assert cache.reuse([1, 2, 3, 4]) == (cache.entries[0].holder, 3)  # the last token's logits are needed
+    assert cache.reuse([9, 9]) is None
+    stats = cache.stats()
+    assert (stats.queried_tokens, stats.hit_tokens, stats.cached_tokens) == (6, 3, 4)

@@ -8,6 +8,7 @@ import json
 import shlex
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -124,20 +125,13 @@ def run(args: argparse.Namespace) -> int:
     workload = Workload.from_spec(args.max_tokens, json=args.json, tools=args.tools)
     rows: list[dict] = []
     latencies: dict[str, list[float]] = {}
-    if args.url:
-        rows += asyncio.run(_sweep(args.url, args.url, levels, workload, args, latencies))
-    else:
-        variants = [(entry, extra) for entry in args.modes.split(",") for extra in args.serve_args or [""]]
-        for entry, extra in variants:
-            engine, _, mode = entry.rpartition(":")
-            flags = ["--mode", mode, *(["--engine", engine] if engine else []), *shlex.split(extra)]
-            with SpawnedServer(flags, cpus=_cpu_list(args.server_cpus)) as server:
-                label = f"{entry} {extra}".strip()
-                for row in asyncio.run(_sweep(server.url, label, levels, workload, args, latencies)):
-                    row["peak_rss_mb"] = server.peak_rss_mb()
-                    row["startup_s"] = server.startup_s
-                    rows.append(row)
-                    print(report.table([row]).splitlines()[-1], flush=True)
+    for url, label, server in _targets(args):
+        for row in asyncio.run(_sweep(url, label, levels, workload, args, latencies)):
+            if server is not None:
+                row["peak_rss_mb"] = server.peak_rss_mb()
+                row["startup_s"] = server.startup_s
+                print(report.table([row]).splitlines()[-1], flush=True)
+            rows.append(row)
     print(report.table(rows))
     ratios = None
     if args.baselines and not open_loop_rates:
@@ -174,18 +168,12 @@ def _run_conversations(args: argparse.Namespace) -> int:
         return conversations.per_turn_rows(label, records, seconds)
 
     rows: list[dict] = []
-    if args.url:
-        rows += asyncio.run(measure(args.url, args.url))
-    else:
-        for entry in args.modes.split(","):
-            for extra in args.serve_args or [""]:
-                engine, _, mode = entry.rpartition(":")
-                flags = ["--mode", mode, *(["--engine", engine] if engine else []), *shlex.split(extra)]
-                with SpawnedServer(flags, cpus=_cpu_list(args.server_cpus)) as server:
-                    measured = asyncio.run(measure(server.url, f"{entry} {extra}".strip()))
-                    measured[-1]["peak_rss_mb"] = server.peak_rss_mb()
-                    rows += measured
-                    print(conversations.table(measured), flush=True)
+    for url, label, server in _targets(args):
+        measured = asyncio.run(measure(url, label))
+        if server is not None:
+            measured[-1]["peak_rss_mb"] = server.peak_rss_mb()
+            print(conversations.table(measured), flush=True)
+        rows += measured
     print(conversations.table(rows))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -193,6 +181,20 @@ def _run_conversations(args: argparse.Namespace) -> int:
         (args.out / "conversations.json").write_text(json.dumps(rows, indent=2))
         print(f"wrote results to {args.out}/")
     return 0
+
+
+def _targets(args: argparse.Namespace) -> Iterator[tuple[str, str, SpawnedServer | None]]:
+    """(url, label, server) for each server to measure: --url as given, or one tokenmill spawned per
+    --modes entry and --serve-args variant, stopped when the caller moves on to the next."""
+    if args.url:
+        yield args.url, args.url, None
+        return
+    for entry in args.modes.split(","):
+        for extra in args.serve_args or [""]:
+            engine, _, mode = entry.rpartition(":")
+            flags = ["--mode", mode, *(["--engine", engine] if engine else []), *shlex.split(extra)]
+            with SpawnedServer(flags, cpus=_cpu_list(args.server_cpus)) as server:
+                yield server.url, f"{entry} {extra}".strip(), server
 
 
 async def _sweep(

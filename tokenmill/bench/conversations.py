@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import httpx
 
+from tokenmill.bench.loadgen import stream_one
 from tokenmill.bench.stats import percentile
 from tokenmill.bench.workload import NOTE_TOOL, PROMPTS
-from tokenmill.client.streaming import sse_event
 
 FOLLOW_UPS = (
     "Can you say more about that?",
@@ -83,34 +83,6 @@ class TurnRecord:
     error: str | None = None
 
 
-async def _turn(client: httpx.AsyncClient, body: dict, record: TurnRecord) -> str:
-    started = time.perf_counter()
-    parts: list[str] = []
-    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
-        if response.status_code != 200:
-            record.error = f"HTTP {response.status_code}"
-            return ""
-        async for line in response.aiter_lines():
-            chunk = sse_event(line)
-            if not isinstance(chunk, dict):
-                continue
-            if "error" in chunk:
-                record.error = str(chunk["error"].get("message"))
-                return ""
-            usage = chunk.get("usage")
-            if usage:
-                record.output_tokens = usage["completion_tokens"]
-                record.prompt_tokens = usage["prompt_tokens"]
-                record.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
-            for choice in chunk.get("choices") or []:
-                text = (choice.get("delta") or {}).get("content")
-                if text:
-                    if record.ttft is None:
-                        record.ttft = time.perf_counter() - started
-                    parts.append(text)
-    return "".join(parts)
-
-
 async def run_conversations(url: str, model: str, spec: Conversations) -> tuple[list[TurnRecord], float]:
     records: list[TurnRecord] = []
     limits = httpx.Limits(max_connections=spec.count + 4)
@@ -123,8 +95,6 @@ async def run_conversations(url: str, model: str, spec: Conversations) -> tuple[
             for turn in range(spec.turns):
                 if turn:
                     messages.append({"role": "user", "content": spec.follow_up(number, turn)})
-                record = TurnRecord(number, turn)
-                records.append(record)
                 body = {
                     "model": model,
                     "messages": messages,
@@ -134,14 +104,23 @@ async def run_conversations(url: str, model: str, spec: Conversations) -> tuple[
                     "stream": True,
                     "stream_options": {"include_usage": True},
                 }
-                try:
-                    answer = await _turn(client, body, record)
-                except httpx.HTTPError as error:
-                    record.error = repr(error)
+                answer: list[str] = []
+                record = await stream_one(client, body, started, answer)
+                error = None if record.status == "ok" else (record.error or record.status)
+                records.append(
+                    TurnRecord(
+                        number,
+                        turn,
+                        record.ttft,
+                        record.output_tokens,
+                        record.prompt_tokens,
+                        record.cached_tokens,
+                        error,
+                    )
+                )
+                if error is not None:
                     return
-                if record.error:
-                    return
-                messages.append({"role": "assistant", "content": answer})
+                messages.append({"role": "assistant", "content": "".join(answer)})
                 await asyncio.sleep(spec.think_time * rng.uniform(0.5, 1.5))
 
         started = time.perf_counter()

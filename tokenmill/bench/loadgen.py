@@ -15,7 +15,10 @@ from tokenmill.bench.workload import Workload
 from tokenmill.client.streaming import sse_event
 
 
-async def stream_one(client: httpx.AsyncClient, body: dict, run_started: float) -> RequestRecord:
+async def stream_one(
+    client: httpx.AsyncClient, body: dict, run_started: float, text: list[str] | None = None
+) -> RequestRecord:
+    """Stream one chat completion and time it; `text`, if given, collects the answer's content."""
     started = time.perf_counter()
     record = RequestRecord(started=started - run_started)
     last = None
@@ -35,10 +38,15 @@ async def stream_one(client: httpx.AsyncClient, body: dict, run_started: float) 
                 if "error" in chunk:
                     record.error = str(chunk["error"].get("message"))
                     return record
-                if chunk.get("usage"):
-                    record.output_tokens = chunk["usage"]["completion_tokens"]
+                usage = chunk.get("usage")
+                if usage:
+                    record.output_tokens = usage["completion_tokens"]
+                    record.prompt_tokens = usage["prompt_tokens"]
+                    record.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
                 choices = chunk.get("choices") or []
                 delta = choices[0].get("delta", {}) if choices else {}
+                if text is not None and delta.get("content"):
+                    text.append(delta["content"])
                 if delta.get("content") or delta.get("tool_calls"):
                     now = time.perf_counter()
                     if last is None:

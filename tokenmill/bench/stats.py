@@ -17,6 +17,8 @@ class RequestRecord:
     gaps: list[float] = field(default_factory=list)  # seconds between consecutive tokens
     latency: float | None = None  # seconds to the end of the stream
     output_tokens: int = 0
+    prompt_tokens: int = 0  # as the server's usage reports them
+    cached_tokens: int = 0  # of those, served from its prefix cache
     error: str | None = None
 
 

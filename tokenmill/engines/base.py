@@ -57,6 +57,11 @@ class Chunk:
     def completes_sequence_input(self) -> bool:
         return self.num_tokens == self.seq.num_pending
 
+    @property
+    def completes_prompt(self) -> bool:
+        """This chunk ends the prompt's prefill (the prefix cache stores the prompt then)."""
+        return self.completes_sequence_input and self.seq.num_generated == 0
+
 
 @dataclass(frozen=True, slots=True)
 class SampledLogprobs:

@@ -5,7 +5,7 @@ One context holds up to `max_sequences` sequences in a unified KV cache; each se
 `step()` packs every chunk into one `llama_batch` and runs one `llama_decode`; ctypes releases the
 GIL for the duration, so the event loop and other replicas keep running.
 
-Prefix cache: `CACHE_HOLDERS` extra sequence ids hold the KV cells of recent prompts, as the
+Prefix cache: `prefix_cache.HOLDERS` extra sequence ids hold the KV cells of recent prompts, as the
 shared `PrefixIndex` directs (engines/prefix_cache.py). A new sequence whose prompt starts like a
 cached one (a chat template, a system prompt, a conversation so far) gets those cells -- in the
 unified cache `llama_memory_seq_cp` adds the sequence id to the cells, a reference, not a copy --
@@ -37,7 +37,7 @@ import numpy as np
 from tokenmill.engines import logprobs
 from tokenmill.engines.base import Chunk
 from tokenmill.engines.chat_template import ChatTemplate
-from tokenmill.engines.prefix_cache import PrefixCacheStats, PrefixIndex
+from tokenmill.engines.prefix_cache import HOLDERS, PrefixCacheStats, PrefixIndex
 from tokenmill.engines.sequence import Sequence
 from tokenmill.engines.structured import Constrained
 from tokenmill.errors import EngineFailure
@@ -45,8 +45,6 @@ from tokenmill.generation import ChatMessage, ToolFunction
 from tokenmill.tools import ToolCallFormat
 
 log = logging.getLogger(__name__)
-
-CACHE_HOLDERS = 16  # cached prompts at most: the sequence ids kept for them
 _LLAMA_LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level: 2 info, 3 warn, 4 error
 
 
@@ -211,9 +209,8 @@ class LlamaCppEngine:
         cache_budget = (prefix_cache_tokens if prefix_cache_tokens is not None else window) if prefix_cache else 0
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = (kv_tokens or window) + cache_budget  # the cache's cells come on top of the sequences'
-
         params.n_batch = params.n_ubatch = max_step_tokens
-        holders = CACHE_HOLDERS if prefix_cache else 0
+        holders = HOLDERS if prefix_cache else 0
         params.n_seq_max = max_sequences + holders  # the last sequence ids hold cached prompts
         params.n_threads = params.n_threads_batch = threads
         params.kv_unified = True  # one shared KV budget, however it is split between sequences
@@ -251,11 +248,10 @@ class LlamaCppEngine:
             self._reuse_prefix(self._prefix, seq, slot)
 
     def _reuse_prefix(self, prefix: PrefixIndex, seq: Sequence, slot: int) -> None:
-        prompt = seq.token_ids[: seq.num_prompt_tokens]
-        entry, shared = prefix.longest_match(prompt[:-1])  # keep one token to compute logits on
-        prefix.count(len(prompt), shared)
-        if entry is not None and shared:
-            llama_cpp.llama_memory_seq_cp(self._memory, entry.holder, slot, 0, shared)
+        found = prefix.reuse(seq.token_ids[: seq.num_prompt_tokens])
+        if found is not None:
+            holder, shared = found
+            llama_cpp.llama_memory_seq_cp(self._memory, holder, slot, 0, shared)
             seq.num_computed = seq.num_cached = shared
 
     def _remember_prompt(self, prefix: PrefixIndex, seq: Sequence, slot: int) -> None:
@@ -301,7 +297,7 @@ class LlamaCppEngine:
             raise EngineFailure(f"llama_decode failed (status {status})")
         if self._prefix is not None:
             for chunk in chunks:
-                if chunk.completes_sequence_input and chunk.seq.num_generated == 0:
+                if chunk.completes_prompt:
                     self._remember_prompt(self._prefix, chunk.seq, self._slots[chunk.seq.seq_id])
         sampled = [(chunk.seq, row) for chunk, row in zip(chunks, sample_rows, strict=True) if row is not None]
         # every constrained row of the step in one call (None: no row is constrained)

@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+HOLDERS = 16  # cached prompts at most (llama.cpp: sequence ids kept for them)
+
 
 @dataclass
 class CachedPrompt:
@@ -72,9 +74,13 @@ class PrefixIndex:
             self._touch(best)
         return best, length
 
-    def count(self, queried: int, hit: int) -> None:
-        self._queried += queried
-        self._hits += hit
+    def reuse(self, prompt: Sequence[int]) -> tuple[int, int] | None:
+        """For a new sequence's prompt: (the holder whose cells to copy, how many), or None. The
+        last prompt token is always left to compute: the first sampled token needs its logits."""
+        entry, shared = self.longest_match(prompt[:-1])
+        self._queried += len(prompt)
+        self._hits += shared
+        return (entry.holder, shared) if entry is not None and shared else None
 
     def store(self, prompt: Sequence[int]) -> Store | None:
         """Remember `prompt`; None when nothing need be copied (already cached, or too long)."""

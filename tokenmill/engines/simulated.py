@@ -166,9 +166,6 @@ class _SimState:
 class SimulatedEngine:
     max_chunk_tokens = 512
 
-    def prefix_cache_stats(self) -> PrefixCacheStats:
-        return PrefixCacheStats()  # no prefix cache: every prompt is "computed"
-
     def __init__(
         self,
         *,
@@ -214,6 +211,9 @@ class SimulatedEngine:
         if fault == "bad_token":
             return [EOS_ID + 1000 if c.completes_sequence_input else None for c in chunks]
         return [self._next_token(c.seq) if c.completes_sequence_input else None for c in chunks]
+
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        return PrefixCacheStats()  # no prefix cache: every prompt is "computed"
 
     def close(self) -> None:
         self._states.clear()

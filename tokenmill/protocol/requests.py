@@ -224,9 +224,9 @@ class ChatCompletionRequest(_SamplingFields):
         named = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
         if named is not None and named not in {t.function.name for t in self.tools or ()}:
             raise ValueError(f"tool_choice names {named!r}, which is not among the tools")
-        if self.forced_tools() and self._json_schema() is not None:
+        schema = self._json_schema()  # a malformed response_format is refused here, with the request
+        if schema is not None and self.forced_tools():
             raise ValueError("a forced tool call (tool_choice) cannot be combined with response_format")
-        self._json_schema()  # a malformed response_format is refused here, with the request
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
         return self

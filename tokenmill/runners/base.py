@@ -167,11 +167,7 @@ class Runner(ABC):
                 raise InvalidRequest(
                     f"input {index} has {len(tokens)} tokens; this model embeds at most {window}", param="input"
                 )
-            if any(not 0 <= token < tokenizer.vocab_size for token in tokens):
-                raise InvalidRequest(
-                    f"input {index} holds a token id outside the vocabulary (0 to {tokenizer.vocab_size - 1})",
-                    param="input",
-                )
+            _check_token_ids(tokens, tokenizer, f"input {index}", "input")
         return await self.embeddings.embed(token_lists)
 
     def tool_call_format(self) -> ToolCallFormat | None:
@@ -191,10 +187,7 @@ class Runner(ABC):
 
     def detokenize(self, token_ids: list[int]) -> str:
         tokenizer = self.request_tokenizer()
-        if any(not 0 <= token < tokenizer.vocab_size for token in token_ids):
-            raise InvalidRequest(
-                f"token ids must be between 0 and {tokenizer.vocab_size - 1} for this model", param="tokens"
-            )
+        _check_token_ids(token_ids, tokenizer, "tokens", "tokens")
         return b"".join(tokenizer.token_bytes(token) for token in token_ids).decode("utf-8", errors="replace")
 
     @abstractmethod
@@ -231,3 +224,10 @@ class Runner(ABC):
         self._in_flight -= 1
         if aborted:
             self._aborted += 1
+
+
+def _check_token_ids(tokens: Seq[int], tokenizer: Tokenizer, what: str, param: str) -> None:
+    if any(not 0 <= token < tokenizer.vocab_size for token in tokens):
+        raise InvalidRequest(
+            f"{what} holds a token id outside the vocabulary (0 to {tokenizer.vocab_size - 1})", param=param
+        )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,8 +29,7 @@ class Embeddings:
 class EmbeddingService:
     def __init__(self, spec: EngineSpec):
         self._spec = spec
-        self._embedder: Embedder | None = None
-        self._lock = threading.Lock()
+        self._embedder: Embedder | None = None  # built and used on the one thread below only
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenmill-embed")
 
     async def embed(self, inputs: Sequence[Sequence[int]]) -> Embeddings:
@@ -40,9 +38,8 @@ class EmbeddingService:
         return Embeddings(vectors, sum(len(tokens) for tokens in inputs))
 
     def _embed(self, inputs: Sequence[Sequence[int]]) -> list[np.ndarray]:
-        with self._lock:
-            if self._embedder is None:
-                self._embedder = build_embedder(self._spec)
+        if self._embedder is None:
+            self._embedder = build_embedder(self._spec)
         return self._embedder.embed(inputs)
 
     def close(self) -> None:

@@ -61,6 +61,8 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None) -
                 await watcher
             lifecycle.end_all("The server is stopping.")
             await runner.stop()
+            if runner.embeddings is not None:  # its thread, and its model if one was built
+                await asyncio.to_thread(runner.embeddings.close)
 
     app = FastAPI(title="tokenmill", version=tokenmill.__version__, lifespan=lifespan)
     app.state.settings = settings

@@ -16,6 +16,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
+from typing import NoReturn
 
 from tokenmill.errors import ClientGone, DeadlineExceeded, Overloaded
 from tokenmill.generation import Finished, GenerationRequest, TextDelta, TokenEvent
@@ -60,17 +61,9 @@ class Serving:
         they hold n places in the engine), then each released as its own response part ends."""
         arrived = time.monotonic()
         places = len(choice_params)
-        try:
-            if not self.runner.ready:  # an engine is being replaced: say so at once, do not queue
-                raise self.runner.restarting_error()
-            if self.admission.has_place(places) or client_gone is None:
-                ticket = await self.admission.acquire(places)
-            else:
-                ticket = await self._queue(client_gone, places)
-        except Overloaded as error:
-            self.metrics.rejections.labels(error.code or "overloaded").inc()
-            raise
-        tickets = ticket.split()
+        if not self.runner.ready:  # an engine is being replaced: say so at once, do not queue
+            self._refused(self.runner.restarting_error())
+        tickets = (await self._admit(places, client_gone)).split()
         generations: list[Generation] = []
         try:
             for index, (params, choice_ticket) in enumerate(zip(choice_params, tickets, strict=True)):
@@ -86,7 +79,7 @@ class Serving:
             for unused in tickets[len(generations) :]:
                 unused.release()
             if isinstance(error, Overloaded):  # the engine failed while this request was queued
-                self.metrics.rejections.labels(error.code or "overloaded").inc()
+                self._refused(error)
             raise
         return generations
 
@@ -96,14 +89,7 @@ class Serving:
         """Embeddings behind the same admission as generation (a batch holds one place while it is
         computed), within the total timeout, counted as prompt tokens."""
         arrived = time.monotonic()
-        try:
-            if self.admission.has_place(1) or client_gone is None:
-                ticket = await self.admission.acquire(1)
-            else:
-                ticket = await self._queue(client_gone, 1)
-        except Overloaded as error:
-            self.metrics.rejections.labels(error.code or "overloaded").inc()
-            raise
+        ticket = await self._admit(1, client_gone)
         try:
             left = self.deadlines.total_s - (time.monotonic() - arrived)
             try:
@@ -118,6 +104,20 @@ class Serving:
             ticket.release()
         self.metrics.prompt_tokens.inc(result.prompt_tokens)
         return result
+
+    async def _admit(self, places: int, client_gone: Callable[[], Awaitable[None]] | None) -> Ticket:
+        """`places` at once, waiting in the queue if need be (leaving it if the client goes);
+        a refusal is counted by its reason."""
+        try:
+            if self.admission.has_place(places) or client_gone is None:
+                return await self.admission.acquire(places)
+            return await self._queue(client_gone, places)
+        except Overloaded as error:
+            self._refused(error)
+
+    def _refused(self, error: Overloaded) -> NoReturn:
+        self.metrics.rejections.labels(error.code or "overloaded").inc()
+        raise error
 
     async def _queue(self, client_gone: Callable[[], Awaitable[None]], places: int) -> Ticket:
         waiting = asyncio.ensure_future(self.admission.acquire(places))

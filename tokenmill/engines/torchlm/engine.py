@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from tokenmill.engines.base import Chunk
-from tokenmill.engines.prefix_cache import PrefixCacheStats, PrefixIndex
+from tokenmill.engines.prefix_cache import HOLDERS, PrefixCacheStats, PrefixIndex
 from tokenmill.engines.sequence import Sequence
 from tokenmill.engines.structured import Constrained, structured_tokenizer
 from tokenmill.engines.torchlm.checkpoint import load_checkpoint
@@ -26,8 +26,6 @@ from tokenmill.engines.torchlm.sampler import BatchSampler
 from tokenmill.engines.torchlm.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
-
-CACHE_HOLDERS = 16  # cached prompts at most
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -69,7 +67,7 @@ class TorchEngine:
         self._constrained: Constrained | None = None
         # the prefix cache: each cached prompt's cells in a tensor of its own, exactly its length,
         # so the memory it holds follows its budget (engines/prefix_cache.py decides what to keep)
-        self._prefix = PrefixIndex(list(range(CACHE_HOLDERS)), prefix_cache_tokens) if prefix_cache_tokens else None
+        self._prefix = PrefixIndex(list(range(HOLDERS)), prefix_cache_tokens) if prefix_cache_tokens else None
         self._stored: dict[int, torch.Tensor] = {}
         log.info("torch engine ready on %s (%s) in %.1f s", self.device, dtype, time.perf_counter() - started)
 
@@ -80,11 +78,10 @@ class TorchEngine:
         self.cache.add(seq.seq_id)
         self.sampler.add(seq.seq_id, seq.params)
         if self._prefix is not None and seq.num_computed == 0:
-            prompt = seq.token_ids[: seq.num_prompt_tokens]
-            entry, shared = self._prefix.longest_match(prompt[:-1])  # keep one token to compute logits on
-            self._prefix.count(len(prompt), shared)
-            if entry is not None and shared:
-                self.cache.load(seq.seq_id, self._stored[entry.holder][:, :, :, :shared])
+            found = self._prefix.reuse(seq.token_ids[: seq.num_prompt_tokens])
+            if found is not None:
+                holder, shared = found
+                self.cache.load(seq.seq_id, self._stored[holder][:, :, :, :shared])
                 seq.num_computed = seq.num_cached = shared
         if seq.params.grammar is not None:
             if self._constrained is None:  # built with the first constrained sequence (~1 s)
@@ -111,7 +108,7 @@ class TorchEngine:
         logits = self.model.forward(inputs, self.cache)  # writes every token's KV even when nothing is sampled
         if self._prefix is not None:
             for chunk in chunks:
-                if chunk.completes_sequence_input and chunk.seq.num_generated == 0:
+                if chunk.completes_prompt:
                     self._remember_prompt(self._prefix, chunk.seq)
         if not sampled_chunks:
             return [None] * len(chunks)
