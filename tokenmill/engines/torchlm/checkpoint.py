@@ -64,7 +64,7 @@ def load_checkpoint(path: Path, dtype: torch.dtype, device: torch.device, four_b
     if path.is_dir():
         config, tensors = _read_hf_folder(path)
     else:
-        config, tensors, blocks = _read_gguf(path, four_bit)
+        config, tensors, blocks = _read_gguf(path, four_bit, dtype)
     return _assemble(config, tensors, blocks, dtype, device)
 
 
@@ -165,7 +165,9 @@ _GGUF_NAMES = {
 _GGUF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
-def _read_gguf(path: Path, four_bit: bool) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, FourBitBlocks]]:
+def _read_gguf(
+    path: Path, four_bit: bool, dtype: torch.dtype
+) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, FourBitBlocks]]:
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
@@ -195,7 +197,8 @@ def _read_gguf(path: Path, four_bit: bool) -> tuple[ModelConfig, dict[str, torch
             order = _rotary_row_order(tensor.shape[0], rotary_heads)
             tensor = tensor[order]
             small_step = small_step.rows(order) if small_step is not None else None
-        tensors[name] = tensor
+        # in the serving dtype at once: the whole model in fp32 is what the peak memory of a load was
+        tensors[name] = tensor.to(dtype)
         if small_step is not None:
             blocks[name] = small_step
     return config, tensors, blocks

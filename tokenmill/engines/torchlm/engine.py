@@ -7,6 +7,8 @@ lives in model.py and sampler.py.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import logging
 import time
@@ -34,6 +36,16 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap the load freed back to the OS. Loading frees hundreds of MB of converted
+    copies in pieces below glibc's mmap threshold, which stay resident otherwise (measured: 994 ->
+    664 MB RSS after building the default model). A no-op without glibc."""
+    name = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    if trim is not None:
+        trim(0)
 
 
 class TorchEngine:
@@ -69,6 +81,7 @@ class TorchEngine:
         # so the memory it holds follows its budget (engines/prefix_cache.py decides what to keep)
         self._prefix = PrefixIndex(list(range(HOLDERS)), prefix_cache_tokens) if prefix_cache_tokens else None
         self._stored: dict[int, torch.Tensor] = {}
+        _return_freed_memory()
         log.info("torch engine ready on %s (%s) in %.1f s", self.device, dtype, time.perf_counter() - started)
 
     # Every method that touches the KV cache runs in inference mode: the cache grows inside step(),

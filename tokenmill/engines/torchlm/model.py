@@ -61,23 +61,28 @@ class _Layer:
 
 class LlamaModel:
     def __init__(self, checkpoint: Checkpoint, max_positions: int, four_bit_rows: int = 0):
+        """Consumes `checkpoint.layers` (left empty)."""
         self.config = c = checkpoint.config
         prepack = can_prepack(checkpoint.lm_head)
 
         def project(w, name: str) -> Projection:
             return projection(getattr(w, name), prepack, w.four_bit.get(name), four_bit_rows)
 
-        self._layers = [
-            _Layer(
-                attn_norm=w.attn_norm,
-                qkv=project(w, "qkv"),
-                out=project(w, "out"),
-                mlp_norm=w.mlp_norm,
-                gate_up=project(w, "gate_up"),
-                down=project(w, "down"),
+        # Takes the checkpoint's layers one by one, so each dense copy is freed as soon as its
+        # packed one exists: holding both for the whole model was most of a load's peak memory.
+        self._layers = []
+        while checkpoint.layers:
+            w = checkpoint.layers.pop(0)
+            self._layers.append(
+                _Layer(
+                    attn_norm=w.attn_norm,
+                    qkv=project(w, "qkv"),
+                    out=project(w, "out"),
+                    mlp_norm=w.mlp_norm,
+                    gate_up=project(w, "gate_up"),
+                    down=project(w, "down"),
+                )
             )
-            for w in checkpoint.layers
-        ]
         self._embedding = checkpoint.embedding
         self._final_norm = checkpoint.final_norm
         self._lm_head = projection(checkpoint.lm_head, prepack)
