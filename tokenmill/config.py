@@ -86,7 +86,8 @@ class Settings(BaseSettings):
     prefix_cache_tokens: int | None = Field(
         None,
         ge=0,
-        description="KV cells the prefix cache may hold beside the running sequences' budget (--kv-tokens). "
+        description="Most KV cells the prefix cache may hold. llama.cpp: beside the running sequences' budget "
+        "(--kv-tokens); torch: inside it, in blocks no running sequence needs (given up on demand). "
         "Default: one context window.",
     )
 

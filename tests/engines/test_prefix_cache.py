@@ -67,3 +67,13 @@ def test_reuse_leaves_the_last_prompt_token_to_compute_and_counts():
     assert cache.reuse([9, 9]) is None
     stats = cache.stats()
     assert (stats.queried_tokens, stats.hit_tokens, stats.cached_tokens) == (6, 3, 4)
+
+
+def test_an_engine_short_of_cells_drops_the_oldest_entry_first():
+    cache = index(holders=3)
+    a = cache.store([1, 1])
+    b = cache.store([2, 2])
+    cache.longest_match([1, 1])  # a is used again: b is the oldest
+    assert cache.evict_oldest() == b.holder
+    assert cache.evict_oldest() == a.holder
+    assert cache.evict_oldest() is None and cache.cached_tokens == 0 and len(cache.holders) == 3

@@ -1,4 +1,4 @@
-"""The torch engine: agreement with transformers' own generate, its KV slots and its batch sampler."""
+"""The torch engine: agreement with transformers' own generate, its paged KV cache and its batch sampler."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tokenmill.engines.model_files import default_model_path
 from tokenmill.engines.sequence import Sequence, prepare_sequence
 from tokenmill.engines.torchlm.checkpoint import ModelConfig
 from tokenmill.engines.torchlm.engine import TorchEngine
-from tokenmill.engines.torchlm.kv_cache import GROWTH, SlotKVCache
+from tokenmill.engines.torchlm.kv_cache import BLOCK, PagedKVCache
 from tokenmill.engines.torchlm.sampler import BatchSampler
 from tokenmill.generation import GenerationRequest
 from tokenmill.runners.scheduler import Scheduler, SchedulerConfig
@@ -68,7 +68,7 @@ def test_greedy_tokens_equal_transformers_generate_alone_and_batched(reference):
     alone = [greedy_batched(engine, [p], TOKENS)[0] for p in PROMPTS]
     assert alone == expected
     assert greedy_batched(engine, PROMPTS, TOKENS) == expected
-    assert engine.cache.num_slots == 0
+    assert engine.cache.num_sequences == 0 and engine.cache.blocks_in_use == 0
 
 
 @pytest.mark.parametrize("how", ["alone", "batched", "ragged"])
@@ -85,7 +85,7 @@ def test_bf16_greedy_tokens_follow_the_fp32_model_up_to_a_near_tie(reference, ho
     for prompt, got in zip(PROMPTS, outputs, strict=True):
         assert len(got) == tokens
         assert_exact_up_to_a_near_tie(reference, engine.tokenizer.encode(prompt), got, f"{how} {prompt!r}")
-    assert engine.cache.num_slots == 0
+    assert engine.cache.num_sequences == 0 and engine.cache.blocks_in_use == 0
 
 
 def test_the_near_tie_rule_fails_a_token_the_model_ranks_clearly_lower(reference):
@@ -98,7 +98,7 @@ def test_the_near_tie_rule_fails_a_token_the_model_ranks_clearly_lower(reference
         assert_exact_up_to_a_near_tie(reference, ids, bad)
 
 
-def test_kv_slots_stay_packed_and_keep_their_cells():
+def _tiny_cache(blocks: int) -> PagedKVCache:
     config = ModelConfig(
         vocab_size=8,
         hidden_size=8,
@@ -111,21 +111,80 @@ def test_kv_slots_stay_packed_and_keep_their_cells():
         trained_context=1024,
         head_dim=4,
     )
-    cache = SlotKVCache(config, max_slots=3, max_length=1024, dtype=torch.float32, device=torch.device("cpu"))
-    for seq_id in (10, 11, 12):
-        slot = cache.add(seq_id)
-        cells = torch.full((5, 1, 4), float(seq_id))
-        for layer in range(2):
-            cache.write(layer, torch.tensor([slot] * 5), torch.arange(5), cells, -cells)
-    cache.remove(10)  # the last slot (12) moves into slot 0
-    assert cache.num_slots == 2 and cache.slot_of(12) == 0 and cache.slot_of(11) == 1
-    assert torch.all(cache.keys(1)[0, :, :5] == 12) and torch.all(cache.values(0)[1, :, :5] == -11)
-    cache.reserve(GROWTH + 1)  # grows every slot, keeping what they hold; new cells are zero
-    assert cache.capacity == 2 * GROWTH
-    assert torch.all(cache.keys(0)[0, :, :5] == 12) and torch.all(cache.keys(0)[:, :, 5:] == 0)
-    with pytest.raises(Exception, match="no free KV slot"):
-        for seq_id in (13, 14):
-            cache.add(seq_id)
+    return PagedKVCache(config, num_blocks=blocks, dtype=torch.float32, device=torch.device("cpu"), block=4)
+
+
+def _fill(cache: PagedKVCache, seq_id: int, cells: int, value: float) -> None:
+    cache.ensure(seq_id, cells)
+    table = cache.table(seq_id)
+    positions = torch.arange(cells)
+    blocks = torch.tensor([table[p // cache.block] for p in range(cells)])
+    keys = torch.full((cells, 1, 4), value) + positions[:, None, None]
+    for layer in range(2):
+        cache.write(layer, blocks, positions % cache.block, keys, -keys)
+
+
+def test_kv_blocks_follow_the_tokens_and_are_gathered_back():
+    cache = _tiny_cache(blocks=6)
+    cache.add(1)
+    _fill(cache, 1, 6, 100.0)  # 6 cells: two blocks of 4
+    cache.add(2)
+    _fill(cache, 2, 3, 200.0)
+    assert cache.blocks_in_use == 3 and cache.table(1) == [0, 1] and cache.table(2) == [2]
+    keys, values = cache.gather(1, torch.tensor(cache.table(2) + cache.table(1)))  # [blocks, kv heads, cells, dim]
+    assert keys[0, 0, :3, 0].tolist() == [200.0, 201.0, 202.0]
+    assert keys[1:, 0, :, 0].flatten()[:6].tolist() == [100.0 + p for p in range(6)]
+    assert torch.equal(values, -keys)
+    k, v = cache.sequence(0, torch.tensor(cache.table(1)), 6)
+    assert k[0, :, 0].tolist() == [100.0 + p for p in range(6)] and torch.equal(v, -k)
+    cache.remove(1)
+    assert cache.blocks_in_use == 1
+    cache.add(3)
+    cache.ensure(3, 1)
+    assert cache.table(3) == [0]  # the lowest free block first: the touched memory stays compact
+    assert torch.all(cache.sequence(0, torch.tensor([0]), 4)[0] == 0)  # a block is zeroed when taken
+
+
+def test_shared_blocks_are_referenced_a_partial_one_copied_and_freed_with_the_last_reference():
+    cache = _tiny_cache(blocks=4)
+    cache.add(1)
+    _fill(cache, 1, 6, 100.0)
+    cached = cache.table(1)[:2]
+    cache.hold(cached)  # a prefix cache entry for its first 6 cells
+    cache.remove(1)
+    assert cache.blocks_in_use == 2
+    cache.add(2)
+    cache.share(2, cached, 6)  # one whole block by reference, the partly used one copied
+    assert cache.table(2)[0] == cached[0] and cache.table(2)[1] not in cached
+    assert cache.sequence(0, torch.tensor(cache.table(2)), 6)[0][0, :, 0].tolist() == [100.0 + p for p in range(6)]
+    cache.release(cached)
+    assert cache.blocks_in_use == 2  # the shared block lives on in sequence 2's table
+    cache.remove(2)
+    assert cache.blocks_in_use == 0
+
+
+def test_out_of_blocks_reclaims_cached_prompts_before_failing():
+    cache = _tiny_cache(blocks=2)
+    cache.add(1)
+    _fill(cache, 1, 8, 1.0)
+    entry = list(cache.table(1))
+    cache.hold(entry)
+    cache.remove(1)
+    reclaimed = []
+
+    def reclaim() -> bool:
+        if not reclaimed:
+            reclaimed.append(entry)
+            cache.release(entry)
+            return True
+        return False
+
+    cache.reclaim = reclaim
+    cache.add(2)
+    cache.ensure(2, 8)
+    assert reclaimed and cache.blocks_in_use == 2
+    with pytest.raises(Exception, match="no free block"):
+        cache.ensure(2, 9)
 
 
 def _seqs(params: list[SamplingParams], first_id: int = 0, prompt: tuple[int, ...] = (1,)) -> list[Sequence]:
@@ -178,7 +237,7 @@ def test_abort_mid_prefill_frees_the_slot_and_others_continue():
     tokens = engine.step([Chunk(short, short.num_pending), Chunk(long, 8 - short.num_pending)])
     assert tokens[0] is not None and tokens[1] is None  # short finished its prompt; long is mid-prefill
     engine.remove_sequence(long)
-    assert engine.cache.num_slots == 1 and engine.cache.slot_of(short.seq_id) == 0
+    assert engine.cache.num_sequences == 1 and engine.cache.blocks_in_use == 1
     short.num_computed += short.num_pending
     short.token_ids.append(tokens[0])
     assert engine.step([Chunk(short, 1)])[0] is not None
@@ -207,20 +266,51 @@ def test_logprobs_match_transformers_log_softmax(reference):
 
 
 def test_a_sequence_joins_and_leaves_after_the_cache_has_grown():
-    """The cache grows inside step() (inference mode); adding and removing sequences later touches
-    the grown tensor in place, which torch refuses outside inference mode (a crash at concurrency)."""
+    """Blocks are taken inside step() (inference mode); adding and removing sequences later touches
+    the cache in place, which torch refuses outside inference mode (a crash at concurrency)."""
     engine = TorchEngine(default_model_path(), context_window=1024, threads=2, max_sequences=2, max_step_tokens=512)
     make = lambda prompt, n: prepare_sequence(
         GenerationRequest("r", SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), prompt=prompt),
         engine.tokenizer,
     )
-    first = make("word " * (GROWTH + 10), 2)  # its prefill makes the cache grow past its first size
+    first = make("word " * (BLOCK + 10), 2)  # its prefill takes more than one block
     engine.add_sequence(first)
     assert engine.step([Chunk(first, first.num_pending)])[0] is not None
     first.num_computed = first.num_prompt_tokens
-    assert engine.cache.capacity > GROWTH
+    assert len(engine.cache.table(first.seq_id)) > 1
     second = make("Hi", 2)
-    engine.add_sequence(second)  # zeroes its slot in the grown cache
-    engine.remove_sequence(first)  # moves the second one's cells into the freed slot
+    engine.add_sequence(second)
+    engine.remove_sequence(first)
     assert engine.step([Chunk(second, second.num_pending)])[0] is not None
     engine.remove_sequence(second)
+
+
+def test_a_request_needing_the_whole_cache_takes_the_cached_prompts_blocks():
+    """Cached prompts live in the blocks no running sequence needs: a sequence that needs them all
+    gets them (the cache gives its entries up, oldest first) instead of failing."""
+    engine = TorchEngine(
+        default_model_path(),
+        context_window=1024,
+        threads=2,
+        max_sequences=1,
+        kv_tokens=4 * BLOCK,
+        prefix_cache_tokens=1024,
+    )
+    make = lambda prompt, n: prepare_sequence(
+        GenerationRequest("r", SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), prompt=prompt),
+        engine.tokenizer,
+    )
+    for i in range(3):  # three cached prompts of a block or two each
+        seq = make(f"{i} " * (BLOCK // 2 + 8), 1)
+        engine.add_sequence(seq)
+        assert engine.step([Chunk(seq, seq.num_pending)])[0] is not None
+        engine.remove_sequence(seq)
+    cached_before = engine.prefix_cache_stats().cached_tokens
+    assert cached_before > 2 * BLOCK and engine.cache.blocks_in_use >= 3
+    big = make("word " * (4 * BLOCK - 8), 4)  # with its reply: the whole budget
+    assert big.kv_tokens_needed <= 4 * BLOCK
+    engine.add_sequence(big)
+    assert engine.step([Chunk(big, big.num_pending)])[0] is not None
+    # the earlier entries were given up; the cache now holds the big prompt alone
+    assert engine.prefix_cache_stats().cached_tokens == big.num_prompt_tokens
+    engine.remove_sequence(big)

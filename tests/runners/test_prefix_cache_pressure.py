@@ -3,7 +3,8 @@ the cache stays within its budget, and a request is never refused or failed for 
 
 Conversations that grow, prompts that share a system turn, one-off prompts, and aborts mid-prefill
 and mid-decode; afterwards the scheduler holds no cell, no running sequence holds a KV cell (in
-llama.cpp: no slot's sequence id is left on any cell), and the cache holds at most its budget.
+llama.cpp: no slot's sequence id is left on any cell; torch: the only blocks in use are the cached
+prompts'), and the cache holds at most its budget.
 60 requests in CI; `pytest --long` runs 1,000."""
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def _engine(kind: str):
         default_model_path(),
         context_window=1024,
         max_sequences=8,
+        kv_tokens=2048,
         threads=2,
         max_step_tokens=256,
         prefix_cache_tokens=BUDGET,
@@ -111,6 +113,12 @@ def test_mixed_traffic_leaves_no_cell_behind(kind):
             assert [h for h in index.holders if end(h)] == []  # a dropped entry keeps none either
             assert all(end(entry.holder) == len(entry.tokens) for entry in index.entries)
         else:
-            assert engine.cache.num_slots == 0
+            from tokenmill.engines.torchlm.kv_cache import blocks_for
+
+            assert engine.cache.num_sequences == 0
+            held = {holder: blocks for holder, blocks in engine._stored.items()}
+            assert sorted(held) == sorted(entry.holder for entry in engine._prefix.entries)
+            assert all(len(held[e.holder]) == blocks_for(len(e.tokens)) for e in engine._prefix.entries)
+            assert engine.cache.blocks_in_use == len({b for blocks in held.values() for b in blocks})
     finally:
         core.close()

@@ -188,6 +188,7 @@ def _construct(spec: EngineSpec) -> StepEngine:
             Path(spec.model_path),
             context_window=spec.context_window,
             max_sequences=spec.max_sequences,
+            kv_tokens=spec.kv_tokens if spec.batched else 0,  # 0: one sequence, one window
             threads=spec.threads,
             max_step_tokens=spec.max_step_tokens,
             dtype=spec.torch_dtype,

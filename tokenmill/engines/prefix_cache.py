@@ -110,6 +110,15 @@ class PrefixIndex:
         self.entries.clear()
         return dropped
 
+    def evict_oldest(self) -> int | None:
+        """Drop the least recently used entry (an engine short of cells); its holder, or None."""
+        if not self.entries:
+            return None
+        victim = min(self.entries, key=lambda entry: entry.last_used)
+        self.entries.remove(victim)
+        self.holders.append(victim.holder)
+        return victim.holder
+
     def stats(self) -> PrefixCacheStats:
         return PrefixCacheStats(self._queried, self._hits, self.cached_tokens)
 

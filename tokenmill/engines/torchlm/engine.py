@@ -22,7 +22,7 @@ from tokenmill.engines.prefix_cache import HOLDERS, PrefixCacheStats, PrefixInde
 from tokenmill.engines.sequence import Sequence
 from tokenmill.engines.structured import Constrained, structured_tokenizer
 from tokenmill.engines.torchlm.checkpoint import load_checkpoint
-from tokenmill.engines.torchlm.kv_cache import SlotKVCache
+from tokenmill.engines.torchlm.kv_cache import PagedKVCache, blocks_for
 from tokenmill.engines.torchlm.model import DecodeBatch, LlamaModel, PrefillChunk, StepInputs
 from tokenmill.engines.torchlm.sampler import BatchSampler
 from tokenmill.engines.torchlm.tokenizer import load_tokenizer
@@ -55,6 +55,7 @@ class TorchEngine:
         *,
         context_window: int = 4096,
         max_sequences: int = 1,
+        kv_tokens: int = 0,
         threads: int | None = None,
         max_step_tokens: int = 512,
         dtype: str = "bfloat16",
@@ -73,14 +74,18 @@ class TorchEngine:
         window = min(context_window, checkpoint.config.trained_context)
         self.tokenizer = load_tokenizer(model_path, window)
         self.model = LlamaModel(checkpoint, max_positions=window, four_bit_rows=four_bit_rows)
-        self.cache = SlotKVCache(checkpoint.config, max_sequences, window, DTYPES[dtype], self.device)
+        # every sequence the scheduler admits fits: its budget of cells, plus a partly filled last
+        # block per sequence (one window when nothing sets a budget: a single sequence)
+        budget = kv_tokens or window
+        self.cache = PagedKVCache(checkpoint.config, blocks_for(budget) + max_sequences, DTYPES[dtype], self.device)
         self.sampler = BatchSampler(self.tokenizer.eog_ids, self.device)
         self.max_chunk_tokens = max_step_tokens
         self._constrained: Constrained | None = None
-        # the prefix cache: each cached prompt's cells in a tensor of its own, exactly its length,
-        # so the memory it holds follows its budget (engines/prefix_cache.py decides what to keep)
+        # the prefix cache (engines/prefix_cache.py decides what to keep): a cached prompt holds
+        # references to its blocks in the KV cache, given up when a running sequence needs them
         self._prefix = PrefixIndex(list(range(HOLDERS)), prefix_cache_tokens) if prefix_cache_tokens else None
-        self._stored: dict[int, torch.Tensor] = {}
+        self._stored: dict[int, list[int]] = {}  # holder -> blocks
+        self.cache.reclaim = self._drop_oldest_prompt
         _return_freed_memory()
         log.info("torch engine ready on %s (%s) in %.1f s", self.device, dtype, time.perf_counter() - started)
 
@@ -94,7 +99,7 @@ class TorchEngine:
             found = self._prefix.reuse(seq.token_ids[: seq.num_prompt_tokens])
             if found is not None:
                 holder, shared = found
-                self.cache.load(seq.seq_id, self._stored[holder][:, :, :, :shared])
+                self.cache.share(seq.seq_id, self._stored[holder], shared)
                 seq.num_computed = seq.num_cached = shared
         if seq.params.grammar is not None:
             if self._constrained is None:  # built with the first constrained sequence (~1 s)
@@ -113,11 +118,10 @@ class TorchEngine:
     def step(self, chunks: Seq[Chunk]) -> list[int | None]:
         if sum(c.num_tokens for c in chunks) > self.max_chunk_tokens:
             raise ValueError("a step may carry at most max_chunk_tokens tokens")
-        # Decode rows (one token each) go first, in slot order, so they line up with the cache's slots.
-        slot_of = self.cache.slot_of
-        ordered = sorted(chunks, key=lambda c: (c.num_tokens != 1, slot_of(c.seq.seq_id)))
-        self.cache.reserve(max(c.seq.num_computed + c.num_tokens for c in chunks))
-        inputs, sampled_chunks = self._pack(ordered)
+        for chunk in chunks:
+            self.cache.ensure(chunk.seq.seq_id, chunk.seq.num_computed + chunk.num_tokens)
+        # decode rows (one token each) go first: the model attends them as one batch
+        inputs, sampled_chunks = self._pack(sorted(chunks, key=lambda c: c.num_tokens != 1))
         logits = self.model.forward(inputs, self.cache)  # writes every token's KV even when nothing is sampled
         if self._prefix is not None:
             for chunk in chunks:
@@ -136,55 +140,77 @@ class TorchEngine:
         if store is None:
             return
         for holder in store.evicted:
-            del self._stored[holder]
-        cells = self.cache.read(seq.seq_id, store.start, store.end)
-        if store.start:  # a conversation's next turn: its entry grows
-            cells = torch.cat([self._stored[store.holder][:, :, :, : store.start], cells], dim=3)
-        self._stored[store.holder] = cells
+            self.cache.release(self._stored.pop(holder))
+        # the sequence's own blocks hold the whole prompt (shared ones included), whether the entry
+        # is new or a conversation's earlier turn growing; it keeps writing only past the prompt
+        blocks = self.cache.table(seq.seq_id)[: blocks_for(store.end, self.cache.block)]
+        self.cache.hold(blocks)
+        self.cache.release(self._stored.pop(store.holder, []))
+        self._stored[store.holder] = blocks
+
+    def _drop_oldest_prompt(self) -> bool:
+        """The KV cache is out of blocks: give up the least recently used cached prompt."""
+        holder = self._prefix.evict_oldest() if self._prefix is not None else None
+        if holder is None:
+            return False
+        self.cache.release(self._stored.pop(holder))
+        return True
 
     def prefix_cache_stats(self) -> PrefixCacheStats:
         return self._prefix.stats() if self._prefix is not None else PrefixCacheStats()
 
     def _pack(self, chunks: list[Chunk]) -> tuple[StepInputs, list[Chunk]]:
+        block = self.cache.block
         token_ids: list[int] = []
         positions: list[int] = []
-        slots: list[int] = []
-        decode_slots: list[int] = []
+        decode_blocks: list[int] = []  # every block the decode rows read, row after row
+        decode_rows: list[int] = []
+        last_cells: list[int] = []  # how many cells of each decode row's last block it reads
         prefills: list[PrefillChunk] = []
         sample_rows: list[int] = []
         sampled: list[Chunk] = []
-        lengths = [1] * self.cache.num_slots  # key cells each slot's decode row may see
+        tensor = functools.partial(torch.tensor, dtype=torch.long, device=self.device)
         for chunk in chunks:
             seq, start, n = chunk.seq, chunk.seq.num_computed, chunk.num_tokens
-            slot, row = self.cache.slot_of(seq.seq_id), len(token_ids)
+            table, row = self.cache.table(seq.seq_id), len(token_ids)
             token_ids.extend(seq.token_ids[start : start + n])
             positions.extend(range(start, start + n))
-            slots.extend([slot] * n)
             if n == 1:
-                decode_slots.append(slot)
-                lengths[slot] = start + 1
+                used = blocks_for(start + 1, block)
+                decode_blocks.extend(table[:used])
+                decode_rows.extend([row] * used)
+                last_cells.append(start + 1 - (used - 1) * block)
             else:
                 mask = torch.ones(n, start + n, dtype=torch.bool, device=self.device).tril(diagonal=start)
-                prefills.append(PrefillChunk(start=row, length=n, slot=slot, mask=mask))
+                prompt_blocks = tensor(table[: blocks_for(start + n, block)])
+                prefills.append(PrefillChunk(start=row, length=n, blocks=prompt_blocks, mask=mask))
             if chunk.completes_sequence_input:
                 sample_rows.append(row + n - 1)
                 sampled.append(chunk)
-        tensor = functools.partial(torch.tensor, dtype=torch.long, device=self.device)
+        position_tensor = tensor(positions)
+        every_table = [self.cache.table(c.seq.seq_id) for c in chunks for _ in range(c.num_tokens)]
+        block_of_token = [table[p // block] for table, p in zip(every_table, positions, strict=True)]
         decode = None
-        if decode_slots:
-            cells = torch.arange(self.cache.capacity, device=self.device)[None, :]
+        if decode_blocks:
+            rows = tensor(decode_rows)
+            # only a row's last block has cells it must not read: those past its length
+            last = torch.zeros(len(decode_blocks), dtype=torch.long, device=self.device).fill_(block)
+            ends = torch.cumsum(torch.bincount(rows, minlength=len(last_cells)), 0) - 1
+            last[ends] = tensor(last_cells)
+            cells = torch.arange(block, device=self.device)[None, :]
             decode = DecodeBatch(
-                size=len(decode_slots),
-                slots=tensor(decode_slots),
-                covers_all_slots=len(decode_slots) == self.cache.num_slots,
+                size=len(last_cells),
+                blocks=tensor(decode_blocks),
+                rows=rows,
                 bias=torch.zeros(
-                    len(lengths), 1, 1, self.cache.capacity, dtype=self.cache.dtype, device=self.device
-                ).masked_fill_((cells >= tensor(lengths)[:, None])[:, None, None, :], -torch.inf),
+                    len(decode_blocks), 1, 1, block, dtype=self.cache.dtype, device=self.device
+                ).masked_fill_((cells >= last[:, None])[:, None, None, :], -torch.inf),
             )
         inputs = StepInputs(
             token_ids=tensor(token_ids),
-            positions=tensor(positions),
-            slots=tensor(slots),
+            positions=position_tensor,
+            blocks=tensor(block_of_token),
+            offsets=position_tensor % block,
             decode=decode,
             prefills=prefills,
             sample_rows=tensor(sample_rows),

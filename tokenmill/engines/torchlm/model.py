@@ -15,18 +15,19 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.engines.torchlm.checkpoint import Checkpoint
-from tokenmill.engines.torchlm.kv_cache import SlotKVCache
+from tokenmill.engines.torchlm.kv_cache import PagedKVCache
 from tokenmill.engines.torchlm.linear import Projection, can_prepack, projection
 
 
 @dataclass(frozen=True, slots=True)
 class DecodeBatch:
-    """The first `size` packed rows: one new token each, for the sequences in `slots` (ascending)."""
+    """The first `size` packed rows: one new token each. Their KV blocks are listed one after
+    another (no padding): block i belongs to row `rows[i]`, and `bias[i]` masks its unused cells."""
 
     size: int
-    slots: torch.Tensor  # [size]
-    covers_all_slots: bool  # slots == 0..n-1: no sequence in the cache is mid-prefill
-    bias: torch.Tensor  # [slots in use, 1, 1, cache capacity] 0 where a cell holds the slot's key, else -inf
+    blocks: torch.Tensor  # [blocks]
+    rows: torch.Tensor  # [blocks] the decode row each block belongs to
+    bias: torch.Tensor  # [blocks, 1, 1, cells per block] 0 where a cell holds one of the row's keys, else -inf
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +36,7 @@ class PrefillChunk:
 
     start: int
     length: int
-    slot: int
+    blocks: torch.Tensor  # the sequence's blocks covering its first past + length cells
     mask: torch.Tensor  # [length, past + length] causal
 
 
@@ -43,7 +44,8 @@ class PrefillChunk:
 class StepInputs:
     token_ids: torch.Tensor  # [tokens]
     positions: torch.Tensor  # [tokens]
-    slots: torch.Tensor  # [tokens] the KV slot each token's key and value go to
+    blocks: torch.Tensor  # [tokens] the KV block each token's key and value go to
+    offsets: torch.Tensor  # [tokens] and the cell within it
     decode: DecodeBatch | None
     prefills: list[PrefillChunk]
     sample_rows: torch.Tensor  # packed rows whose next-token logits are wanted
@@ -97,17 +99,13 @@ class LlamaModel:
         self._cos, self._sin = angles.cos().to(dtype), angles.sin().to(dtype)
 
     @torch.inference_mode()
-    def forward(self, inputs: StepInputs, cache: SlotKVCache) -> torch.Tensor:
+    def forward(self, inputs: StepInputs, cache: PagedKVCache) -> torch.Tensor:
         """Logits (fp32) for `inputs.sample_rows`, after writing every token's keys/values to `cache`."""
         c = self.config
         tokens = inputs.token_ids.shape[0]
         x = self._embedding[inputs.token_ids]
         cos, sin = self._cos[inputs.positions][:, None, :], self._sin[inputs.positions][:, None, :]
         q_size, heads = c.num_heads * c.head_dim, c.num_heads + c.num_kv_heads
-        bias = None
-        if inputs.decode is not None:  # one row per (slot, key head), shared by that head's query group
-            b = inputs.decode.bias
-            bias = b.expand(b.shape[0], c.num_kv_heads, 1, b.shape[-1]).reshape(-1, 1, b.shape[-1])
         for index, layer in enumerate(self._layers):
             h = _rms_norm(x, layer.attn_norm, c.rms_norm_eps)
             qkv = layer.qkv(h)
@@ -115,8 +113,8 @@ class LlamaModel:
             qk = _rotate(qkv[:, : q_size + c.kv_size].view(tokens, heads, c.head_dim), cos, sin)
             q, k = qk[:, : c.num_heads], qk[:, c.num_heads :]
             v = qkv[:, q_size + c.kv_size :].view(tokens, c.num_kv_heads, c.head_dim)
-            cache.write(index, inputs.slots, inputs.positions, k, v)
-            attended = self._attend(q, bias, inputs, cache.keys(index), cache.values(index))
+            cache.write(index, inputs.blocks, inputs.offsets, k, v)
+            attended = self._attend(q, inputs, cache, index)
             x = x + layer.out(attended.view(tokens, q_size))
             gate, up = layer.gate_up(_rms_norm(x, layer.mlp_norm, c.rms_norm_eps)).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
@@ -150,36 +148,34 @@ class LlamaModel:
             x = x + layer.down(F.silu(gate) * up)
         return _rms_norm(x, self._final_norm, c.rms_norm_eps)
 
-    def _attend(
-        self, q: torch.Tensor, bias: torch.Tensor | None, inputs: StepInputs, keys: torch.Tensor, values: torch.Tensor
-    ) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, inputs: StepInputs, cache: PagedKVCache, layer: int) -> torch.Tensor:
         c = self.config
         out = q.new_empty(q.shape)
         decode = inputs.decode
         if decode is not None:
-            # Grouped-query attention without repeating keys: the query heads that share a key head
-            # become that head's query rows. Every slot in use takes part (a contiguous read); rows
-            # of slots that are mid-prefill are zeros and their results are dropped.
-            rows = q[: decode.size].view(decode.size, c.num_kv_heads, self._group, c.head_dim)
-            if not decode.covers_all_slots:
-                spread = rows.new_zeros((keys.shape[0], *rows.shape[1:]))
-                spread[decode.slots] = rows
-                rows = spread
-            # batched over (slot, key head): masking, scaling and q.k in one call, softmax in fp32
-            # (fewer small ops: at one or two rows a step, their fixed costs are what attention costs)
-            rows = rows.reshape(-1, self._group, c.head_dim)
-            assert bias is not None  # built above whenever the step has decode rows
-            scores = torch.baddbmm(bias, rows, keys.flatten(0, 1).transpose(1, 2), alpha=self._scale)
-            weights = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
-            attended = torch.bmm(weights, values.flatten(0, 1)).view(-1, c.num_kv_heads, self._group, c.head_dim)
-            if not decode.covers_all_slots:
-                attended = attended[decode.slots]
-            out[: decode.size] = attended.reshape(decode.size, c.num_heads, c.head_dim)
+            # Block by block, over exactly the blocks the step's decode rows use: scores per
+            # (block, key head) in one batched matmul, then a softmax per row across its blocks
+            # (fp32: each row's peak, the exponentials, their sum, the blocks' value sums added).
+            # Grouped-query attention without repeating keys: the query heads sharing a key head
+            # are that head's rows.
+            n, rows_of = decode.size, decode.rows
+            keys, values = cache.gather(layer, decode.blocks)  # [blocks, kv heads, cells, dim]
+            rows = q[:n].view(n, c.num_kv_heads, self._group, c.head_dim).index_select(0, rows_of)
+            scores = torch.add(decode.bias, torch.matmul(rows, keys.transpose(-1, -2)), alpha=self._scale).float()
+            block_peaks = scores.amax(dim=-1)
+            index = rows_of.view(-1, 1, 1).expand(block_peaks.shape)
+            peak = block_peaks.new_full((n, *block_peaks.shape[1:]), -torch.inf)
+            peak.scatter_reduce_(0, index, block_peaks, "amax")
+            weights = (scores - peak.index_select(0, rows_of).unsqueeze(-1)).exp_()
+            total = peak.new_zeros(peak.shape).index_add_(0, rows_of, weights.sum(dim=-1))
+            shares = torch.matmul(weights.to(q.dtype), values).float()  # [blocks, kv heads, group, dim]
+            attended = shares.new_zeros((n, *shares.shape[1:])).index_add_(0, rows_of, shares)
+            out[:n] = (attended / total.unsqueeze(-1)).view(n, c.num_heads, c.head_dim)
         for chunk in inputs.prefills:
             seen = chunk.mask.shape[1]
             rows = q[chunk.start : chunk.start + chunk.length].transpose(0, 1)[None]
-            k, v = keys[chunk.slot, :, :seen][None], values[chunk.slot, :, :seen][None]
-            attended = F.scaled_dot_product_attention(rows, k, v, attn_mask=chunk.mask, enable_gqa=True)
+            k, v = cache.sequence(layer, chunk.blocks, seen)
+            attended = F.scaled_dot_product_attention(rows, k[None], v[None], attn_mask=chunk.mask, enable_gqa=True)
             out[chunk.start : chunk.start + chunk.length] = attended[0].transpose(0, 1)
         return out
 
