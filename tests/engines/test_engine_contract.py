@@ -29,11 +29,13 @@ def _llamacpp(prefix_cache_tokens: int = 0):
     )
 
 
-def _torch(prefix_cache_tokens: int = 0):
+def _torch(prefix_cache_tokens: int = 0, dtype: str = "bfloat16"):
     pytest.importorskip("torch")
     from tokenmill.engines.torchlm.engine import TorchEngine
 
-    return TorchEngine(default_model_path(), context_window=2048, threads=2, prefix_cache_tokens=prefix_cache_tokens)
+    return TorchEngine(
+        default_model_path(), context_window=2048, threads=2, prefix_cache_tokens=prefix_cache_tokens, dtype=dtype
+    )
 
 
 BUILD = {"llamacpp": _llamacpp, "torch": _torch}
@@ -213,6 +215,24 @@ def test_a_conversation_reuses_its_history_and_answers_as_without_the_cache(kind
         # every turn after the first finds the conversation so far: its last prompt at least
         assert reused[0] == 0 and all(later > 20 for later in reused[1:]), reused
         assert exact_engine.prefix_cache_stats().hit_tokens == 0
+    finally:
+        cached.close()
+        exact_engine.close()
+
+
+def test_in_fp32_the_torch_engines_answers_with_and_without_the_cache_are_identical():
+    """fp32 leaves no near tie to hide behind: with the cache on, a conversation's turns reuse the
+    earlier turns' KV blocks (shared whole, a partial last block copied) and must answer exactly as
+    an engine that computes every prompt whole."""
+    cached, exact_engine = _torch(prefix_cache_tokens=2048, dtype="float32"), _torch(dtype="float32")
+    try:
+        history: tuple[ChatMessage, ...] = (ChatMessage("system", "You are a concise assistant."),)
+        for question in ("What is a lighthouse?", "How tall can they be?", "Name a famous one."):
+            history += (ChatMessage("user", question),)
+            mine, exact = _greedy(cached, history), _greedy(exact_engine, history)
+            assert [entry.token for entry in mine] == [entry.token for entry in exact], question
+            history += (ChatMessage("assistant", "".join(entry.token for entry in exact)),)
+        assert cached.prefix_cache_stats().hit_tokens > 60
     finally:
         cached.close()
         exact_engine.close()

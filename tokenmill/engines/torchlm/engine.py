@@ -23,7 +23,7 @@ from tokenmill.engines.sequence import Sequence
 from tokenmill.engines.structured import Constrained, structured_tokenizer
 from tokenmill.engines.torchlm.checkpoint import load_checkpoint
 from tokenmill.engines.torchlm.kv_cache import PagedKVCache, blocks_for
-from tokenmill.engines.torchlm.model import DecodeBatch, LlamaModel, PrefillChunk, StepInputs
+from tokenmill.engines.torchlm.model import BlockReads, DecodeBatch, LlamaModel, PrefillChunk, StepInputs
 from tokenmill.engines.torchlm.sampler import BatchSampler
 from tokenmill.engines.torchlm.tokenizer import load_tokenizer
 
@@ -163,9 +163,7 @@ class TorchEngine:
         block = self.cache.block
         token_ids: list[int] = []
         positions: list[int] = []
-        decode_blocks: list[int] = []  # every block the decode rows read, row after row
-        decode_rows: list[int] = []
-        last_cells: list[int] = []  # how many cells of each decode row's last block it reads
+        decode_reads: list[tuple[list[int], int]] = []  # per decode row: its blocks, cells of the last one
         prefills: list[PrefillChunk] = []
         sample_rows: list[int] = []
         sampled: list[Chunk] = []
@@ -177,9 +175,7 @@ class TorchEngine:
             positions.extend(range(start, start + n))
             if n == 1:
                 used = blocks_for(start + 1, block)
-                decode_blocks.extend(table[:used])
-                decode_rows.extend([row] * used)
-                last_cells.append(start + 1 - (used - 1) * block)
+                decode_reads.append((table[:used], start + 1 - (used - 1) * block))
             else:
                 mask = torch.ones(n, start + n, dtype=torch.bool, device=self.device).tril(diagonal=start)
                 prompt_blocks = tensor(table[: blocks_for(start + n, block)])
@@ -190,22 +186,7 @@ class TorchEngine:
         position_tensor = tensor(positions)
         every_table = [self.cache.table(c.seq.seq_id) for c in chunks for _ in range(c.num_tokens)]
         block_of_token = [table[p // block] for table, p in zip(every_table, positions, strict=True)]
-        decode = None
-        if decode_blocks:
-            rows = tensor(decode_rows)
-            # only a row's last block has cells it must not read: those past its length
-            last = torch.zeros(len(decode_blocks), dtype=torch.long, device=self.device).fill_(block)
-            ends = torch.cumsum(torch.bincount(rows, minlength=len(last_cells)), 0) - 1
-            last[ends] = tensor(last_cells)
-            cells = torch.arange(block, device=self.device)[None, :]
-            decode = DecodeBatch(
-                size=len(last_cells),
-                blocks=tensor(decode_blocks),
-                rows=rows,
-                bias=torch.zeros(
-                    len(decode_blocks), 1, 1, block, dtype=self.cache.dtype, device=self.device
-                ).masked_fill_((cells >= last[:, None])[:, None, None, :], -torch.inf),
-            )
+        decode = self._decode_batch(decode_reads) if decode_reads else None
         inputs = StepInputs(
             token_ids=tensor(token_ids),
             positions=position_tensor,
@@ -216,6 +197,37 @@ class TorchEngine:
             sample_rows=tensor(sample_rows),
         )
         return inputs, sampled
+
+    def _decode_batch(self, reads: list[tuple[list[int], int]]) -> DecodeBatch:
+        """Which row reads which block, and how many of its cells: blocks below the highest one
+        read are attended in place, each by its first reader; a block's further readers get a copy."""
+        block = self.cache.block
+        span = 1 + max(max(blocks) for blocks, _ in reads)
+        owner, readable = [0] * span, [0] * span  # a block nobody reads: row 0, no cell readable
+        extra: tuple[list[int], list[int], list[int]] = ([], [], [])
+        for row, (blocks, last_cells) in enumerate(reads):
+            for i, b in enumerate(blocks):
+                cells = last_cells if i == len(blocks) - 1 else block
+                if readable[b]:
+                    for column, value in zip(extra, (b, row, cells), strict=True):
+                        column.append(value)
+                else:
+                    owner[b], readable[b] = row, cells
+        tensor = functools.partial(torch.tensor, dtype=torch.long, device=self.device)
+        cell = torch.arange(block, device=self.device)[None, :]
+
+        def block_reads(rows: list[int], cells: list[int]) -> BlockReads:
+            masked = (cell >= tensor(cells)[:, None])[:, None, None, :]
+            bias = torch.zeros(len(rows), 1, 1, block, dtype=self.cache.dtype, device=self.device)
+            return BlockReads(rows=tensor(rows), bias=bias.masked_fill_(masked, -torch.inf))
+
+        return DecodeBatch(
+            size=len(reads),
+            span=span,
+            span_reads=block_reads(owner, readable),
+            extra_blocks=tensor(extra[0]) if extra[0] else None,
+            extra_reads=block_reads(extra[1], extra[2]) if extra[0] else None,
+        )
 
     def close(self) -> None:
         pass  # tensors are freed with the engine

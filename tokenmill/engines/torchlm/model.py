@@ -20,14 +20,24 @@ from tokenmill.engines.torchlm.linear import Projection, can_prepack, projection
 
 
 @dataclass(frozen=True, slots=True)
+class BlockReads:
+    """KV blocks read by decode rows: block i is read by row `rows[i]`, its cells masked by `bias[i]`."""
+
+    rows: torch.Tensor  # [blocks]
+    bias: torch.Tensor  # [blocks, 1, 1, cells per block] 0 where a cell holds one of the row's keys, else -inf
+
+
+@dataclass(frozen=True, slots=True)
 class DecodeBatch:
-    """The first `size` packed rows: one new token each. Their KV blocks are listed one after
-    another (no padding): block i belongs to row `rows[i]`, and `bias[i]` masks its unused cells."""
+    """The first `size` packed rows: one new token each. The KV cache's blocks [0, span) are read
+    in place, each by the row owning it (a block no row reads is masked whole); blocks a second
+    row also reads (a shared prompt) are gathered: `extra_blocks`."""
 
     size: int
-    blocks: torch.Tensor  # [blocks]
-    rows: torch.Tensor  # [blocks] the decode row each block belongs to
-    bias: torch.Tensor  # [blocks, 1, 1, cells per block] 0 where a cell holds one of the row's keys, else -inf
+    span: int
+    span_reads: BlockReads
+    extra_blocks: torch.Tensor | None
+    extra_reads: BlockReads | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,24 +163,10 @@ class LlamaModel:
         out = q.new_empty(q.shape)
         decode = inputs.decode
         if decode is not None:
-            # Block by block, over exactly the blocks the step's decode rows use: scores per
-            # (block, key head) in one batched matmul, then a softmax per row across its blocks
-            # (fp32: each row's peak, the exponentials, their sum, the blocks' value sums added).
-            # Grouped-query attention without repeating keys: the query heads sharing a key head
-            # are that head's rows.
-            n, rows_of = decode.size, decode.rows
-            keys, values = cache.gather(layer, decode.blocks)  # [blocks, kv heads, cells, dim]
-            rows = q[:n].view(n, c.num_kv_heads, self._group, c.head_dim).index_select(0, rows_of)
-            scores = torch.add(decode.bias, torch.matmul(rows, keys.transpose(-1, -2)), alpha=self._scale).float()
-            block_peaks = scores.amax(dim=-1)
-            index = rows_of.view(-1, 1, 1).expand(block_peaks.shape)
-            peak = block_peaks.new_full((n, *block_peaks.shape[1:]), -torch.inf)
-            peak.scatter_reduce_(0, index, block_peaks, "amax")
-            weights = (scores - peak.index_select(0, rows_of).unsqueeze(-1)).exp_()
-            total = peak.new_zeros(peak.shape).index_add_(0, rows_of, weights.sum(dim=-1))
-            shares = torch.matmul(weights.to(q.dtype), values).float()  # [blocks, kv heads, group, dim]
-            attended = shares.new_zeros((n, *shares.shape[1:])).index_add_(0, rows_of, shares)
-            out[:n] = (attended / total.unsqueeze(-1)).view(n, c.num_heads, c.head_dim)
+            parts = [(*cache.span(layer, decode.span), decode.span_reads)]
+            if decode.extra_blocks is not None and decode.extra_reads is not None:
+                parts.append((*cache.gather(layer, decode.extra_blocks), decode.extra_reads))
+            out[: decode.size] = self._attend_blocks(q[: decode.size], parts).view(decode.size, c.num_heads, c.head_dim)
         for chunk in inputs.prefills:
             seen = chunk.mask.shape[1]
             rows = q[chunk.start : chunk.start + chunk.length].transpose(0, 1)[None]
@@ -178,6 +174,34 @@ class LlamaModel:
             attended = F.scaled_dot_product_attention(rows, k[None], v[None], attn_mask=chunk.mask, enable_gqa=True)
             out[chunk.start : chunk.start + chunk.length] = attended[0].transpose(0, 1)
         return out
+
+    def _attend_blocks(
+        self, q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor, BlockReads]]
+    ) -> torch.Tensor:
+        """Decode attention block by block: scores per (block, key head) in one batched matmul per
+        part, then a softmax per row across all its blocks in fp32 (each row's peak, the
+        exponentials, their sum, the blocks' value sums added up). Grouped-query attention without
+        repeating keys: the query heads sharing a key head are that head's rows."""
+        c = self.config
+        n = q.shape[0]
+        rows = q.view(n, c.num_kv_heads, self._group, c.head_dim)
+        scores = [
+            torch.add(
+                reads.bias, torch.matmul(rows.index_select(0, reads.rows), keys.transpose(-1, -2)), alpha=self._scale
+            ).float()
+            for keys, _, reads in parts
+        ]
+        peak = scores[0].new_full((n, c.num_kv_heads, self._group), -torch.inf)
+        for part, (_, _, reads) in zip(scores, parts, strict=True):
+            block_peaks = part.amax(dim=-1)
+            peak.scatter_reduce_(0, reads.rows.view(-1, 1, 1).expand(block_peaks.shape), block_peaks, "amax")
+        total = peak.new_zeros(peak.shape)
+        attended = peak.new_zeros((*peak.shape, c.head_dim))
+        for part, (_, values, reads) in zip(scores, parts, strict=True):
+            weights = part.sub_(peak.index_select(0, reads.rows).unsqueeze(-1)).exp_()
+            total.index_add_(0, reads.rows, weights.sum(dim=-1))
+            attended.index_add_(0, reads.rows, torch.matmul(weights.to(q.dtype), values).float())
+        return (attended / total.unsqueeze(-1)).to(q.dtype)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
