@@ -200,15 +200,20 @@ class TorchEngine:
 
     def _decode_batch(self, reads: list[tuple[list[int], int]]) -> DecodeBatch:
         """Which row reads which block, and how many of its cells: blocks below the highest one
-        read are attended in place, each by its first reader; a block's further readers get a copy."""
+        read are attended in place, each by its first reader; a block's further readers get a copy
+        (and every reader does, where most of that span is blocks no row reads)."""
         block = self.cache.block
         span = 1 + max(max(blocks) for blocks, _ in reads)
+        if span > 2 * sum(len(blocks) for blocks, _ in reads):
+            # mostly blocks no row reads (cached prompts, free ones, a few rows): gathering the
+            # read ones costs less than attending the whole span
+            span = 0
         owner, readable = [0] * span, [0] * span  # a block nobody reads: row 0, no cell readable
         extra: tuple[list[int], list[int], list[int]] = ([], [], [])
         for row, (blocks, last_cells) in enumerate(reads):
             for i, b in enumerate(blocks):
                 cells = last_cells if i == len(blocks) - 1 else block
-                if readable[b]:
+                if b >= span or readable[b]:
                     for column, value in zip(extra, (b, row, cells), strict=True):
                         column.append(value)
                 else:
@@ -224,7 +229,7 @@ class TorchEngine:
         return DecodeBatch(
             size=len(reads),
             span=span,
-            span_reads=block_reads(owner, readable),
+            span_reads=block_reads(owner, readable) if span else None,
             extra_blocks=tensor(extra[0]) if extra[0] else None,
             extra_reads=block_reads(extra[1], extra[2]) if extra[0] else None,
         )

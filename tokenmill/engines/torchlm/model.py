@@ -34,8 +34,8 @@ class DecodeBatch:
     row also reads (a shared prompt) are gathered: `extra_blocks`."""
 
     size: int
-    span: int
-    span_reads: BlockReads
+    span: int  # 0: every block read is gathered
+    span_reads: BlockReads | None
     extra_blocks: torch.Tensor | None
     extra_reads: BlockReads | None
 
@@ -163,7 +163,9 @@ class LlamaModel:
         out = q.new_empty(q.shape)
         decode = inputs.decode
         if decode is not None:
-            parts = [(*cache.span(layer, decode.span), decode.span_reads)]
+            parts = []
+            if decode.span_reads is not None:
+                parts.append((*cache.span(layer, decode.span), decode.span_reads))
             if decode.extra_blocks is not None and decode.extra_reads is not None:
                 parts.append((*cache.gather(layer, decode.extra_blocks), decode.extra_reads))
             out[: decode.size] = self._attend_blocks(q[: decode.size], parts).view(decode.size, c.num_heads, c.head_dim)
