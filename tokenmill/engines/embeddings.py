@@ -38,12 +38,10 @@ class LlamaCppEmbedder:
     def __init__(self, model_path: Path, context_window: int, threads: int, extra_buffers: bool = False):
         import llama_cpp
 
-        from tokenmill.engines.llamacpp import model_params
+        from tokenmill.engines.llamacpp import load_model, model_params
 
         self._llama = llama_cpp
-        self._model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), model_params(extra_buffers))
-        if not self._model:
-            raise EngineFailure(f"llama.cpp could not load the model file {model_path}")
+        self._model = load_model(model_path, model_params(extra_buffers))
         params = llama_cpp.llama_context_default_params()
         # a pooled input must fit one micro-batch: the whole window in one step
         params.n_ctx = params.n_batch = params.n_ubatch = context_window

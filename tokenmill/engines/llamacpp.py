@@ -160,6 +160,14 @@ def model_params(extra_buffers: bool = False) -> llama_cpp.llama_model_params:
     return params
 
 
+def load_model(model_path: Path, params: llama_cpp.llama_model_params) -> llama_cpp.llama_model_p:
+    """The model in `model_path`; EngineFailure where llama.cpp cannot load it."""
+    model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), params)
+    if not model:
+        raise EngineFailure(f"llama.cpp could not load the model file {model_path}")
+    return model
+
+
 @contextlib.contextmanager
 def portable_llama() -> Iterator[None]:
     """While open, `llama_cpp.Llama(...)` loads with the extra weight buffers off.
@@ -202,9 +210,7 @@ class LlamaCppEngine:
     ):
         threads = threads or os.cpu_count() or 1
         self.model_params = model_params(extra_buffers)
-        self._model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), self.model_params)
-        if not self._model:
-            raise EngineFailure(f"llama.cpp could not load the model file {model_path}")
+        self._model: llama_cpp.llama_model_p | None = load_model(model_path, self.model_params)
         window = min(context_window, _trained_context(self._model))
         cache_budget = (prefix_cache_tokens if prefix_cache_tokens is not None else window) if prefix_cache else 0
         params = llama_cpp.llama_context_default_params()

@@ -110,11 +110,13 @@ class PrefixIndex:
         self.entries.clear()
         return dropped
 
-    def evict_oldest(self) -> int | None:
-        """Drop the least recently used entry (an engine short of cells); its holder, or None."""
-        if not self.entries:
+    def evict_oldest(self, keep: CachedPrompt | None = None) -> int | None:
+        """Drop the least recently used entry but `keep` (an engine short of cells: any); its
+        holder, or None when there is none to drop."""
+        victims = [entry for entry in self.entries if entry is not keep]
+        if not victims:
             return None
-        victim = min(self.entries, key=lambda entry: entry.last_used)
+        victim = min(victims, key=lambda entry: entry.last_used)
         self.entries.remove(victim)
         self.holders.append(victim.holder)
         return victim.holder
@@ -128,14 +130,11 @@ class PrefixIndex:
 
     def _make_room(self, tokens: int, keep: CachedPrompt | None, need_holder: bool) -> tuple[int, ...]:
         evicted = []
-        while self.entries and (self.cached_tokens + tokens > self.budget_tokens or (need_holder and not self.holders)):
-            victims = [entry for entry in self.entries if entry is not keep]
-            if not victims:
+        while self.cached_tokens + tokens > self.budget_tokens or (need_holder and not self.holders):
+            holder = self.evict_oldest(keep)
+            if holder is None:
                 break
-            victim = min(victims, key=lambda entry: entry.last_used)
-            self.entries.remove(victim)
-            self.holders.append(victim.holder)
-            evicted.append(victim.holder)
+            evicted.append(holder)
         return tuple(evicted)
 
     def _touch(self, entry: CachedPrompt) -> None:

@@ -135,7 +135,7 @@ class TorchEngine:
         return [by_seq.get(c.seq.seq_id) if c.completes_sequence_input else None for c in chunks]
 
     def _remember_prompt(self, prefix: PrefixIndex, seq: Sequence) -> None:
-        """`seq` has just finished prefill: a copy of its prompt's cells goes to the cache."""
+        """`seq` has just finished prefill: the cache takes a reference to its prompt's blocks."""
         store = prefix.store(seq.token_ids[: seq.num_prompt_tokens])
         if store is None:
             return
@@ -163,6 +163,7 @@ class TorchEngine:
         block = self.cache.block
         token_ids: list[int] = []
         positions: list[int] = []
+        written: list[int] = []  # the block each token's key and value go to
         decode_reads: list[tuple[list[int], int]] = []  # per decode row: its blocks, cells of the last one
         prefills: list[PrefillChunk] = []
         sample_rows: list[int] = []
@@ -173,6 +174,7 @@ class TorchEngine:
             table, row = self.cache.table(seq.seq_id), len(token_ids)
             token_ids.extend(seq.token_ids[start : start + n])
             positions.extend(range(start, start + n))
+            written.extend(table[p // block] for p in range(start, start + n))
             if n == 1:
                 used = blocks_for(start + 1, block)
                 decode_reads.append((table[:used], start + 1 - (used - 1) * block))
@@ -184,13 +186,11 @@ class TorchEngine:
                 sample_rows.append(row + n - 1)
                 sampled.append(chunk)
         position_tensor = tensor(positions)
-        every_table = [self.cache.table(c.seq.seq_id) for c in chunks for _ in range(c.num_tokens)]
-        block_of_token = [table[p // block] for table, p in zip(every_table, positions, strict=True)]
         decode = self._decode_batch(decode_reads) if decode_reads else None
         inputs = StepInputs(
             token_ids=tensor(token_ids),
             positions=position_tensor,
-            blocks=tensor(block_of_token),
+            blocks=tensor(written),
             offsets=position_tensor % block,
             decode=decode,
             prefills=prefills,
@@ -209,30 +209,30 @@ class TorchEngine:
             # read ones costs less than attending the whole span
             span = 0
         owner, readable = [0] * span, [0] * span  # a block nobody reads: row 0, no cell readable
-        extra: tuple[list[int], list[int], list[int]] = ([], [], [])
+        gathered: list[int] = []
+        gathered_rows: list[int] = []
+        gathered_cells: list[int] = []
         for row, (blocks, last_cells) in enumerate(reads):
             for i, b in enumerate(blocks):
                 cells = last_cells if i == len(blocks) - 1 else block
-                if b >= span or readable[b]:
-                    for column, value in zip(extra, (b, row, cells), strict=True):
-                        column.append(value)
-                else:
+                if b < span and not readable[b]:
                     owner[b], readable[b] = row, cells
+                else:
+                    gathered.append(b)
+                    gathered_rows.append(row)
+                    gathered_cells.append(cells)
         tensor = functools.partial(torch.tensor, dtype=torch.long, device=self.device)
         cell = torch.arange(block, device=self.device)[None, :]
 
-        def block_reads(rows: list[int], cells: list[int]) -> BlockReads:
+        def block_reads(rows: list[int], cells: list[int], blocks: torch.Tensor | None = None) -> BlockReads:
             masked = (cell >= tensor(cells)[:, None])[:, None, None, :]
             bias = torch.zeros(len(rows), 1, 1, block, dtype=self.cache.dtype, device=self.device)
-            return BlockReads(rows=tensor(rows), bias=bias.masked_fill_(masked, -torch.inf))
+            return BlockReads(rows=tensor(rows), bias=bias.masked_fill_(masked, -torch.inf), blocks=blocks)
 
-        return DecodeBatch(
-            size=len(reads),
-            span=span,
-            span_reads=block_reads(owner, readable) if span else None,
-            extra_blocks=tensor(extra[0]) if extra[0] else None,
-            extra_reads=block_reads(extra[1], extra[2]) if extra[0] else None,
-        )
+        block_lists = [block_reads(owner, readable)] if span else []
+        if gathered:
+            block_lists.append(block_reads(gathered_rows, gathered_cells, tensor(gathered)))
+        return DecodeBatch(size=len(reads), reads=block_lists)
 
     def close(self) -> None:
         pass  # tensors are freed with the engine

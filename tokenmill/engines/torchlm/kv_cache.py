@@ -44,7 +44,7 @@ class PagedKVCache:
     ):
         self.block = block
         self.num_blocks = num_blocks
-        self.dtype, self._device = dtype, device
+        self.dtype = dtype
         shape = (config.num_layers, 2, num_blocks, config.num_kv_heads, block, config.head_dim)
         self._cells = torch.empty(shape, dtype=dtype, device=device)
         self._free = list(range(num_blocks))  # a heap: lowest first
@@ -146,7 +146,3 @@ class PagedKVCache:
             return found.transpose(0, 1).flatten(1, 2)[:, :cells]
 
         return read(0), read(1)
-
-    def drop_buffers(self) -> None:
-        """Free the gather buffer (it is sized for the largest step so far)."""
-        self._gathered = None

@@ -3,8 +3,8 @@
 One call runs every token of a step -- decode rows of many sequences and prefill chunks of some --
 through the weights as one packed [tokens, hidden] matrix, so each weight matrix is read once per
 step however many sequences share it (that is where batching wins on a CPU). Only attention
-looks at sequences separately: all decode rows together as one padded batch over their paged
-keys, each prefill chunk on its own with a causal mask.
+looks at sequences separately: all decode rows together, block by block over the KV blocks
+they read, each prefill chunk on its own with a causal mask.
 """
 
 from __future__ import annotations
@@ -21,23 +21,21 @@ from tokenmill.engines.torchlm.linear import Projection, can_prepack, projection
 
 @dataclass(frozen=True, slots=True)
 class BlockReads:
-    """KV blocks read by decode rows: block i is read by row `rows[i]`, its cells masked by `bias[i]`."""
+    """KV blocks read by decode rows: the i-th is read by row `rows[i]`, its cells masked by
+    `bias[i]`. It is the cache's block `blocks[i]` (gathered), or with `blocks` None the cache's
+    block i itself (read in place: a block no row reads is masked whole)."""
 
     rows: torch.Tensor  # [blocks]
     bias: torch.Tensor  # [blocks, 1, 1, cells per block] 0 where a cell holds one of the row's keys, else -inf
+    blocks: torch.Tensor | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class DecodeBatch:
-    """The first `size` packed rows: one new token each. The KV cache's blocks [0, span) are read
-    in place, each by the row owning it (a block no row reads is masked whole); blocks a second
-    row also reads (a shared prompt) are gathered: `extra_blocks`."""
+    """The first `size` packed rows: one new token each, and the KV blocks they read."""
 
     size: int
-    span: int  # 0: every block read is gathered
-    span_reads: BlockReads | None
-    extra_blocks: torch.Tensor | None
-    extra_reads: BlockReads | None
+    reads: list[BlockReads]
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,11 +161,10 @@ class LlamaModel:
         out = q.new_empty(q.shape)
         decode = inputs.decode
         if decode is not None:
-            parts = []
-            if decode.span_reads is not None:
-                parts.append((*cache.span(layer, decode.span), decode.span_reads))
-            if decode.extra_blocks is not None and decode.extra_reads is not None:
-                parts.append((*cache.gather(layer, decode.extra_blocks), decode.extra_reads))
+            parts = [
+                (*(cache.span(layer, len(r.rows)) if r.blocks is None else cache.gather(layer, r.blocks)), r)
+                for r in decode.reads
+            ]
             out[: decode.size] = self._attend_blocks(q[: decode.size], parts).view(decode.size, c.num_heads, c.head_dim)
         for chunk in inputs.prefills:
             seen = chunk.mask.shape[1]
