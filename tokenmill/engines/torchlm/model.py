@@ -40,7 +40,8 @@ class DecodeBatch:
 
 @dataclass(frozen=True, slots=True)
 class PrefillChunk:
-    """Packed rows start..start+length-1: one sequence's prompt tokens after `past` cached ones."""
+    """Packed rows start..start+length-1: one sequence's tokens after `past` cached ones (a prompt
+    chunk, or the one new token of a step with few decode rows)."""
 
     start: int
     length: int
