@@ -236,3 +236,28 @@ def test_in_fp32_the_torch_engines_answers_with_and_without_the_cache_are_identi
     finally:
         cached.close()
         exact_engine.close()
+
+
+@pytest.mark.parametrize("kind", ["llamacpp", "torch"])
+def test_the_next_turn_finds_the_last_answer_cached_not_only_the_last_prompt(kind):
+    """A finished sequence's whole text goes to the cache, answer included: the next turn resends
+    it, and only the new question is left to prefill (the answer's last token is never computed,
+    and the chat template closes the turn after it)."""
+    engine = BUILD[kind](prefix_cache_tokens=2048)
+    try:
+        history = (ChatMessage("system", "You are a concise assistant."), ChatMessage("user", "What is a lighthouse?"))
+        first = prepare_sequence(
+            GenerationRequest("1", SamplingParams(temperature=0, max_tokens=24), messages=history), engine.tokenizer
+        )
+        answer = "".join(e.text for e in generate(engine, first, lambda: False) if isinstance(e, TextDelta))
+        answered = first.num_computed  # the prompt and every answer token but the last
+        assert answered > first.num_prompt_tokens + 10
+        history += (ChatMessage("assistant", answer), ChatMessage("user", "How tall can they be?"))
+        second = prepare_sequence(
+            GenerationRequest("2", SamplingParams(temperature=0, max_tokens=4), messages=history), engine.tokenizer
+        )
+        assert second.token_ids[:answered] == first.token_ids[:answered]  # the answer re-encodes the same
+        list(generate(engine, second, lambda: False))
+        assert second.num_cached == answered
+    finally:
+        engine.close()

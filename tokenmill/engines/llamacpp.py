@@ -9,8 +9,9 @@ Prefix cache: `prefix_cache.HOLDERS` extra sequence ids hold the KV cells of rec
 shared `PrefixIndex` directs (engines/prefix_cache.py). A new sequence whose prompt starts like a
 cached one (a chat template, a system prompt, a conversation so far) gets those cells -- in the
 unified cache `llama_memory_seq_cp` adds the sequence id to the cells, a reference, not a copy --
-and only prefills the rest. A prompt that finished prefill is copied the same way into a holder
-(a conversation's next turn grows its own entry). The cells the cache holds on its own are
+and only prefills the rest. A prompt that finished prefill is copied the same way into a holder,
+and the whole sequence, answer included, when it finishes (a conversation's next turn grows its
+own entry). The cells the cache holds on its own are
 bounded by its budget, which the context is sized for on top of the running sequences' budget, so
 the cache never takes a cell a running sequence needs.
 
@@ -38,7 +39,7 @@ from tokenmill.engines import logprobs
 from tokenmill.engines.base import Chunk
 from tokenmill.engines.chat_template import ChatTemplate
 from tokenmill.engines.prefix_cache import HOLDERS, PrefixCacheStats, PrefixIndex
-from tokenmill.engines.sequence import Sequence
+from tokenmill.engines.sequence import Sequence, SequenceStatus
 from tokenmill.engines.structured import Constrained
 from tokenmill.errors import EngineFailure
 from tokenmill.generation import ChatMessage, ToolFunction
@@ -260,9 +261,10 @@ class LlamaCppEngine:
             llama_cpp.llama_memory_seq_cp(self._memory, holder, slot, 0, shared)
             seq.num_computed = seq.num_cached = shared
 
-    def _remember_prompt(self, prefix: PrefixIndex, seq: Sequence, slot: int) -> None:
-        """`seq` has just finished prefill: its prompt's cells go to the cache."""
-        store = prefix.store(seq.token_ids[: seq.num_prompt_tokens])
+    def _remember(self, prefix: PrefixIndex, seq: Sequence, slot: int, tokens: int) -> None:
+        """`seq`'s first `tokens` have their cells (its prompt after prefill, or all it computed
+        when it finishes): they go to the cache."""
+        store = prefix.store(seq.token_ids[:tokens])
         if store is None:
             return
         for holder in store.evicted:
@@ -275,6 +277,9 @@ class LlamaCppEngine:
 
     def remove_sequence(self, seq: Sequence) -> None:
         slot = self._slots.pop(seq.seq_id, None)
+        if slot is not None and self._prefix is not None and seq.status is SequenceStatus.FINISHED:
+            # the answer too: a conversation's next turn resends it after this prompt
+            self._remember(self._prefix, seq, slot, seq.num_computed)
         if slot is not None:
             llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
             self._free_slots.append(slot)
@@ -304,7 +309,8 @@ class LlamaCppEngine:
         if self._prefix is not None:
             for chunk in chunks:
                 if chunk.completes_prompt:
-                    self._remember_prompt(self._prefix, chunk.seq, self._slots[chunk.seq.seq_id])
+                    seq = chunk.seq
+                    self._remember(self._prefix, seq, self._slots[seq.seq_id], seq.num_prompt_tokens)
         sampled = [(chunk.seq, row) for chunk, row in zip(chunks, sample_rows, strict=True) if row is not None]
         # every constrained row of the step in one call (None: no row is constrained)
         masks = None if self._constrained is None else self._constrained.mask_rows([seq for seq, _ in sampled])

@@ -19,7 +19,7 @@ import torch
 
 from tokenmill.engines.base import Chunk
 from tokenmill.engines.prefix_cache import HOLDERS, PrefixCacheStats, PrefixIndex
-from tokenmill.engines.sequence import Sequence
+from tokenmill.engines.sequence import Sequence, SequenceStatus
 from tokenmill.engines.structured import Constrained, structured_tokenizer
 from tokenmill.engines.torchlm.checkpoint import load_checkpoint
 from tokenmill.engines.torchlm.kv_cache import PagedKVCache, blocks_for
@@ -112,6 +112,9 @@ class TorchEngine:
 
     @torch.inference_mode()
     def remove_sequence(self, seq: Sequence) -> None:
+        if self._prefix is not None and seq.status is SequenceStatus.FINISHED:
+            # the answer too: a conversation's next turn resends it after this prompt
+            self._remember(self._prefix, seq, seq.num_computed)
         self.cache.remove(seq.seq_id)
         self.sampler.remove(seq.seq_id)
         if self._constrained is not None:
@@ -129,7 +132,7 @@ class TorchEngine:
         if self._prefix is not None:
             for chunk in chunks:
                 if chunk.completes_prompt:
-                    self._remember_prompt(self._prefix, chunk.seq)
+                    self._remember(self._prefix, chunk.seq, chunk.seq.num_prompt_tokens)
         if not sampled_chunks:
             return [None] * len(chunks)
         seqs = [chunk.seq for chunk in sampled_chunks]
@@ -137,15 +140,16 @@ class TorchEngine:
         by_seq = {seq.seq_id: token for seq, token in zip(seqs, tokens, strict=True)}
         return [by_seq.get(c.seq.seq_id) if c.completes_sequence_input else None for c in chunks]
 
-    def _remember_prompt(self, prefix: PrefixIndex, seq: Sequence) -> None:
-        """`seq` has just finished prefill: the cache takes a reference to its prompt's blocks."""
-        store = prefix.store(seq.token_ids[: seq.num_prompt_tokens])
+    def _remember(self, prefix: PrefixIndex, seq: Sequence, tokens: int) -> None:
+        """`seq`'s first `tokens` have their KV (its prompt after prefill, or all it computed when
+        it finishes): the cache takes a reference to their blocks."""
+        store = prefix.store(seq.token_ids[:tokens])
         if store is None:
             return
         for holder in store.evicted:
             self.cache.release(self._stored.pop(holder))
-        # the sequence's own blocks hold the whole prompt (shared ones included), whether the entry
-        # is new or a conversation's earlier turn growing; it keeps writing only past the prompt
+        # the sequence's own blocks hold all those tokens (shared ones included), whether the entry
+        # is new or a conversation's earlier turn growing; it keeps writing only past them
         blocks = self.cache.table(seq.seq_id)[: blocks_for(store.end, self.cache.block)]
         self.cache.hold(blocks)
         self.cache.release(self._stored.pop(store.holder, []))
