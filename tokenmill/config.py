@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tokenmill.cpus import available_cpus
+from tokenmill.tenants import Tenant, parse_keys
 
 EngineName = Literal["llamacpp", "torch", "upstream", "simulated"]
 ModeName = Literal["sync", "async", "process", "batch"]
@@ -137,7 +138,11 @@ class Settings(BaseSettings):
     api_key: str | None = Field(
         None, description="Require 'Authorization: Bearer KEY' on inference routes (comma-separate several keys)."
     )
-    api_key_file: str | None = Field(None, description="File with one API key per line (added to --api-key).")
+    api_key_file: str | None = Field(
+        None,
+        description="File with one API key per line (added to --api-key), each optionally followed by its "
+        "tenant's name=, weight=, tokens_per_minute=, requests_per_minute= and max_priority= (docs/operations.md).",
+    )
     metrics_require_key: bool = Field(
         False, description="Also require the API key on /metrics (/health and /ready stay open)."
     )
@@ -256,6 +261,16 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _key_file_is_readable(self) -> Settings:
+        """A bad key file line is named at start-up, not met by the first request."""
+        if self.api_key_file:
+            try:
+                self.tenants()
+            except OSError as error:
+                raise ValueError(f"--api-key-file: {error}") from None
+        return self
+
+    @model_validator(mode="after")
     def _upstream_is_complete(self) -> Settings:
         if self.engine == "upstream":
             if not self.upstream_url:
@@ -283,12 +298,13 @@ class Settings(BaseSettings):
     def queue_limit(self) -> int:
         return self.max_queue if self.max_queue is not None else max(8, 2 * self.capacity())
 
-    def api_keys(self) -> tuple[str, ...]:
-        keys = [k.strip() for k in (self.api_key or "").split(",")]
+    def tenants(self) -> dict[str, Tenant]:
+        """Every API key and its tenant: --api-key's (bare keys), then the key file's."""
+        tenants = parse_keys((self.api_key or "").split(","))
         if self.api_key_file:
             with open(self.api_key_file) as f:
-                keys += [line.strip() for line in f]
-        return tuple(k for k in keys if k)
+                tenants.update(parse_keys(f))
+        return tenants
 
     def threads_per_replica(self) -> int:
         if self.threads is not None:

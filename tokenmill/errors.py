@@ -74,6 +74,17 @@ class Overloaded(TokenmillError):
         self.retry_after = retry_after
 
 
+class QuotaExceeded(TokenmillError):
+    """A key over its own quota (429): not an overload, and the server may be idle."""
+
+    error_type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float, code: str | None = None):
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+
 class DeadlineExceeded(TokenmillError):
     error_type = "timeout_error"
     default_code = "timeout"

@@ -115,7 +115,7 @@ class NamedToolChoice(_Strict):
 # upstream's own), streaming (always streamed upstream), n (one upstream request per choice), the
 # length and seed (per choice, within --max-tokens-limit) and its own timeout.
 _ACTED_ON = frozenset(
-    {"model", "stream", "stream_options", "n", "timeout", "max_tokens", "max_completion_tokens", "seed"}
+    {"model", "stream", "stream_options", "n", "timeout", "max_tokens", "max_completion_tokens", "seed", "priority"}
 )
 
 
@@ -137,6 +137,13 @@ class _SamplingFields(_Strict):
     min_tokens: int = 0
     timeout: float | None = Field(
         None, gt=0, description="Seconds; may shorten the server's total timeout, never extend it."
+    )
+    priority: int | None = Field(
+        None,
+        ge=-1000,
+        le=1000,
+        description="Higher is admitted and scheduled first (default 0; the API key's max_priority caps it). "
+        "The X-Priority header sets it too.",
     )
     frequency_penalty: float | None = None
     presence_penalty: float | None = None

@@ -1,20 +1,36 @@
-"""Admission control: a fixed capacity and a bounded wait queue. Excess is refused at once.
+"""Admission control: a fixed capacity and a bounded wait queue, shared fairly between tenants.
 
 A request holds its place from admission until its response ends (stream closed, body sent, or
-client gone), so capacity always reflects real work. When every place is taken and the queue is
-full, `acquire()` raises Overloaded without waiting: the reject path does no inference work and
-costs microseconds. `Retry-After` is estimated from how fast places have been freeing up.
+client gone), so capacity always reflects real work. Excess is refused at once, without waiting:
+the reject path does no inference work and costs microseconds. `Retry-After` is estimated from how
+fast places have been freeing up.
+
+Fair share (tenants.py names the tenants): when a place frees, the waiter admitted is the one with
+the highest priority, then the one whose tenant holds the fewest places per unit of weight, then
+the oldest. An idle tenant's share is simply not claimed, so the others use it; a tenant that
+comes back gets the next free places until it holds its share. When the queue is full, a
+newcomer whose tenant holds less than its share pushes out the newest waiter of the tenant most
+over its share (that one gets the 503), so a flood from one key never fills the queue against the
+others.
+
+Deadline-aware: a newcomer's wait is estimated as the places to be freed before its turn over the
+rate at which places free up. When that is past what it may wait (its own deadlines,
+`--queue-timeout`), it is refused now, with the estimate as `Retry-After`, instead of queueing
+to fail later.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import time
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from tokenmill.errors import InvalidRequest, Overloaded
+from tokenmill.tenants import ANONYMOUS_TENANT, Tenant
 
 _RATE_WINDOW_S = 30.0
 
@@ -55,11 +71,22 @@ class ReleaseRate:
 
 
 class Ticket:
-    """An admitted request's places (one per sequence it runs); `release()` is idempotent."""
+    """An admitted request's places (one per sequence it runs); `release()` is idempotent.
+    `waited`: seconds it spent in the queue; `predicted`: the estimate made when it joined it."""
 
-    def __init__(self, admission: Admission, places: int = 1):
+    def __init__(
+        self,
+        admission: Admission,
+        places: int = 1,
+        tenant: Tenant = ANONYMOUS_TENANT,
+        waited: float = 0.0,
+        predicted: float | None = None,
+    ):
         self._admission = admission
         self._places = places
+        self.tenant = tenant
+        self.waited = waited
+        self.predicted = predicted
         self._released = False
 
     def split(self) -> list[Ticket]:
@@ -67,12 +94,37 @@ class Ticket:
         if self._released:
             return []
         self._released = True
-        return [Ticket(self._admission) for _ in range(self._places)]
+        return [Ticket(self._admission, 1, self.tenant, self.waited, self.predicted) for _ in range(self._places)]
 
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._admission._release(self._places)
+            self._admission._release(self._places, self.tenant)
+
+
+@dataclass(eq=False)
+class _Waiter:
+    future: asyncio.Future[None]
+    places: int
+    tenant: Tenant
+    priority: int
+    order: int
+    queued_at: float = 0.0
+    predicted: float | None = None
+
+
+@dataclass
+class _Shares:
+    """Places held and queued per tenant group."""
+
+    active: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+    queued: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def held(self, tenant: Tenant) -> float:
+        return self.active[tenant.group] / tenant.weight
+
+    def claimed(self, tenant: Tenant, extra: int = 0) -> float:
+        return (self.active[tenant.group] + self.queued[tenant.group] + extra) / tenant.weight
 
 
 class Admission:
@@ -83,13 +135,19 @@ class Admission:
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
         self.active = 0
-        self._waiters: deque[tuple[asyncio.Future[None], int]] = deque()  # (waiter, places it needs)
+        self._clock = clock
+        self._waiters: list[_Waiter] = []
+        self._shares = _Shares()
+        self._order = itertools.count()
         self._releases = ReleaseRate(_RATE_WINDOW_S, clock)
         self.draining = False
 
     @property
     def queued(self) -> int:
         return len(self._waiters)
+
+    def held_by(self, group: str) -> int:
+        return self._shares.active[group]
 
     def retry_after(self) -> float:
         """Seconds until a place is likely free for one more request: queue length over drain rate."""
@@ -102,9 +160,32 @@ class Admission:
         """Whether acquire() would admit at once (no waiting, no refusal)."""
         return not self.draining and self.active + places <= self.capacity and not self._waiters
 
-    async def acquire(self, places: int = 1) -> Ticket:
+    def predicted_wait(self, places: int = 1, tenant: Tenant = ANONYMOUS_TENANT, priority: int = 0) -> float | None:
+        """Seconds a newcomer would likely wait: the places admitted before it (waiters ranked
+        ahead of it, and its own) over the rate places have been freeing. None: no rate yet."""
+        if self.active + places <= self.capacity and not self._waiters:
+            return 0.0
+        rate = self._releases.per_second()
+        if not rate:
+            return None
+        mine = self._shares.claimed(tenant, places)
+        ahead = sum(
+            w.places
+            for w in self._waiters
+            if w.priority > priority or (w.priority == priority and self._shares.claimed(w.tenant) <= mine)
+        )
+        return (ahead + places) / rate
+
+    async def acquire(
+        self,
+        places: int = 1,
+        tenant: Tenant = ANONYMOUS_TENANT,
+        priority: int = 0,
+        max_wait: float | None = None,
+    ) -> Ticket:
         """`places`: taken together or not at all (n choices run together; taking them one by one,
-        two such requests could each hold part of what the other waits for)."""
+        two such requests could each hold part of what the other waits for). `max_wait`: how long
+        this request can afford to queue (its deadlines); `--queue-timeout` bounds it too."""
         if self.draining:
             raise Overloaded(
                 "The server is shutting down; retry on another instance.",
@@ -116,56 +197,114 @@ class Admission:
                 f"This request needs {places} places at once; this server runs at most {self.capacity}.", param="n"
             )
         if self.has_place(places):
-            self.active += places
-            return Ticket(self, places)
-        if len(self._waiters) >= self.max_queue:
+            self._take(places, tenant)
+            return Ticket(self, places, tenant)
+        budget = self.queue_timeout if max_wait is None else min(max_wait, self.queue_timeout)
+        predicted = self.predicted_wait(places, tenant, priority)
+        if predicted is not None and predicted > budget:
             raise Overloaded(
-                f"The server is at capacity ({self.capacity} running, {self.queued} queued); retry later.",
-                retry_after=self.retry_after(),
+                f"The request would wait about {predicted:.0f}s for a place, longer than it may wait "
+                f"({budget:g}s); retry later.",
+                retry_after=predicted,
+                code="queue_wait_too_long",
             )
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (waiter, places)
-        self._waiters.append(entry)
+        if len(self._waiters) >= self.max_queue:
+            self._push_out_for(tenant, places, priority)
+        waiter = _Waiter(
+            asyncio.get_running_loop().create_future(),
+            places,
+            tenant,
+            priority,
+            next(self._order),
+            self._clock(),
+            predicted,
+        )
+        self._waiters.append(waiter)
+        self._shares.queued[tenant.group] += places
         try:
-            await asyncio.wait_for(asyncio.shield(waiter), timeout=self.queue_timeout)
+            await asyncio.wait_for(asyncio.shield(waiter.future), timeout=self.queue_timeout)
         except TimeoutError:
-            if waiter.done() and not waiter.cancelled():
-                return Ticket(self, places)  # the places arrived just as the timer fired: keep them
-            waiter.cancel()
+            if waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
+                return self._ticket(waiter)  # the places arrived just as the timer fired: keep them
+            waiter.future.cancel()
             raise Overloaded(
                 f"The request waited {self.queue_timeout:g}s in the queue without a free place; retry later.",
                 retry_after=self.retry_after(),
                 code="queue_timeout",
             ) from None
         except asyncio.CancelledError:  # the client left while queued
-            if waiter.done() and not waiter.cancelled():
-                self._release(places)
-            waiter.cancel()
+            if waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
+                self._release(places, tenant)
+            waiter.future.cancel()
             raise
         finally:
-            if entry in self._waiters:
-                self._waiters.remove(entry)
+            if waiter in self._waiters:
+                self._unqueue(waiter)
                 self._admit_waiting()  # a large request leaving the head may unblock smaller ones
-        return Ticket(self, places)
+        return self._ticket(waiter)
 
-    def _release(self, places: int = 1) -> None:
+    def _ticket(self, waiter: _Waiter) -> Ticket:
+        return Ticket(self, waiter.places, waiter.tenant, self._clock() - waiter.queued_at, waiter.predicted)
+
+    def _push_out_for(self, tenant: Tenant, places: int, priority: int) -> None:
+        """The queue is full: make room for a newcomer by refusing the newest waiter of the tenant
+        most over its share, if the newcomer ranks above it; else refuse the newcomer."""
+        mine = self._shares.claimed(tenant, places)
+        victim = max(
+            self._waiters,
+            key=lambda w: (-w.priority, self._shares.claimed(w.tenant), w.order),
+            default=None,
+        )
+        outranks = victim is not None and (
+            priority > victim.priority
+            or (priority == victim.priority and mine < self._shares.claimed(victim.tenant) - 1e-9)
+        )
+        if victim is None or not outranks:
+            raise Overloaded(
+                f"The server is at capacity ({self.capacity} running, {self.queued} queued); retry later.",
+                retry_after=self.retry_after(),
+            )
+        self._unqueue(victim)
+        victim.future.set_exception(
+            Overloaded(
+                "The queue is full and this key holds more than its share of the server; retry later.",
+                retry_after=self.retry_after(),
+                code="over_fair_share",
+            )
+        )
+
+    def _unqueue(self, waiter: _Waiter) -> None:
+        self._waiters.remove(waiter)
+        self._shares.queued[waiter.tenant.group] -= waiter.places
+
+    def _take(self, places: int, tenant: Tenant) -> None:
+        self.active += places
+        self._shares.active[tenant.group] += places
+
+    def _release(self, places: int = 1, tenant: Tenant = ANONYMOUS_TENANT) -> None:
         self._releases.record()
         self.active -= places
+        self._shares.active[tenant.group] -= places
         self._admit_waiting()
 
+    def _next_waiter(self) -> _Waiter | None:
+        live = [w for w in self._waiters if not w.future.done()]
+        for gone in (w for w in self._waiters if w.future.done()):
+            self._unqueue(gone)
+        if not live:
+            return None
+        return min(live, key=lambda w: (-w.priority, self._shares.held(w.tenant), w.order))
+
     def _admit_waiting(self) -> None:
-        """First come, first served: the head of the queue gets its places as soon as they are
-        free (capacity may have shrunk meanwhile: then nobody enters until it has room again)."""
-        while self._waiters:
-            waiter, places = self._waiters[0]
-            if waiter.done():
-                self._waiters.popleft()
-                continue
-            if self.active + places > self.capacity:
+        """The best-ranked waiter gets its places as soon as they are free; nobody passes it (a
+        large request is not starved by small ones; capacity may have shrunk meanwhile: then
+        nobody enters until it has room again)."""
+        while (waiter := self._next_waiter()) is not None:
+            if self.active + waiter.places > self.capacity:
                 return
-            self._waiters.popleft()
-            self.active += places
-            waiter.set_result(None)
+            self._unqueue(waiter)
+            self._take(waiter.places, waiter.tenant)
+            waiter.future.set_result(None)
 
     def set_capacity(self, capacity: int) -> None:
         """The runner can now serve this many at once (a worker died, or came back). Running requests
@@ -177,9 +316,10 @@ class Admission:
         """Drain: new requests are refused; queued ones too (they have done no work yet)."""
         self.draining = True
         while self._waiters:
-            waiter, _ = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_exception(
+            waiter = self._waiters[0]
+            self._unqueue(waiter)
+            if not waiter.future.done():
+                waiter.future.set_exception(
                     Overloaded(
                         "The server is shutting down; retry on another instance.", retry_after=1.0, code="draining"
                     )

@@ -29,6 +29,7 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None) -
     """Build the app; the runner (built from settings unless given) starts and stops with it."""
     settings = settings or Settings()
     runner = runner or build_runner(settings)
+    tenants = settings.tenants()
     admission = Admission(settings.capacity(), settings.queue_limit(), settings.queue_timeout)
     lifecycle = Lifecycle(admission)
     metrics = _metrics_for(runner, admission, lifecycle)
@@ -80,7 +81,7 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None) -
 
     app.add_middleware(
         RequestContext,
-        api_keys=settings.api_keys(),
+        tenants=tenants,
         protect_metrics=settings.metrics_require_key,
         max_body_bytes=settings.max_body_bytes,
         json_logs=settings.log_format == "json",

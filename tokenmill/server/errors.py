@@ -17,6 +17,7 @@ from tokenmill.errors import (
     InvalidRequest,
     ModelNotFound,
     Overloaded,
+    QuotaExceeded,
     RequestTooLarge,
     TokenmillError,
     Unauthorized,
@@ -32,6 +33,7 @@ _STATUS: dict[type[TokenmillError], int] = {
     InvalidRequest: 400,
     ModelNotFound: 404,
     Overloaded: 503,
+    QuotaExceeded: 429,
     DeadlineExceeded: 504,
     ClientGone: 499,  # nginx's "client closed request": the answer goes nowhere
     UpstreamFailure: 502,
@@ -52,7 +54,7 @@ def error_body(error: TokenmillError) -> dict:
 
 
 def error_headers(error: TokenmillError) -> dict[str, str]:
-    if isinstance(error, Overloaded):
+    if isinstance(error, Overloaded | QuotaExceeded):
         return {"Retry-After": str(max(1, math.ceil(error.retry_after)))}
     if isinstance(error, Unauthorized):
         return {"WWW-Authenticate": "Bearer"}

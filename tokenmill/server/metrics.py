@@ -33,6 +33,35 @@ class Metrics:
         self.generation_tokens = Counter(
             "tokenmill_generation_tokens", "Generated tokens of finished requests", registry=r
         )
+        # per tenant (named in the key file; every other key, and no key, is "other")
+        self.tenant_admitted = Counter(
+            "tokenmill_tenant_admitted", "Requests admitted, by tenant", ["tenant"], registry=r
+        )
+        self.tenant_refused = Counter(
+            "tokenmill_tenant_refused",
+            "Requests refused before any work, by tenant and reason",
+            ["tenant", "reason"],
+            registry=r,
+        )
+        self.tenant_tokens = Counter(
+            "tokenmill_tenant_tokens",
+            "Tokens of finished requests, by tenant and kind (prompt, generated)",
+            ["tenant", "kind"],
+            registry=r,
+        )
+        self.tenant_queue_wait = Histogram(
+            "tokenmill_tenant_queue_wait_seconds",
+            "Time admitted requests waited for a place, by tenant",
+            ["tenant"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait_error = Histogram(
+            "tokenmill_queue_wait_estimate_error_seconds",
+            "How far the wait predicted when a request joined the queue was from its real wait (absolute)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.ttft = Histogram(
             "tokenmill_time_to_first_token_seconds", "Arrival to first token", buckets=_LATENCY_BUCKETS, registry=r
         )

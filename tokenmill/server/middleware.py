@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenmill.errors import RequestTooLarge, TokenmillError, Unauthorized
 from tokenmill.server.errors import error_body, error_headers, status_for
+from tokenmill.tenants import ANONYMOUS_TENANT, Tenant
 
 access_log = logging.getLogger("tokenmill.access")
 
@@ -35,13 +36,14 @@ async def _send_error(send: Send, error: TokenmillError, request_id: str) -> int
 
 
 class RequestContext:
-    """Request id in and out, an access log line per request, auth, and the body size limit."""
+    """Request id in and out, an access log line per request, auth (and the key's tenant, in
+    `scope["state"]["tenant"]`), and the body size limit."""
 
     def __init__(
         self,
         app: ASGIApp,
         *,
-        api_keys: tuple[str, ...],
+        tenants: dict[str, Tenant],
         protect_metrics: bool,
         max_body_bytes: int,
         json_logs: bool,
@@ -50,7 +52,7 @@ class RequestContext:
         metrics_path: str,
     ):
         self.app = app
-        self._api_keys = tuple(k.encode() for k in api_keys)
+        self._api_keys = [(key.encode(), tenant) for key, tenant in tenants.items()]
         self._protect_metrics = protect_metrics
         self._max_body = max_body_bytes
         self._json_logs = json_logs
@@ -76,11 +78,13 @@ class RequestContext:
             await send(message)
 
         try:
-            if not self._authorized(scope["path"], headers):
+            tenant = self._tenant(scope["path"], headers)
+            if tenant is None:
                 status_holder["status"] = await _send_error(
                     send, Unauthorized("Missing or invalid API key: send 'Authorization: Bearer <key>'."), request_id
                 )
                 return
+            scope["state"]["tenant"] = tenant
             declared = headers.get(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > self._max_body:
                 error = RequestTooLarge(f"The request body exceeds {self._max_body} bytes.")
@@ -91,13 +95,15 @@ class RequestContext:
             self._log(scope, status_holder["status"], time.perf_counter() - started, request_id)
             self._on_response(scope, status_holder["status"])
 
-    def _authorized(self, path: str, headers: dict[bytes, bytes]) -> bool:
+    def _tenant(self, path: str, headers: dict[bytes, bytes]) -> Tenant | None:
+        """The caller's tenant; None when a key is needed and not given right."""
         if not self._api_keys or path in self._open_paths or (path == self._metrics_path and not self._protect_metrics):
-            return True
+            return ANONYMOUS_TENANT
         given = headers.get(b"authorization", b"")
         token = given[7:] if given[:7].lower() == b"bearer " else b""
-        # compare against every key, always, in constant time per key
-        return any([hmac.compare_digest(token, key) for key in self._api_keys]) and bool(token)  # noqa: C419 -- a list: every key is compared, no early exit
+        # compare against every key, always, in constant time per key (no early exit)
+        matches = [tenant for key, tenant in self._api_keys if hmac.compare_digest(token, key)]
+        return matches[0] if matches and token else None
 
     def _limited(self, receive: Receive) -> Receive:
         seen = 0

@@ -39,12 +39,13 @@ from tokenmill.sampling import SamplingParams
 from tokenmill.server import streams
 from tokenmill.server.responses import GenerationResponse, until_disconnected
 from tokenmill.server.serving import Serving
+from tokenmill.tenants import ANONYMOUS_TENANT, Tenant
 from tokenmill.tools import ToolCallFormat
 
 router = APIRouter()
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 500, 503, 504)
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503, 504)
 }
 
 
@@ -74,6 +75,24 @@ def _client_gone(request: Request) -> Callable[[], Awaitable[None]]:
     return lambda: until_disconnected(request.receive)
 
 
+def _tenant(request: Request) -> Tenant:
+    """Set by the middleware from the API key."""
+    return request.scope.get("state", {}).get("tenant", ANONYMOUS_TENANT)
+
+
+def _priority(request: Request, asked: int | None) -> int | None:
+    """The body's `priority`, else the X-Priority header."""
+    if asked is not None:
+        return asked
+    header = request.headers.get("x-priority")
+    if header is None:
+        return None
+    try:
+        return int(header)
+    except ValueError:
+        raise InvalidRequest("The X-Priority header must be a whole number.", param="priority") from None
+
+
 async def _serve_choices(
     request: Request,
     body: ChatCompletionRequest | CompletionRequest,
@@ -94,6 +113,8 @@ async def _serve_choices(
         choice_params,
         timeout=body.timeout,
         client_gone=_client_gone(request),
+        tenant=_tenant(request),
+        priority=_priority(request, body.priority),
     )
     if body.stream:
         events = stream(generations, completion_id, created, model, body.include_usage, body.continuous_usage)
@@ -168,6 +189,8 @@ async def generate(body: GenerateRequest, request: Request):
     generation = await _serving(request).start(
         GenerationRequest(request_id=new_id("gen"), params=body.to_sampling_params(), prompt=body.prompt),
         client_gone=_client_gone(request),
+        tenant=_tenant(request),
+        priority=_priority(request, None),
     )
 
     async def build() -> GenerateResponse:
@@ -186,6 +209,8 @@ async def stream(
     generation = await _serving(request).start(
         GenerationRequest(request_id=new_id("gen"), params=SamplingParams(max_tokens=max_tokens), prompt=prompt),
         client_gone=_client_gone(request),
+        tenant=_tenant(request),
+        priority=_priority(request, None),
     )
     return GenerationResponse(generation, stream=streams.token_stream(generation))
 

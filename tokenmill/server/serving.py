@@ -15,10 +15,10 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import NoReturn
 
-from tokenmill.errors import ClientGone, DeadlineExceeded, Overloaded
+from tokenmill.errors import ClientGone, DeadlineExceeded, Overloaded, QuotaExceeded
 from tokenmill.generation import Finished, GenerationRequest, TextDelta, TokenEvent
 from tokenmill.runners import RequestHandle, Runner
 from tokenmill.runners.embeddings import Embeddings
@@ -27,6 +27,7 @@ from tokenmill.server.admission import Admission, Ticket
 from tokenmill.server.deadlines import Deadlines, within_deadlines
 from tokenmill.server.lifecycle import Lifecycle
 from tokenmill.server.metrics import Metrics
+from tokenmill.tenants import ANONYMOUS_TENANT, Quotas, Tenant
 
 
 class Serving:
@@ -38,16 +39,19 @@ class Serving:
         self.lifecycle = lifecycle
         self.metrics = metrics
         self.deadlines = deadlines
+        self.quotas = Quotas()
 
     async def start(
         self,
         request: GenerationRequest,
         timeout: float | None = None,
         client_gone: Callable[[], Awaitable[None]] | None = None,
+        tenant: Tenant = ANONYMOUS_TENANT,
+        priority: int | None = None,
     ) -> Generation:
         """`client_gone`: completes when the client disconnects; a request waiting in the queue
         then leaves it at once (ClientGone) instead of holding its place until admitted."""
-        [generation] = await self.start_choices(request, [request.params], timeout, client_gone)
+        [generation] = await self.start_choices(request, [request.params], timeout, client_gone, tenant, priority)
         return generation
 
     async def start_choices(
@@ -56,20 +60,26 @@ class Serving:
         choice_params: list[SamplingParams],
         timeout: float | None = None,
         client_gone: Callable[[], Awaitable[None]] | None = None,
+        tenant: Tenant = ANONYMOUS_TENANT,
+        priority: int | None = None,
     ) -> list[Generation]:
         """A request's n choices: n sequences of the same prompt, admitted together (n places, as
-        they hold n places in the engine), then each released as its own response part ends."""
+        they hold n places in the engine), then each released as its own response part ends.
+        `tenant`: whose share and quota it takes; `priority`: asked for (capped by the tenant)."""
         arrived = time.monotonic()
         places = len(choice_params)
+        deadlines = self.deadlines.shortened_to(timeout)
         if not self.runner.ready:  # an engine is being replaced: say so at once, do not queue
-            self._refused(self.runner.restarting_error())
-        tickets = (await self._admit(places, client_gone)).split()
+            self._refused(self.runner.restarting_error(), tenant)
+        # what it can afford to wait for a place: its first token is due within the same deadlines
+        max_wait = min(deadlines.first_token_s, deadlines.total_s)
+        admit = _Admit(places, tenant, tenant.priority(priority), max_wait)
+        tickets = (await self._admit(admit, client_gone)).split()
         generations: list[Generation] = []
         try:
             for index, (params, choice_ticket) in enumerate(zip(choice_params, tickets, strict=True)):
                 choice_id = request.request_id if places == 1 else f"{request.request_id}-{index}"
                 handle = await self.runner.submit(replace(request, request_id=choice_id, params=params))
-                deadlines = self.deadlines.shortened_to(timeout)
                 generation = Generation(self, handle, choice_ticket, arrived, deadlines, params)
                 self.lifecycle.track(generation)
                 generations.append(generation)
@@ -79,7 +89,7 @@ class Serving:
             for unused in tickets[len(generations) :]:
                 unused.release()
             if isinstance(error, Overloaded):  # the engine failed while this request was queued
-                self._refused(error)
+                self._refused(error, tenant)
             raise
         return generations
 
@@ -89,7 +99,7 @@ class Serving:
         """Embeddings behind the same admission as generation (a batch holds one place while it is
         computed), within the total timeout, counted as prompt tokens."""
         arrived = time.monotonic()
-        ticket = await self._admit(1, client_gone)
+        ticket = await self._admit(_Admit(1, ANONYMOUS_TENANT, 0, self.deadlines.total_s), client_gone)
         try:
             left = self.deadlines.total_s - (time.monotonic() - arrived)
             try:
@@ -105,22 +115,36 @@ class Serving:
         self.metrics.prompt_tokens.inc(result.prompt_tokens)
         return result
 
-    async def _admit(self, places: int, client_gone: Callable[[], Awaitable[None]] | None) -> Ticket:
-        """`places` at once, waiting in the queue if need be (leaving it if the client goes);
-        a refusal is counted by its reason."""
+    async def _admit(self, admit: _Admit, client_gone: Callable[[], Awaitable[None]] | None) -> Ticket:
+        """The places at once, waiting in the queue if need be (leaving it if the client goes),
+        within the tenant's quota; a refusal is counted by its reason."""
+        tenant = admit.tenant
         try:
-            if self.admission.has_place(places) or client_gone is None:
-                return await self.admission.acquire(places)
-            return await self._queue(client_gone, places)
-        except Overloaded as error:
-            self._refused(error)
+            self.quotas.check(tenant)
+            if self.admission.has_place(admit.places) or client_gone is None:
+                ticket = await self._acquire(admit)
+            else:
+                ticket = await self._queue(client_gone, admit)
+        except (Overloaded, QuotaExceeded) as error:
+            self._refused(error, tenant)
+        self.quotas.charge_request(tenant)
+        self.metrics.tenant_admitted.labels(tenant.label).inc()
+        self.metrics.tenant_queue_wait.labels(tenant.label).observe(ticket.waited)
+        if ticket.predicted is not None:
+            self.metrics.queue_wait_error.observe(abs(ticket.waited - ticket.predicted))
+        return ticket
 
-    def _refused(self, error: Overloaded) -> NoReturn:
-        self.metrics.rejections.labels(error.code or "overloaded").inc()
+    def _acquire(self, admit: _Admit) -> Awaitable[Ticket]:
+        return self.admission.acquire(admit.places, admit.tenant, admit.priority, admit.max_wait)
+
+    def _refused(self, error: Overloaded | QuotaExceeded, tenant: Tenant = ANONYMOUS_TENANT) -> NoReturn:
+        reason = error.code or ("quota" if isinstance(error, QuotaExceeded) else "overloaded")
+        self.metrics.rejections.labels(reason).inc()
+        self.metrics.tenant_refused.labels(tenant.label, reason).inc()
         raise error
 
-    async def _queue(self, client_gone: Callable[[], Awaitable[None]], places: int) -> Ticket:
-        waiting = asyncio.ensure_future(self.admission.acquire(places))
+    async def _queue(self, client_gone: Callable[[], Awaitable[None]], admit: _Admit) -> Ticket:
+        waiting = asyncio.ensure_future(self._acquire(admit))
         gone = asyncio.ensure_future(client_gone())
         try:
             await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -133,6 +157,16 @@ class Serving:
             await waiting
         self.metrics.aborts.labels("client_disconnect").inc()
         raise ClientGone("The client disconnected while the request waited in the queue.")
+
+
+@dataclass(frozen=True, slots=True)
+class _Admit:
+    """What admission is asked for: places, whose, at what priority, waiting at most max_wait."""
+
+    places: int
+    tenant: Tenant
+    priority: int
+    max_wait: float
 
 
 class Generation:
@@ -165,8 +199,7 @@ class Generation:
                     last = now
                 elif isinstance(event, Finished):
                     metrics.e2e.observe(now - self._arrived)
-                    metrics.prompt_tokens.inc(event.usage.prompt_tokens)
-                    metrics.generation_tokens.inc(event.usage.completion_tokens)
+                    self._count_tokens(event)
                 yield event
         except DeadlineExceeded:
             self._abort_reason = "deadline"
@@ -174,6 +207,14 @@ class Generation:
         except Overloaded:
             self._abort_reason = "shutdown"
             raise
+
+    def _count_tokens(self, finished: Finished) -> None:
+        metrics, tenant, usage = self._serving.metrics, self._ticket.tenant, finished.usage
+        metrics.prompt_tokens.inc(usage.prompt_tokens)
+        metrics.generation_tokens.inc(usage.completion_tokens)
+        metrics.tenant_tokens.labels(tenant.label, "prompt").inc(usage.prompt_tokens)
+        metrics.tenant_tokens.labels(tenant.label, "generated").inc(usage.completion_tokens)
+        self._serving.quotas.charge_tokens(tenant, usage.prompt_tokens + usage.completion_tokens)
 
     def interrupt(self, error: Overloaded) -> None:
         """End the request from the server side: the engine stops now, the client reads `error`."""

@@ -1,0 +1,249 @@
+"""Traffic control between API keys: the key file, quotas, fair share, priorities, push-out and
+deadline-aware refusal, first as plain objects, then over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+
+from tests.conftest import asgi_client, sim_settings
+from tokenmill.errors import Overloaded, QuotaExceeded
+from tokenmill.server.admission import Admission, Ticket
+from tokenmill.tenants import OTHER, Quotas, Tenant, parse_keys
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_key_file_names_tenants_and_their_allowances():
+    tenants = parse_keys(
+        [
+            "sk-a name=team-a weight=3 tokens_per_minute=600 requests_per_minute=10 max_priority=5",
+            "  # a comment line",
+            "sk-b name=team-b   # trailing comment",
+            "sk-bare",
+            "",
+        ]
+    )
+    assert set(tenants) == {"sk-a", "sk-b", "sk-bare"}
+    a = tenants["sk-a"]
+    assert (a.group, a.label, a.weight, a.tokens_per_minute, a.requests_per_minute, a.max_priority) == (
+        "team-a",
+        "team-a",
+        3.0,
+        600,
+        10,
+        5,
+    )
+    assert tenants["sk-b"].weight == 1.0 and tenants["sk-b"].tokens_per_minute is None
+    bare = tenants["sk-bare"]
+    assert bare.label == OTHER and bare.group not in ("team-a", "team-b")  # its own group, labelled "other"
+    assert a.priority(9) == 5 and a.priority(None) == 0 and bare.priority(3) == 0
+
+
+@pytest.mark.parametrize(
+    "line", ["sk weight=0", "sk weight=-1", "sk colour=red", "sk tokens_per_minute=0", "sk name", "sk weight=x"]
+)
+def test_a_bad_key_file_line_is_refused_with_its_line_number(line):
+    with pytest.raises(ValueError, match="line 1"):
+        parse_keys([line])
+
+
+def test_the_request_quota_refills_and_says_when():
+    clock = Clock()
+    quotas, tenant = Quotas(clock), Tenant("t", "t", requests_per_minute=2)
+    for _ in range(2):
+        quotas.check(tenant)
+        quotas.charge_request(tenant)
+    with pytest.raises(QuotaExceeded) as refused:
+        quotas.check(tenant)
+    assert refused.value.code == "requests_per_minute_exceeded"
+    assert refused.value.retry_after == pytest.approx(30.0)  # one request's worth refills in 60 / 2 s
+    clock.now += 29.0
+    with pytest.raises(QuotaExceeded):
+        quotas.check(tenant)
+    clock.now += 1.0
+    quotas.check(tenant)  # the retry after Retry-After succeeds
+
+
+def test_the_token_quota_counts_finished_requests_tokens():
+    clock = Clock()
+    quotas, tenant = Quotas(clock), Tenant("t", "t", tokens_per_minute=600)
+    quotas.check(tenant)
+    quotas.charge_tokens(tenant, 900)  # a request's prompt and answer, known when it ends: 300 over
+    with pytest.raises(QuotaExceeded) as refused:
+        quotas.check(tenant)
+    assert refused.value.code == "tokens_per_minute_exceeded"
+    assert refused.value.retry_after == pytest.approx(30.1)  # 301 tokens at 10 a second
+    clock.now += math.ceil(refused.value.retry_after)  # what the Retry-After header says
+    quotas.check(tenant)
+    other = Tenant("u", "u", tokens_per_minute=600)
+    quotas.check(other)  # buckets are per tenant
+
+
+A, B = Tenant("a", "a"), Tenant("b", "b")
+
+
+async def settle() -> None:
+    """Let a granted waiter's task see its place (a few loop turns: shield, wait_for, the task)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def _queue(admission: Admission, tenant: Tenant, count: int, **kwargs) -> list[asyncio.Future[Ticket]]:
+    waiters = [asyncio.ensure_future(admission.acquire(tenant=tenant, **kwargs)) for _ in range(count)]
+    await settle()
+    return waiters
+
+
+async def test_a_freed_place_goes_to_the_tenant_holding_the_least_not_the_oldest_waiter():
+    admission = Admission(capacity=2, max_queue=8, queue_timeout=5)
+    held = [await admission.acquire(tenant=A) for _ in range(2)]
+    flood = await _queue(admission, A, 3)
+    steady = await _queue(admission, B, 1)
+    held[0].release()
+    await settle()
+    assert steady[0].done() and not any(w.done() for w in flood)  # B first, though A's waiters are older
+    assert admission.held_by("b") == 1 and admission.held_by("a") == 1
+    held[1].release()
+    await settle()
+    assert flood[0].done() and not flood[1].done()  # within a tenant: first come, first served
+    for waiter in flood[1:]:
+        waiter.cancel()
+    for ticket in (steady[0].result(), flood[0].result()):
+        ticket.release()
+    await settle()
+    assert admission.active == 0 and admission.held_by("a") == 0
+
+
+async def test_weights_share_the_places_of_two_saturating_tenants_three_to_one():
+    heavy, light = Tenant("heavy", "heavy", weight=3), Tenant("light", "light", weight=1)
+    admission = Admission(capacity=4, max_queue=128, queue_timeout=60)
+    waiters = await _queue(admission, heavy, 60) + await _queue(admission, light, 60)
+    admitted = {"heavy": 0, "light": 0}
+    running: list[Ticket] = []
+    for _ in range(40):  # both always have waiters: release the oldest running place, see who gets it
+        await settle()
+        for waiter in waiters:
+            if waiter.done() and waiter.result() not in running and not getattr(waiter, "counted", False):
+                running.append(waiter.result())
+                admitted[waiter.result().tenant.group] += 1
+                waiter.counted = True  # type: ignore[attr-defined]
+        running.pop(0).release()
+    assert admitted["heavy"] / admitted["light"] == pytest.approx(3.0, rel=0.1), admitted
+    for waiter in waiters:
+        waiter.cancel()
+
+
+async def test_higher_priority_is_admitted_first():
+    admission = Admission(capacity=1, max_queue=8, queue_timeout=5)
+    holder = await admission.acquire(tenant=A)
+    low = await _queue(admission, B, 1)
+    high = await _queue(admission, A, 1, priority=2)
+    holder.release()
+    await settle()
+    assert high[0].done() and not low[0].done()  # though A holds more and B came first
+    low[0].cancel()
+    high[0].result().release()
+
+
+async def test_a_full_queue_pushes_out_the_flooding_tenants_newest_waiter_for_another_tenant():
+    admission = Admission(capacity=2, max_queue=2, queue_timeout=5)
+    held = [await admission.acquire(tenant=A) for _ in range(2)]
+    flood = await _queue(admission, A, 2)
+    with pytest.raises(Overloaded):  # A itself gets no further: it is the one over its share
+        await admission.acquire(tenant=A)
+    steady = await _queue(admission, B, 1)
+    with pytest.raises(Overloaded) as pushed:
+        await flood[1]
+    assert pushed.value.code == "over_fair_share" and pushed.value.retry_after >= 1
+    assert not flood[0].done() and not steady[0].done() and admission.queued == 2
+    held[0].release()
+    await settle()
+    assert steady[0].done() and not flood[0].done()  # B holds nothing, A one place
+    flood[0].cancel()
+    for ticket in (held[1], steady[0].result()):
+        ticket.release()
+    await settle()  # the cancelled waiter may have been granted the place first: it gives it back
+    assert admission.active == 0
+
+
+async def test_a_request_that_cannot_get_a_place_before_its_deadline_is_refused_at_once():
+    clock = Clock()
+    admission = Admission(capacity=1, max_queue=64, queue_timeout=30, clock=clock)
+    for _ in range(10):  # one place freed a second
+        (await admission.acquire()).release()
+        clock.now += 1.0
+    holder = await admission.acquire()
+    ahead = await _queue(admission, A, 5)
+    assert admission.predicted_wait(1, A) == pytest.approx(6.0)  # 5 ahead and itself, at 1 a second
+    assert admission.predicted_wait(1, B) == pytest.approx(1.0)  # B holds nothing: it goes first
+    with pytest.raises(Overloaded) as refused:
+        await admission.acquire(tenant=A, max_wait=4.0)
+    assert refused.value.code == "queue_wait_too_long" and refused.value.retry_after == pytest.approx(6.0)
+    assert admission.queued == 5  # refused without queueing
+    fits = await _queue(admission, A, 1, max_wait=10.0)
+    assert admission.queued == 6 and not fits[0].done()
+    for waiter in ahead + fits:
+        waiter.cancel()
+    holder.release()
+
+
+KEYS = "sk-quota name=metered tokens_per_minute=40\nsk-free name=free\nsk-bare\n"
+
+
+async def test_over_quota_is_a_429_with_retry_after_and_other_keys_are_untouched(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text(KEYS)
+    async with asgi_client(sim_settings(api_key_file=str(keys))) as client:
+
+        def ask(key: str):
+            body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 40, "ignore_eos": True}
+            return client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+
+        first = await ask("sk-quota")
+        assert first.status_code == 200  # within quota; its tokens take the bucket below zero
+        over = await ask("sk-quota")
+        assert over.status_code == 429
+        assert over.json()["error"]["code"] == "tokens_per_minute_exceeded"
+        assert over.json()["error"]["type"] == "rate_limit_error"
+        assert int(over.headers["Retry-After"]) >= 1
+        for _ in range(3):
+            assert (await ask("sk-free")).status_code == 200
+        assert (await ask("sk-bare")).status_code == 200
+        metrics = (await client.get("/metrics")).text
+    assert 'tokenmill_tenant_refused_total{reason="tokens_per_minute_exceeded",tenant="metered"} 1.0' in metrics
+    assert 'tokenmill_tenant_admitted_total{tenant="free"} 3.0' in metrics
+    assert 'tokenmill_tenant_admitted_total{tenant="other"} 1.0' in metrics  # the unnamed key
+    assert 'tokenmill_tenant_tokens_total{kind="generated",tenant="metered"} 40.0' in metrics
+    assert 'tokenmill_rejections_total{reason="overloaded"}' not in metrics  # a quota is not an overload
+
+
+async def test_priority_comes_from_the_body_or_the_x_priority_header():
+    async with asgi_client(sim_settings()) as client:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        assert (await client.post("/v1/chat/completions", json={**body, "priority": 3})).status_code == 200
+        assert (await client.post("/v1/chat/completions", json=body, headers={"X-Priority": "2"})).status_code == 200
+        bad = await client.post("/v1/chat/completions", json=body, headers={"X-Priority": "high"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "priority"
+        assert (await client.post("/v1/chat/completions", json={**body, "priority": 10**6})).status_code == 400
+
+
+def test_a_bad_key_file_stops_the_settings_with_the_line_named(tmp_path):
+    from pydantic import ValidationError
+
+    from tokenmill.config import Settings
+
+    keys = tmp_path / "keys"
+    keys.write_text("sk-good name=a\nsk-bad weight=0\n")
+    with pytest.raises(ValidationError, match="key file line 2: weight must be positive"):
+        Settings(engine="simulated", api_key_file=str(keys))
+    with pytest.raises(ValidationError, match="api-key-file"):
+        Settings(engine="simulated", api_key_file=str(tmp_path / "missing"))
