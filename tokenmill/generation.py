@@ -43,6 +43,19 @@ class ChatMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class Share:
+    """Whose share of the server a request takes (its API key's tenant) and at what priority:
+    the batch scheduler gives each tenant's prompts their weighted part of a step's prefill."""
+
+    group: str = ""
+    weight: float = 1.0
+    priority: int = 0
+
+
+DEFAULT_SHARE = Share()  # requests without a key: one group
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationRequest:
     """One generation: either a raw `prompt` or chat `messages` (rendered by the model's template)."""
 
@@ -53,6 +66,7 @@ class GenerationRequest:
     tools: tuple[ToolFunction, ...] = ()  # rendered into the chat template's prompt
     # upstream mode: the client's request fields this server does not act on, relayed as sent
     relay: Mapping[str, Any] | None = None
+    share: Share = DEFAULT_SHARE
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):

@@ -120,3 +120,33 @@ def test_engine_failure_releases_every_running_sequence():
 def test_step_budget_must_cover_one_decode_row_per_sequence():
     with pytest.raises(ValueError):
         SchedulerConfig(max_batch=8, kv_tokens=100, max_step_tokens=4)
+
+
+def test_prefill_is_shared_between_tenants_by_weight_and_priority():
+    """A burst of one tenant's prompts must not hold another tenant's newcomer back for steps: the
+    step's prefill budget goes to the tenants in turn (by weight), higher priority first."""
+    from tokenmill.generation import Share
+
+    def tenant_seq(group: str, weight: float = 1.0, priority: int = 0) -> Sequence:
+        share = Share(group, weight, priority)
+        return Sequence("r", [1] * 32, SamplingParams(max_tokens=4), 4, OneByteTokens(), share=share)
+
+    s = Scheduler(SchedulerConfig(max_batch=16, kv_tokens=10_000, max_step_tokens=64))
+    flood = [tenant_seq("a") for _ in range(6)]
+    steady = tenant_seq("b")
+    for x in [*flood, steady]:
+        s.add(x)
+    chunks = schedule(s).chunks
+    assert [c.seq for c in chunks] == [flood[0], steady]  # b's newcomer is second, not seventh
+    weighted = Scheduler(SchedulerConfig(max_batch=16, kv_tokens=10_000, max_step_tokens=4 * 32))
+    heavy = [tenant_seq("h", weight=3) for _ in range(4)]
+    light = [tenant_seq("l") for _ in range(4)]
+    for x in [*light, *heavy]:
+        weighted.add(x)
+    order = [c.seq for c in schedule(weighted).chunks]
+    assert order == [light[0], heavy[0], heavy[1], heavy[2]]  # three of h's for one of l's
+    urgent = Scheduler(SchedulerConfig(max_batch=16, kv_tokens=10_000, max_step_tokens=32))
+    first, late = tenant_seq("a"), tenant_seq("a", priority=5)
+    for x in (first, late):
+        urgent.add(x)
+    assert [c.seq for c in schedule(urgent).chunks] == [late]

@@ -142,6 +142,27 @@ async def test_weights_share_the_places_of_two_saturating_tenants_three_to_one()
         waiter.cancel()
 
 
+async def test_a_flood_leaves_headroom_for_a_tenant_seen_lately_and_fills_the_server_once_it_is_gone():
+    clock = Clock()
+    admission = Admission(capacity=4, max_queue=16, queue_timeout=60, clock=clock)
+    (await admission.acquire(tenant=B)).release()  # B is seen: one place at a time
+    flood = await _queue(admission, A, 6)
+    # kept for B: up to its share (2 of 4), as twice its peak (one place) plus one would need
+    assert admission.held_by("a") == 2 and admission.queued == 4
+    steady = await asyncio.wait_for(admission.acquire(tenant=B), 0.1)  # no wait for A's places to free
+    assert admission.held_by("b") == 1
+    steady.release()
+    clock.now += 11  # B has not asked for longer than the window: its share is lent again
+    await _queue(admission, A, 1)
+    assert admission.held_by("a") == 4
+    for waiter in flood:
+        if waiter.done():
+            waiter.result().release()
+        else:
+            waiter.cancel()
+    await settle()
+
+
 async def test_higher_priority_is_admitted_first():
     admission = Admission(capacity=1, max_queue=8, queue_timeout=5)
     holder = await admission.acquire(tenant=A)

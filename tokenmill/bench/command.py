@@ -47,6 +47,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "TTFT and prefix-cache hit rate per turn (use --max-tokens for each answer's length)",
     )
     load.add_argument("--rate", default=None, help="open loop: Poisson arrival rates in requests/s, comma-separated")
+    load.add_argument(
+        "--tenants",
+        default=None,
+        metavar="SPEC",
+        help="multi-tenant: API keys at once, each with its own load, e.g. 'flood:rate=60,steady:rate=2:weight=3' "
+        "(rate= open loop, concurrency= closed loop; weight=, tokens_per_minute=, requests_per_minute= go into "
+        "the spawned server's key file; key= against --url); per-tenant TTFT, refusals, token share. Needs --duration",
+    )
+    parser.add_argument(
+        "--tenants-alone",
+        default=None,
+        metavar="NAMES",
+        help="--tenants: first run these tenants (comma-separated) alone, for their figures without the others",
+    )
     parser.add_argument(
         "--requests", type=int, default=None, help="requests per level [closed: 4 x concurrency, at least 8]"
     )
@@ -120,6 +134,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.conversations:
         return _run_conversations(args)
+    if args.tenants:
+        return _run_tenants(args)
     open_loop_rates = [float(r) for r in args.rate.split(",")] if args.rate else None
     levels = open_loop_rates or [int(c) for c in (args.concurrency or "1,8,32").split(",")]
     workload = Workload.from_spec(args.max_tokens, json=args.json, tools=args.tools)
@@ -183,16 +199,61 @@ def _run_conversations(args: argparse.Namespace) -> int:
     return 0
 
 
-def _targets(args: argparse.Namespace) -> Iterator[tuple[str, str, SpawnedServer | None]]:
+def _run_tenants(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from tokenmill.bench import tenants
+
+    loads = tenants.parse_tenants(args.tenants)
+    alone = [name for name in (args.tenants_alone or "").split(",") if name]
+    if not args.duration:
+        raise SystemExit("tokenmill bench: --tenants needs --duration (seconds per phase)")
+    workload = Workload.from_spec(args.max_tokens)
+
+    async def measure(url: str, label: str) -> list[dict]:
+        model = await served_model(url, {"Authorization": f"Bearer {loads[0].api_key}"})
+        rows = []
+        for name in alone:
+            own = [load for load in loads if load.name == name]
+            per_tenant, _ = await tenants.run_tenants(url, model, workload, own, args.duration)
+            rows += tenants.tenant_rows(label, "alone", per_tenant, args.duration)
+        per_tenant, _ = await tenants.run_tenants(url, model, workload, loads, args.duration)
+        return rows + tenants.tenant_rows(label, "together", per_tenant, args.duration)
+
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as folder:
+        key_file = tenants.write_key_file(loads, Path(folder) / "keys")
+        for url, label, _ in _targets(args, extra_flags=["--api-key-file", str(key_file)]):
+            measured = asyncio.run(measure(url, label))
+            print(tenants.table(measured), flush=True)
+            rows += measured
+    print(tenants.table(rows))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "tenants.md").write_text(tenants.table(rows) + "\n")
+        (args.out / "tenants.json").write_text(json.dumps(rows, indent=2))
+        print(f"wrote results to {args.out}/")
+    return 0
+
+
+def _targets(
+    args: argparse.Namespace, extra_flags: list[str] | None = None
+) -> Iterator[tuple[str, str, SpawnedServer | None]]:
     """(url, label, server) for each server to measure: --url as given, or one tokenmill spawned per
-    --modes entry and --serve-args variant, stopped when the caller moves on to the next."""
+    --modes entry and --serve-args variant (plus `extra_flags`), stopped when the caller moves on."""
     if args.url:
         yield args.url, args.url, None
         return
     for entry in args.modes.split(","):
         for extra in args.serve_args or [""]:
             engine, _, mode = entry.rpartition(":")
-            flags = ["--mode", mode, *(["--engine", engine] if engine else []), *shlex.split(extra)]
+            flags = [
+                "--mode",
+                mode,
+                *(["--engine", engine] if engine else []),
+                *shlex.split(extra),
+                *(extra_flags or []),
+            ]
             with SpawnedServer(flags, cpus=_cpu_list(args.server_cpus)) as server:
                 yield server.url, f"{entry} {extra}".strip(), server
 

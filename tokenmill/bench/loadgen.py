@@ -12,6 +12,7 @@ import httpx
 
 from tokenmill.bench.stats import RequestRecord
 from tokenmill.bench.workload import Workload
+from tokenmill.client.policy import parse_retry_after
 from tokenmill.client.streaming import sse_event
 
 
@@ -25,8 +26,10 @@ async def stream_one(
     counted = 0
     try:
         async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            record.http_status = response.status_code
             if response.status_code in (429, 503):
                 record.status = "rejected"
+                record.retry_after = parse_retry_after(response.headers.get("retry-after"))
                 return record
             if response.status_code != 200:
                 record.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
@@ -111,6 +114,7 @@ async def closed_loop(
     timeout: float = 600.0,
     duration: float | None = None,
     ramp_up: float = 0.0,
+    headers: dict[str, str] | None = None,
 ) -> tuple[list[RequestRecord], float]:
     """`concurrency` clients, each sending its next request when the last one ends, until
     `requests` were sent or `duration` seconds passed. Returns records (warm-up excluded) and wall time.
@@ -119,7 +123,7 @@ async def closed_loop(
     output lengths, clients that start together stay in lock-step, so every wave of replacements
     reaches the server as one burst, for the whole run."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout) as client:
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout, headers=headers) as client:
         if warmup:
             await asyncio.gather(
                 *(stream_one(client, workload.request_body(-1 - i, model), 0.0) for i in range(warmup))
@@ -149,6 +153,7 @@ async def open_loop(
     timeout: float = 600.0,
     duration: float | None = None,
     seed: int = 7,
+    headers: dict[str, str] | None = None,
 ) -> tuple[list[RequestRecord], float]:
     """Poisson arrivals at `rate` requests/s, whatever the server does: the way real traffic comes.
     Sends until `requests` or `duration`; then waits for what is in flight."""
@@ -156,7 +161,7 @@ async def open_loop(
         raise ValueError("an open loop needs --requests or --duration to stop")
     rng = random.Random(seed)
     limits = httpx.Limits(max_connections=10_000, max_keepalive_connections=1_000)
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout) as client:
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout, headers=headers) as client:
         records: list[RequestRecord] = []
         in_flight: list[asyncio.Task] = []
         run_started = time.perf_counter()
@@ -178,6 +183,6 @@ async def open_loop(
         return records, time.perf_counter() - run_started
 
 
-async def served_model(base_url: str) -> str:
-    async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+async def served_model(base_url: str, headers: dict[str, str] | None = None) -> str:
+    async with httpx.AsyncClient(base_url=base_url, timeout=30, headers=headers) as client:
         return (await client.get("/v1/models")).json()["data"][0]["id"]

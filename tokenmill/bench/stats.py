@@ -20,6 +20,8 @@ class RequestRecord:
     prompt_tokens: int = 0  # as the server's usage reports them
     cached_tokens: int = 0  # of those, served from its prefix cache
     error: str | None = None
+    http_status: int | None = None
+    retry_after: float | None = None  # a refusal's Retry-After header, seconds
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -14,9 +14,11 @@ from tokenmill.engines.base import SampledLogprobs, Tokenizer
 from tokenmill.engines.stopping import StopMatcher
 from tokenmill.errors import ContextLengthExceeded, InvalidRequest
 from tokenmill.generation import (
+    DEFAULT_SHARE,
     Finished,
     FinishReason,
     GenerationRequest,
+    Share,
     TextDelta,
     TokenEvent,
     TokenLogprob,
@@ -44,9 +46,11 @@ class Sequence:
         max_new_tokens: int,
         tokenizer: Tokenizer,
         seq_id: int | None = None,  # given when the sequence is rebuilt in another process
+        share: Share = DEFAULT_SHARE,
     ):
         self.seq_id = next(_sequence_ids) if seq_id is None else seq_id
         self.request_id = request_id
+        self.share = share  # whose part of a step's prefill it takes (the scheduler's fairness)
         self.params = params
         self.max_new_tokens = max_new_tokens
         self.token_ids = list(prompt_ids)
@@ -181,4 +185,4 @@ def prepare_sequence(
     max_new = requested if requested is not None else room
     if max_tokens_limit is not None:
         max_new = min(max_new, max_tokens_limit)
-    return Sequence(request.request_id, prompt_ids, request.params, max_new, tokenizer)
+    return Sequence(request.request_id, prompt_ids, request.params, max_new, tokenizer, share=request.share)

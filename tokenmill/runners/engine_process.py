@@ -147,7 +147,7 @@ class EngineProcessRunner(BatchFront):
     # -- event loop
     def _send_add(self, seq: Sequence) -> None:
         assert self._engine is not None
-        message = AddSequence(seq.seq_id, seq.request_id, seq.token_ids, seq.params, seq.max_new_tokens)
+        message = AddSequence(seq.seq_id, seq.request_id, seq.token_ids, seq.params, seq.max_new_tokens, seq.share)
         self._engine.outbox.put(message)
 
     def _send_abort(self, seq_id: int) -> None:

@@ -20,6 +20,7 @@ from multiprocessing.connection import Connection
 
 from tokenmill.engines import EngineSpec
 from tokenmill.engines.sequence import Sequence
+from tokenmill.generation import DEFAULT_SHARE, Share
 from tokenmill.runners.engine_core import EngineCore
 from tokenmill.runners.process_worker import (  # the same lifecycle messages as process mode's workers
     Ready,
@@ -36,6 +37,7 @@ class AddSequence:
     prompt_ids: list[int]
     params: SamplingParams
     max_new_tokens: int
+    share: Share = DEFAULT_SHARE
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +99,7 @@ def _serve(core: EngineCore, conn: Connection) -> None:
                         message.max_new_tokens,
                         tokenizer,
                         message.seq_id,
+                        message.share,
                     )
                 )
             elif isinstance(message, AbortSequence):

@@ -85,7 +85,7 @@ class Scheduler:
                 budget -= 1
             else:
                 prefilling.append(seq)
-        for seq in prefilling:  # in admission order: the oldest prompt finishes first
+        for seq in _fair_order(prefilling):
             if budget <= 0:
                 break
             take = min(seq.num_pending, budget)
@@ -130,3 +130,17 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.kv_reserved -= seq.kv_tokens_needed
+
+
+def _fair_order(prefilling: list[Sequence]) -> list[Sequence]:
+    """Prompts in the order they get the step's prefill budget: by priority, then by their place
+    in their own tenant's line over its weight (a tenant of weight 2 gets two prompts in for each
+    one of a tenant of weight 1), then by admission."""
+    place: dict[str, int] = {}
+    keyed = []
+    for order, seq in enumerate(prefilling):
+        share = seq.share
+        rank = place.get(share.group, 0)
+        place[share.group] = rank + 1
+        keyed.append((-share.priority, rank / share.weight, order, seq))
+    return [seq for *_, seq in sorted(keyed, key=lambda item: item[:3])]

@@ -33,6 +33,7 @@ from tokenmill.errors import InvalidRequest, Overloaded
 from tokenmill.tenants import ANONYMOUS_TENANT, Tenant
 
 _RATE_WINDOW_S = 30.0
+_RESERVE_WINDOW_S = 10.0  # a tenant that asked within this long keeps headroom (fair share)
 
 
 class ReleaseRate:
@@ -114,17 +115,53 @@ class _Waiter:
 
 
 @dataclass
+class _Recent:
+    """A tenant seen lately: when, and the most places it wanted at once (held plus queued)."""
+
+    tenant: Tenant
+    seen: float
+    peak: int
+    peak_at: float
+
+
+@dataclass
 class _Shares:
-    """Places held and queued per tenant group."""
+    """Places held and queued per tenant group, and who has asked lately."""
 
     active: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
     queued: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+    recent: dict[str, _Recent] = field(default_factory=dict)
 
     def held(self, tenant: Tenant) -> float:
         return self.active[tenant.group] / tenant.weight
 
     def claimed(self, tenant: Tenant, extra: int = 0) -> float:
         return (self.active[tenant.group] + self.queued[tenant.group] + extra) / tenant.weight
+
+    def arrived(self, tenant: Tenant, places: int, now: float) -> None:
+        wanted = self.active[tenant.group] + self.queued[tenant.group] + places
+        seen = self.recent.get(tenant.group)
+        if seen is None or now - seen.peak_at > _RESERVE_WINDOW_S or wanted >= seen.peak:
+            self.recent[tenant.group] = _Recent(tenant, now, wanted, now)
+        else:
+            seen.seen = now
+        for group in [g for g, r in self.recent.items() if now - r.seen > _RESERVE_WINDOW_S]:
+            del self.recent[group]
+
+    def reserved_for_others(self, tenant: Tenant, capacity: int, now: float) -> int:
+        """Free places kept for the other tenants seen lately: each may claim up to its weighted
+        share of the capacity, as far as twice its recent peak plus one needs (room to grow: a
+        steady tenant's requests overlap more when the server is loaded and each takes longer,
+        and a place kept back is only refilled when another frees), less what it holds."""
+        live = [r for r in self.recent.values() if now - r.seen <= _RESERVE_WINDOW_S]
+        weights = sum(r.tenant.weight for r in live if r.tenant.group != tenant.group) + tenant.weight
+        reserve = 0
+        for r in live:
+            if r.tenant.group == tenant.group:
+                continue
+            share = math.floor(capacity * r.tenant.weight / weights)
+            reserve += max(0, min(share, 2 * r.peak + 1) - self.active[r.tenant.group])
+        return reserve
 
 
 class Admission:
@@ -156,9 +193,17 @@ class Admission:
             return 1.0
         return max(1.0, math.ceil((self.queued + 1) / rate))
 
-    def has_place(self, places: int = 1) -> bool:
+    def has_place(self, places: int = 1, tenant: Tenant = ANONYMOUS_TENANT) -> bool:
         """Whether acquire() would admit at once (no waiting, no refusal)."""
-        return not self.draining and self.active + places <= self.capacity and not self._waiters
+        return not self.draining and self._fits(places, tenant) and not self._waiters
+
+    def _fits(self, places: int, tenant: Tenant) -> bool:
+        """Whether `tenant` may take `places` now: free places, less the headroom kept for the other
+        tenants seen lately. A tenant alone may fill the server (an idle share is lent); one
+        flooding it leaves room for the others' next requests, so they are not kept waiting
+        for the places it borrowed to come back."""
+        reserve = self._shares.reserved_for_others(tenant, self.capacity, self._clock())
+        return self.active + places + reserve <= self.capacity
 
     def predicted_wait(self, places: int = 1, tenant: Tenant = ANONYMOUS_TENANT, priority: int = 0) -> float | None:
         """Seconds a newcomer would likely wait: the places admitted before it (waiters ranked
@@ -196,7 +241,8 @@ class Admission:
             raise InvalidRequest(
                 f"This request needs {places} places at once; this server runs at most {self.capacity}.", param="n"
             )
-        if self.has_place(places):
+        self._shares.arrived(tenant, places, self._clock())
+        if self.has_place(places, tenant):
             self._take(places, tenant)
             return Ticket(self, places, tenant)
         budget = self.queue_timeout if max_wait is None else min(max_wait, self.queue_timeout)
@@ -221,6 +267,7 @@ class Admission:
         )
         self._waiters.append(waiter)
         self._shares.queued[tenant.group] += places
+        self._admit_waiting()  # it may fit where the waiters ahead of it do not (their tenant's share is used)
         try:
             await asyncio.wait_for(asyncio.shield(waiter.future), timeout=self.queue_timeout)
         except TimeoutError:
@@ -287,24 +334,28 @@ class Admission:
         self._shares.active[tenant.group] -= places
         self._admit_waiting()
 
-    def _next_waiter(self) -> _Waiter | None:
-        live = [w for w in self._waiters if not w.future.done()]
-        for gone in (w for w in self._waiters if w.future.done()):
+    def _ranked_waiters(self) -> list[_Waiter]:
+        for gone in [w for w in self._waiters if w.future.done()]:
             self._unqueue(gone)
-        if not live:
-            return None
-        return min(live, key=lambda w: (-w.priority, self._shares.held(w.tenant), w.order))
+        return sorted(self._waiters, key=lambda w: (-w.priority, self._shares.held(w.tenant), w.order))
 
     def _admit_waiting(self) -> None:
-        """The best-ranked waiter gets its places as soon as they are free; nobody passes it (a
-        large request is not starved by small ones; capacity may have shrunk meanwhile: then
-        nobody enters until it has room again)."""
-        while (waiter := self._next_waiter()) is not None:
-            if self.active + waiter.places > self.capacity:
-                return
-            self._unqueue(waiter)
-            self._take(waiter.places, waiter.tenant)
-            waiter.future.set_result(None)
+        """Waiters in rank order get their places as soon as they are free. None passes a waiter
+        that waits for free places (a large request is not starved by small ones; capacity may
+        have shrunk meanwhile: then nobody enters until it has room again); one held back only by
+        the headroom kept for other tenants is passed by those tenants' waiters."""
+        admitted = True
+        while admitted:
+            admitted = False
+            for waiter in self._ranked_waiters():
+                if self.active + waiter.places > self.capacity:
+                    return
+                if self._fits(waiter.places, waiter.tenant):
+                    self._unqueue(waiter)
+                    self._take(waiter.places, waiter.tenant)
+                    waiter.future.set_result(None)
+                    admitted = True
+                    break
 
     def set_capacity(self, capacity: int) -> None:
         """The runner can now serve this many at once (a worker died, or came back). Running requests

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import NoReturn
 
 from tokenmill.errors import ClientGone, DeadlineExceeded, Overloaded, QuotaExceeded
-from tokenmill.generation import Finished, GenerationRequest, TextDelta, TokenEvent
+from tokenmill.generation import Finished, GenerationRequest, Share, TextDelta, TokenEvent
 from tokenmill.runners import RequestHandle, Runner
 from tokenmill.runners.embeddings import Embeddings
 from tokenmill.sampling import SamplingParams
@@ -79,7 +79,8 @@ class Serving:
         try:
             for index, (params, choice_ticket) in enumerate(zip(choice_params, tickets, strict=True)):
                 choice_id = request.request_id if places == 1 else f"{request.request_id}-{index}"
-                handle = await self.runner.submit(replace(request, request_id=choice_id, params=params))
+                share = Share(tenant.group, tenant.weight, admit.priority)
+                handle = await self.runner.submit(replace(request, request_id=choice_id, params=params, share=share))
                 generation = Generation(self, handle, choice_ticket, arrived, deadlines, params)
                 self.lifecycle.track(generation)
                 generations.append(generation)
@@ -121,7 +122,7 @@ class Serving:
         tenant = admit.tenant
         try:
             self.quotas.check(tenant)
-            if self.admission.has_place(admit.places) or client_gone is None:
+            if self.admission.has_place(admit.places, tenant) or client_gone is None:
                 ticket = await self._acquire(admit)
             else:
                 ticket = await self._queue(client_gone, admit)
@@ -187,6 +188,10 @@ class Generation:
         self._deadlines = deadlines
         self._abort_reason: str | None = None
         self._closed = False
+        # its tokens are known at its end; until then its quota holds its longest answer, so a
+        # key's requests in flight cannot together run far past its tokens per minute
+        self._quota_held = params.max_tokens or 0
+        serving.quotas.charge_tokens(ticket.tenant, self._quota_held)
 
     async def events(self) -> AsyncIterator[TokenEvent]:
         metrics = self._serving.metrics
@@ -214,7 +219,8 @@ class Generation:
         metrics.generation_tokens.inc(usage.completion_tokens)
         metrics.tenant_tokens.labels(tenant.label, "prompt").inc(usage.prompt_tokens)
         metrics.tenant_tokens.labels(tenant.label, "generated").inc(usage.completion_tokens)
-        self._serving.quotas.charge_tokens(tenant, usage.prompt_tokens + usage.completion_tokens)
+        self._serving.quotas.charge_tokens(tenant, usage.prompt_tokens + usage.completion_tokens - self._quota_held)
+        self._quota_held = 0
 
     def interrupt(self, error: Overloaded) -> None:
         """End the request from the server side: the engine stops now, the client reads `error`."""
@@ -232,3 +238,4 @@ class Generation:
         self.handle.abort()
         self._serving.lifecycle.untrack(self)
         self._ticket.release()
+        self._serving.quotas.charge_tokens(self._ticket.tenant, -self._quota_held)  # ended unfinished

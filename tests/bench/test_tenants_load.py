@@ -1,0 +1,74 @@
+"""`tokenmill bench --tenants`: the spec, the key file it writes, per-tenant rows, and a short run
+against a spawned simulated server with a quota."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tokenmill.bench.stats import RequestRecord
+from tokenmill.bench.tenants import TenantLoad, parse_tenants, tenant_rows, write_key_file
+from tokenmill.cli import main
+from tokenmill.tenants import parse_keys
+
+
+def test_the_spec_names_each_tenants_load_and_key_file_fields(tmp_path):
+    loads = parse_tenants("flood:rate=60, steady:concurrency=2:weight=3:tokens_per_minute=600")
+    assert loads[0] == TenantLoad("flood", rate=60.0)
+    assert loads[1].concurrency == 2 and loads[1].key_file_fields == (("weight", "3"), ("tokens_per_minute", "600"))
+    tenants = parse_keys(write_key_file(loads, tmp_path / "keys").read_text().splitlines())
+    steady = tenants["bench-steady"]  # the key file the server reads back
+    assert (steady.label, steady.weight, steady.tokens_per_minute) == ("steady", 3.0, 600)
+
+
+@pytest.mark.parametrize("spec", ["a", "a:rate=1:concurrency=2", "a:speed=3", "a:rate"])
+def test_a_bad_spec_is_refused(spec):
+    with pytest.raises(ValueError, match="--tenants"):
+        parse_tenants(spec)
+
+
+def test_rows_count_refusals_apart_and_tokens_within_the_window():
+    def done(start: float, latency: float, tokens: int) -> RequestRecord:
+        return RequestRecord(start, "ok", ttft=0.1, latency=latency, output_tokens=tokens, http_status=200)
+
+    records = {
+        "a": [done(0, 1, 30), done(9, 2, 30), RequestRecord(1, "rejected", http_status=503, retry_after=4.0)],
+        "b": [done(0, 1, 10), RequestRecord(2, "rejected", http_status=429, retry_after=2.0), RequestRecord(3)],
+    }
+    a, b = tenant_rows("x", "together", records, window=10.0)
+    assert (a["ok"], a["refused_503"], a["refused_429"], a["lost"], a["retry_after_p50_s"]) == (2, 1, 0, 0, 4.0)
+    assert (b["refused_429"], b["lost"]) == (1, 1)  # the third: neither answered nor refused
+    assert a["output_tok_s"] == 3.0  # the request that ended after the window is not counted
+    assert a["token_share"] == 0.75 and b["token_share"] == 0.25
+
+
+def test_a_short_multi_tenant_run_against_a_simulated_server(tmp_path):
+    out = tmp_path / "results"
+    code = main(
+        [
+            "bench",
+            "--spawn",
+            "--modes",
+            "batch",
+            "--tenants",
+            "metered:rate=8:tokens_per_minute=60,free:concurrency=2",
+            "--tenants-alone",
+            "free",
+            "--duration",
+            "2",
+            "--max-tokens",
+            "8",
+            "--out",
+            str(out),
+            "--serve-args",
+            "--engine simulated --sim-ttft-ms 5 --sim-itl-ms 5",
+        ]
+    )
+    assert code == 0
+    rows = {(r["phase"], r["tenant"]): r for r in json.loads((out / "tenants.json").read_text())}
+    assert set(rows) == {("alone", "free"), ("together", "metered"), ("together", "free")}
+    metered, free = rows["together", "metered"], rows["together", "free"]
+    assert metered["refused_429"] > 0 and metered["ok"] > 0  # over its quota, after its first minute's worth
+    assert free["refused_429"] == free["refused_503"] == 0 and free["ok"] > 0
+    assert all(row["lost"] == 0 for row in rows.values())

@@ -1,0 +1,156 @@
+"""Multi-tenant load: several API keys at once, each with its own load, weight and quota.
+
+`--tenants "flood:rate=60,steady:rate=2"` sends each tenant's requests with its own key: `rate=`
+is an open loop (Poisson arrivals, requests/s), `concurrency=` a closed loop. With `--spawn` the
+bench writes the key file the server gets (`weight=`, `tokens_per_minute=`, `requests_per_minute=`
+go into it); against `--url`, give each tenant's `key=`. `--tenants-alone steady` first runs that
+tenant alone, so its figures with and without the others come from the same run.
+
+Reported per tenant: sent, completed, refused (503 and 429 apart, with their Retry-After), lost
+(neither completed nor refused: what must never happen), TTFT p50/p99, and output tokens/s and
+the share of all output tokens, both over the requests that finished while every tenant was still
+sending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from tokenmill.bench.loadgen import closed_loop, open_loop
+from tokenmill.bench.stats import RequestRecord, percentile
+from tokenmill.bench.workload import Workload
+
+_KEY_FILE_FIELDS = ("weight", "tokens_per_minute", "requests_per_minute")
+
+
+@dataclass(frozen=True)
+class TenantLoad:
+    name: str
+    rate: float | None = None  # open loop, requests/s
+    concurrency: int | None = None  # closed loop
+    key: str = ""
+    key_file_fields: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def api_key(self) -> str:
+        return self.key or f"bench-{self.name}"
+
+
+def parse_tenants(spec: str) -> list[TenantLoad]:
+    """'flood:rate=60,steady:rate=2:weight=3' -> one TenantLoad each."""
+    loads = []
+    for part in spec.split(","):
+        name, *fields = part.strip().split(":")
+        settings = dict(field.split("=", 1) for field in fields if "=" in field)
+        unknown = set(settings) - {"rate", "concurrency", "key", *_KEY_FILE_FIELDS}
+        if not name or unknown or len(settings) != len(fields):
+            raise ValueError(f"--tenants: cannot read '{part}' (NAME:rate=R or NAME:concurrency=N, then options)")
+        if ("rate" in settings) == ("concurrency" in settings):
+            raise ValueError(f"--tenants: '{name}' needs exactly one of rate= or concurrency=")
+        loads.append(
+            TenantLoad(
+                name,
+                rate=float(settings["rate"]) if "rate" in settings else None,
+                concurrency=int(settings["concurrency"]) if "concurrency" in settings else None,
+                key=settings.get("key", ""),
+                key_file_fields=tuple((k, settings[k]) for k in _KEY_FILE_FIELDS if k in settings),
+            )
+        )
+    return loads
+
+
+def write_key_file(loads: list[TenantLoad], path: Path) -> Path:
+    lines = [
+        " ".join([load.api_key, f"name={load.name}", *(f"{k}={v}" for k, v in load.key_file_fields)]) for load in loads
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+async def run_tenants(
+    url: str, model: str, workload: Workload, loads: list[TenantLoad], duration: float
+) -> tuple[dict[str, list[RequestRecord]], float]:
+    """Every tenant's load at once for `duration` seconds (then what is in flight ends)."""
+
+    async def one(load: TenantLoad, number: int) -> list[RequestRecord]:
+        headers = {"Authorization": f"Bearer {load.api_key}"}
+        shifted = replace(workload, seed=workload.seed + 1009 * number)
+        if load.rate is not None:
+            records, _ = await open_loop(
+                url, model, shifted, load.rate, None, duration=duration, seed=7 + number, headers=headers
+            )
+        else:
+            assert load.concurrency is not None
+            records, _ = await closed_loop(
+                url, model, shifted, load.concurrency, None, duration=duration, headers=headers
+            )
+        return records
+
+    started = asyncio.get_running_loop().time()
+    results = await asyncio.gather(*(one(load, i) for i, load in enumerate(loads)))
+    seconds = asyncio.get_running_loop().time() - started
+    return {load.name: records for load, records in zip(loads, results, strict=True)}, seconds
+
+
+def tenant_rows(label: str, phase: str, per_tenant: dict[str, list[RequestRecord]], window: float) -> list[dict]:
+    """Output tokens/s and the token share count the requests that finished within the sending
+    window: after it, the tenants that stop sending leave the server to whoever still waits, which
+    is not the contended state being measured."""
+
+    def within(records: list[RequestRecord]) -> int:
+        return sum(
+            r.output_tokens
+            for r in records
+            if r.status == "ok" and r.latency is not None and r.started + r.latency <= window
+        )
+
+    total_tokens = sum(within(records) for records in per_tenant.values())
+    rows = []
+    for name, records in per_tenant.items():
+        ok = [r for r in records if r.status == "ok"]
+        ttfts = [r.ttft for r in ok if r.ttft is not None]
+        tokens = within(records)
+        waits = [r.retry_after for r in records if r.retry_after is not None]
+        rows.append(
+            {
+                "target": label,
+                "phase": phase,
+                "tenant": name,
+                "sent": len(records),
+                "ok": len(ok),
+                "refused_503": sum(1 for r in records if r.http_status == 503),
+                "refused_429": sum(1 for r in records if r.http_status == 429),
+                "lost": sum(1 for r in records if r.status not in ("ok", "rejected")),
+                "ttft_p50_ms": 1000 * percentile(ttfts, 50) if ttfts else None,
+                "ttft_p99_ms": 1000 * percentile(ttfts, 99) if ttfts else None,
+                "output_tok_s": tokens / window if window else 0.0,
+                "token_share": tokens / total_tokens if total_tokens else 0.0,
+                "retry_after_p50_s": percentile(waits, 50) if waits else None,
+            }
+        )
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    header = (
+        "| target | phase | tenant | sent | ok | 503 | 429 | lost | TTFT p50 ms | TTFT p99 ms | output tok/s | "
+        "token share | Retry-After p50 s |"
+    )
+    lines = [
+        header,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def fmt(value: float | None, digits: int = 0) -> str:
+        return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+    for r in rows:
+        lines.append(
+            f"| {r['target']} | {r['phase']} | {r['tenant']} | {r['sent']} | {r['ok']} | {r['refused_503']} | "
+            f"{r['refused_429']} | {r['lost']} | {fmt(r['ttft_p50_ms'])} | {fmt(r['ttft_p99_ms'])} | "
+            f"{fmt(r['output_tok_s'], 1)} | {r['token_share']:.0%} | {fmt(r['retry_after_p50_s'])} |"
+        )
+    return "\n".join(lines)
