@@ -55,6 +55,12 @@ async def test_burst_then_sustained_overload_loses_nothing(serve_process, mode):
         ).status_code == 200
         await asyncio.sleep(1.0)
         after = vitals(server.process.pid)
+        metrics = (await client.get("/metrics")).text
+
+    # requests that were let into the queue and then timed out there: what deadline-aware
+    # admission exists to prevent (a request that cannot be served in time is refused at once)
+    timed_out = _counter(metrics, 'tokenmill_rejections_total{reason="queue_timeout"}')
+    refused_early = _counter(metrics, 'tokenmill_rejections_total{reason="queue_wait_too_long"}')
 
     ttft_p99 = sorted(ttfts)[int(0.99 * (len(ttfts) - 1))]
     record(
@@ -64,6 +70,8 @@ async def test_burst_then_sustained_overload_loses_nothing(serve_process, mode):
         "10x capacity, then 3x capacity + queue",
         tally,
         sustained_refused=sustained_refused,
+        queue_timeouts=timed_out,
+        refused_as_too_long_a_wait=refused_early,
         ttft_p99_s=round(ttft_p99, 2),
         rss_before_mb=round(before.rss_mb),
         rss_after_mb=round(after.rss_mb),
@@ -72,4 +80,13 @@ async def test_burst_then_sustained_overload_loses_nothing(serve_process, mode):
     assert tally.errored == 0  # overload is answered with 503 + Retry-After, never with errors
     assert tally.completed >= capacity and sustained_refused > 0  # it really was overloaded, burst and sustained
     assert ttft_p99 < TTFT_P99_BOUND_S
+    assert timed_out < 0.01 * tally.completed  # under 1% of what was served timed out in the queue
     assert after.rss_mb < before.rss_mb + RSS_MARGIN_MB
+
+
+def _counter(metrics: str, series: str) -> int:
+    """A counter's value in Prometheus text (0 when the series has not appeared)."""
+    for line in metrics.splitlines():
+        if line.startswith(series + " "):
+            return int(float(line.split()[-1]))
+    return 0

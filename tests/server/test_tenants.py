@@ -9,17 +9,10 @@ import math
 import pytest
 
 from tests.conftest import asgi_client, sim_settings
+from tests.server.test_admission import Clock
 from tokenmill.errors import Overloaded, QuotaExceeded
 from tokenmill.server.admission import Admission, Ticket
 from tokenmill.tenants import OTHER, Quotas, Tenant, parse_keys
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_the_key_file_names_tenants_and_their_allowances():

@@ -190,13 +190,18 @@ def _run_conversations(args: argparse.Namespace) -> int:
             measured[-1]["peak_rss_mb"] = server.peak_rss_mb()
             print(conversations.table(measured), flush=True)
         rows += measured
-    print(conversations.table(rows))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "conversations.md").write_text(conversations.table(rows) + "\n")
-        (args.out / "conversations.json").write_text(json.dumps(rows, indent=2))
-        print(f"wrote results to {args.out}/")
+    _write_rows(args.out, "conversations", conversations.table(rows), rows)
     return 0
+
+
+def _write_rows(out: Path | None, name: str, table: str, rows: list[dict]) -> None:
+    """Print a workload's table, and write it and its rows under `out` (NAME.md, NAME.json)."""
+    print(table)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.md").write_text(table + "\n")
+        (out / f"{name}.json").write_text(json.dumps(rows, indent=2))
+        print(f"wrote results to {out}/")
 
 
 def _run_tenants(args: argparse.Namespace) -> int:
@@ -206,6 +211,8 @@ def _run_tenants(args: argparse.Namespace) -> int:
 
     loads = tenants.parse_tenants(args.tenants)
     alone = [name for name in (args.tenants_alone or "").split(",") if name]
+    if unknown := set(alone) - {load.name for load in loads}:
+        raise SystemExit(f"tokenmill bench: --tenants-alone names no tenant of --tenants: {', '.join(sorted(unknown))}")
     if not args.duration:
         raise SystemExit("tokenmill bench: --tenants needs --duration (seconds per phase)")
     workload = Workload.from_spec(args.max_tokens)
@@ -227,12 +234,7 @@ def _run_tenants(args: argparse.Namespace) -> int:
             measured = asyncio.run(measure(url, label))
             print(tenants.table(measured), flush=True)
             rows += measured
-    print(tenants.table(rows))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "tenants.md").write_text(tenants.table(rows) + "\n")
-        (args.out / "tenants.json").write_text(json.dumps(rows, indent=2))
-        print(f"wrote results to {args.out}/")
+    _write_rows(args.out, "tenants", tenants.table(rows), rows)
     return 0
 
 
