@@ -126,6 +126,13 @@ class Settings(BaseSettings):
     drain_timeout: float = Field(
         30.0, ge=0, description="On SIGTERM: how long in-flight requests may run before they are ended."
     )
+    sse_ping_interval: float = Field(
+        15.0,
+        ge=0,
+        description="Seconds of silence on a stream after which an SSE comment (': ping') is sent, and after "
+        "which a streamed request still queued gets its response headers and pings while it waits (0: never). "
+        "Keeps proxies with an idle timeout from cutting a stream that is queued or prefilling.",
+    )
     keep_alive_timeout: float = Field(
         75.0,
         gt=0,

@@ -8,6 +8,7 @@ gone before the body ever started), `GenerationResponse` closes the generation e
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from collections.abc import Sequence as Seq
 from typing import Any
@@ -16,8 +17,12 @@ from fastapi.encoders import jsonable_encoder
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
+from tokenmill.errors import EngineFailure, TokenmillError
+from tokenmill.server.errors import error_body
 from tokenmill.server.serving import Generation
-from tokenmill.server.sse import EventStreamResponse
+from tokenmill.server.sse import DONE, PING, EventStreamResponse, json_event, with_pings
+
+log = logging.getLogger(__name__)
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's code: nobody is listening any more
 
@@ -35,13 +40,15 @@ class GenerationResponse(Response):
         *,
         stream: AsyncIterator[bytes] | None = None,
         body: Callable[[], Awaitable[Any]] | None = None,
+        ping_interval: float = 0.0,
     ):
         """Exactly one of `stream` (SSE bytes) or `body` (builds the JSON body). `generations`: the
-        request's choices (n of them), all closed together when the exchange ends."""
+        request's choices (n of them), all closed together when the exchange ends. A stream gets
+        a ping after `ping_interval` seconds of silence (0: never)."""
         if (stream is None) == (body is None):
             raise ValueError("a GenerationResponse carries either a stream or a body")
         self.generations = [generations] if isinstance(generations, Generation) else list(generations)
-        self._stream = stream
+        self._stream = stream if not ping_interval or stream is None else with_pings(stream, ping_interval)
         self._body = body
         self.status_code = 200  # read by nothing but Starlette's type expectations
         self.background = None
@@ -93,3 +100,53 @@ class GenerationResponse(Response):
         body = body_task.result()  # a TokenmillError here is rendered by the app's error handlers
         await JSONResponse(jsonable_encoder(body))(scope, receive, send)
         return True
+
+
+class QueuedStreamResponse(Response):
+    """A streamed request still waiting for a place after one ping interval: its headers go out
+    now and pings follow while it waits, so a proxy with an idle timeout keeps the connection;
+    then its stream, or its refusal (a queue timeout, a drain) as an error event. Closes the
+    generations once, as GenerationResponse does, and leaves the queue if the client goes."""
+
+    def __init__(
+        self,
+        starting: asyncio.Future[list[Generation]],
+        render: Callable[[list[Generation]], AsyncIterator[bytes]],
+        ping_interval: float,
+    ):
+        self._starting = starting
+        self._render = render
+        self._interval = ping_interval
+        self.status_code = 200
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        completed = False
+
+        async def body() -> AsyncIterator[bytes]:
+            nonlocal completed
+            while not (await asyncio.wait({self._starting}, timeout=self._interval))[0]:
+                yield PING
+            try:
+                generations = self._starting.result()
+            except TokenmillError as error:  # refused after it was queued: the stream says so
+                yield json_event(error_body(error))
+            except Exception as error:
+                log.exception("a queued stream failed to start")
+                yield json_event(error_body(EngineFailure(f"the request failed to start: {type(error).__name__}")))
+            else:
+                async for chunk in with_pings(self._render(generations), self._interval):
+                    yield chunk
+                completed = True
+                return
+            yield DONE
+            completed = True
+
+        try:
+            await EventStreamResponse(body())(scope, receive, send)
+        finally:
+            if not self._starting.done():
+                self._starting.cancel()  # the client left while queued: leave the queue
+            elif not self._starting.cancelled() and self._starting.exception() is None:
+                for generation in self._starting.result():
+                    generation.close(client_gone=not completed)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -37,8 +38,8 @@ from tokenmill.protocol import (
 )
 from tokenmill.sampling import SamplingParams
 from tokenmill.server import streams
-from tokenmill.server.responses import GenerationResponse, until_disconnected
-from tokenmill.server.serving import Serving
+from tokenmill.server.responses import GenerationResponse, QueuedStreamResponse, until_disconnected
+from tokenmill.server.serving import Generation, Serving
 from tokenmill.tenants import ANONYMOUS_TENANT, Tenant
 from tokenmill.tools import ToolCallFormat
 
@@ -101,14 +102,14 @@ async def _serve_choices(
     stream: streams.StreamRenderer,
     answer: streams.BodyRenderer,
     tool_format: ToolCallFormat | None = None,
-) -> GenerationResponse:
+) -> GenerationResponse | QueuedStreamResponse:
     """Chat and text completions alike: admit the n choices, then stream them or build the body."""
     serving = _serving(request)
     model = _check_model(serving, body.model)
     completion_id, created = new_id(id_prefix), now()
     choice_params = body.choice_params(tool_format)
     relay = body.relayed_fields() if serving.runner.relays else None
-    generations = await serving.start_choices(
+    start = serving.start_choices(
         GenerationRequest(request_id=completion_id, params=choice_params[0], relay=relay, **prompt),
         choice_params,
         timeout=body.timeout,
@@ -116,10 +117,29 @@ async def _serve_choices(
         tenant=_tenant(request),
         priority=_priority(request, body.priority),
     )
-    if body.stream:
-        events = stream(generations, completion_id, created, model, body.include_usage, body.continuous_usage)
-        return GenerationResponse(generations, stream=events)
-    return GenerationResponse(generations, body=lambda: answer(generations, completion_id, created, model))
+    interval = serving.ping_interval
+    if not body.stream:
+        generations = await start
+        return GenerationResponse(generations, body=lambda: answer(generations, completion_id, created, model))
+
+    def render(generations: list[Generation]) -> AsyncIterator[bytes]:
+        return stream(generations, completion_id, created, model, body.include_usage, body.continuous_usage)
+
+    if not interval:
+        generations = await start
+        return GenerationResponse(generations, stream=render(generations))
+    # A refusal at once is still an HTTP status; a stream that waits past one ping interval gets
+    # its headers and pings while it waits (a proxy would cut a silent connection).
+    starting = asyncio.ensure_future(start)
+    try:
+        await asyncio.wait({starting}, timeout=interval)
+    except asyncio.CancelledError:
+        starting.cancel()
+        raise
+    if not starting.done():
+        return QueuedStreamResponse(starting, render, interval)
+    generations = starting.result()
+    return GenerationResponse(generations, stream=render(generations), ping_interval=interval)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS)

@@ -40,6 +40,7 @@ class Serving:
         self.metrics = metrics
         self.deadlines = deadlines
         self.quotas = Quotas()
+        self.ping_interval = 0.0  # seconds of silence before a stream gets an SSE ping (0: never)
 
     async def start(
         self,

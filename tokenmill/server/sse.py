@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
@@ -9,6 +10,7 @@ from collections.abc import AsyncIterator
 from starlette.responses import StreamingResponse
 
 DONE = b"data: [DONE]\n\n"
+PING = b": ping\n\n"  # an SSE comment: clients skip it; proxies see bytes flowing
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 SSE_HEADERS = {
@@ -30,6 +32,31 @@ def data_event(text: str, event: str | None = None) -> bytes:
 
 def json_event(payload: dict, event: str | None = None) -> bytes:
     return data_event(json.dumps(payload, ensure_ascii=False, separators=(",", ":")), event)
+
+
+async def with_pings(chunks: AsyncIterator[bytes], interval: float) -> AsyncIterator[bytes]:
+    """`chunks`, with a PING after every `interval` seconds without one. The next chunk is awaited
+    in a task that a ping does not disturb (cancelling an async generator's step would end it)."""
+    pending: asyncio.Future[bytes] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(chunks))
+            done, _ = await asyncio.wait({pending}, timeout=interval)
+            if not done:
+                yield PING
+                continue
+            step, pending = pending, None
+            try:
+                chunk = step.result()
+            except StopAsyncIteration:
+                return
+            yield chunk
+    finally:
+        if pending is not None:
+            pending.cancel()  # ends `chunks` where it waits
+        elif hasattr(chunks, "aclose"):
+            await chunks.aclose()
 
 
 class EventStreamResponse(StreamingResponse):
