@@ -65,24 +65,24 @@ class ModelNotFound(TokenmillError):
     default_code = "model_not_found"
 
 
-class Overloaded(TokenmillError):
-    error_type = "server_overloaded"
-    default_code = "overloaded"
+class RetryLater(TokenmillError):
+    """A refusal that says when to come back (the `Retry-After` header)."""
 
     def __init__(self, message: str, *, retry_after: float = 1.0, code: str | None = None):
         super().__init__(message, code=code)
         self.retry_after = retry_after
 
 
-class QuotaExceeded(TokenmillError):
+class Overloaded(RetryLater):
+    error_type = "server_overloaded"
+    default_code = "overloaded"
+
+
+class QuotaExceeded(RetryLater):
     """A key over its own quota (429): not an overload, and the server may be idle."""
 
     error_type = "rate_limit_error"
     default_code = "rate_limit_exceeded"
-
-    def __init__(self, message: str, *, retry_after: float, code: str | None = None):
-        super().__init__(message, code=code)
-        self.retry_after = retry_after
 
 
 class DeadlineExceeded(TokenmillError):

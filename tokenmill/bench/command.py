@@ -218,13 +218,13 @@ def _run_tenants(args: argparse.Namespace) -> int:
     workload = Workload.from_spec(args.max_tokens)
 
     async def measure(url: str, label: str) -> list[dict]:
-        model = await served_model(url, {"Authorization": f"Bearer {loads[0].api_key}"})
+        model = await served_model(url, loads[0].headers)
         rows = []
         for name in alone:
             own = [load for load in loads if load.name == name]
-            per_tenant, _ = await tenants.run_tenants(url, model, workload, own, args.duration)
+            per_tenant = await tenants.run_tenants(url, model, workload, own, args.duration)
             rows += tenants.tenant_rows(label, "alone", per_tenant, args.duration)
-        per_tenant, _ = await tenants.run_tenants(url, model, workload, loads, args.duration)
+        per_tenant = await tenants.run_tenants(url, model, workload, loads, args.duration)
         return rows + tenants.tenant_rows(label, "together", per_tenant, args.duration)
 
     rows: list[dict] = []

@@ -38,6 +38,10 @@ class TenantLoad:
     def api_key(self) -> str:
         return self.key or f"bench-{self.name}"
 
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
 
 def parse_tenants(spec: str) -> list[TenantLoad]:
     """'flood:rate=60,steady:rate=2:weight=3' -> one TenantLoad each."""
@@ -72,11 +76,11 @@ def write_key_file(loads: list[TenantLoad], path: Path) -> Path:
 
 async def run_tenants(
     url: str, model: str, workload: Workload, loads: list[TenantLoad], duration: float
-) -> tuple[dict[str, list[RequestRecord]], float]:
+) -> dict[str, list[RequestRecord]]:
     """Every tenant's load at once for `duration` seconds (then what is in flight ends)."""
 
     async def one(load: TenantLoad, number: int) -> list[RequestRecord]:
-        headers = {"Authorization": f"Bearer {load.api_key}"}
+        headers = load.headers
         shifted = replace(workload, seed=workload.seed + 1009 * number)
         if load.rate is not None:
             records, _ = await open_loop(
@@ -89,10 +93,8 @@ async def run_tenants(
             )
         return records
 
-    started = asyncio.get_running_loop().time()
     results = await asyncio.gather(*(one(load, i) for i, load in enumerate(loads)))
-    seconds = asyncio.get_running_loop().time() - started
-    return {load.name: records for load, records in zip(loads, results, strict=True)}, seconds
+    return {load.name: records for load, records in zip(loads, results, strict=True)}
 
 
 def tenant_rows(label: str, phase: str, per_tenant: dict[str, list[RequestRecord]], window: float) -> list[dict]:

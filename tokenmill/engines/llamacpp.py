@@ -277,10 +277,10 @@ class LlamaCppEngine:
 
     def remove_sequence(self, seq: Sequence) -> None:
         slot = self._slots.pop(seq.seq_id, None)
-        if slot is not None and self._prefix is not None and seq.status is SequenceStatus.FINISHED:
-            # the answer too: a conversation's next turn resends it after this prompt
-            self._remember(self._prefix, seq, slot, seq.num_computed)
         if slot is not None:
+            if self._prefix is not None and seq.status is SequenceStatus.FINISHED:
+                # the answer too: a conversation's next turn resends it after this prompt
+                self._remember(self._prefix, seq, slot, seq.num_computed)
             llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
             self._free_slots.append(slot)
         sampler = self._samplers.pop(seq.seq_id, None)

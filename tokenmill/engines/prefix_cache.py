@@ -6,7 +6,8 @@ cache row) and asks this index what to copy where.
 - `longest_match(prompt)`: the cached prompt sharing the longest start with `prompt`.
 - `store(prompt)`: a prompt that just finished prefill is remembered, and a finished sequence's
   prompt and answer (the next turn of a conversation resends both). A cached prompt it extends
-  (a conversation's earlier turn, the sequence's own prompt) is grown in place; one that already covers it is only touched.
+  (a conversation's earlier turn, the sequence's own prompt) is grown in place; one that already
+  covers it is only touched.
   Otherwise it takes a free holder, dropping the least recently used entries until it fits in
   `budget_tokens` and a holder is free.
 

@@ -136,6 +136,8 @@ def _fair_order(prefilling: list[Sequence]) -> list[Sequence]:
     """Prompts in the order they get the step's prefill budget: by priority, then by their place
     in their own tenant's line over its weight (a tenant of weight 2 gets two prompts in for each
     one of a tenant of weight 1), then by admission."""
+    if len(prefilling) < 2:  # most steps: nothing to order
+        return prefilling
     place: dict[str, int] = {}
     keyed = []
     for order, seq in enumerate(prefilling):

@@ -208,7 +208,7 @@ class Admission:
     def predicted_wait(self, places: int = 1, tenant: Tenant = ANONYMOUS_TENANT, priority: int = 0) -> float | None:
         """Seconds a newcomer would likely wait: the places admitted before it (waiters ranked
         ahead of it, and its own) over the rate places have been freeing. None: no rate yet."""
-        if self.active + places <= self.capacity and not self._waiters:
+        if self.has_place(places, tenant):
             return 0.0
         rate = self._releases.per_second()
         if not rate:

@@ -19,6 +19,7 @@ from tokenmill.errors import (
     Overloaded,
     QuotaExceeded,
     RequestTooLarge,
+    RetryLater,
     TokenmillError,
     Unauthorized,
     UpstreamFailure,
@@ -54,7 +55,7 @@ def error_body(error: TokenmillError) -> dict:
 
 
 def error_headers(error: TokenmillError) -> dict[str, str]:
-    if isinstance(error, Overloaded | QuotaExceeded):
+    if isinstance(error, RetryLater):
         return {"Retry-After": str(max(1, math.ceil(error.retry_after)))}
     if isinstance(error, Unauthorized):
         return {"WWW-Authenticate": "Bearer"}

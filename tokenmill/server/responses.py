@@ -8,7 +8,6 @@ gone before the body ever started), `GenerationResponse` closes the generation e
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from collections.abc import Sequence as Seq
 from typing import Any
@@ -17,12 +16,9 @@ from fastapi.encoders import jsonable_encoder
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from tokenmill.errors import EngineFailure, TokenmillError
-from tokenmill.server.errors import error_body
 from tokenmill.server.serving import Generation
-from tokenmill.server.sse import DONE, PING, EventStreamResponse, json_event, with_pings
-
-log = logging.getLogger(__name__)
+from tokenmill.server.sse import DONE, EventStreamResponse, with_pings
+from tokenmill.server.streams import failure_event
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's code: nobody is listening any more
 
@@ -102,6 +98,30 @@ class GenerationResponse(Response):
         return True
 
 
+async def stream_response(
+    request_id: str,
+    start: Awaitable[list[Generation]],
+    render: Callable[[list[Generation]], AsyncIterator[bytes]],
+    ping_interval: float,
+) -> GenerationResponse | QueuedStreamResponse:
+    """The response of a streamed request: `start` admits it, `render` turns its generations
+    into SSE bytes. A refusal at once is still an HTTP status; a request that waits past one ping
+    interval gets its headers and pings while it waits (a proxy would cut a silent connection)."""
+    if not ping_interval:
+        generations = await start
+        return GenerationResponse(generations, stream=render(generations))
+    starting = asyncio.ensure_future(start)
+    try:
+        await asyncio.wait({starting}, timeout=ping_interval)
+    except asyncio.CancelledError:
+        starting.cancel()
+        raise
+    if not starting.done():
+        return QueuedStreamResponse(request_id, starting, render, ping_interval)
+    generations = starting.result()
+    return GenerationResponse(generations, stream=render(generations), ping_interval=ping_interval)
+
+
 class QueuedStreamResponse(Response):
     """A streamed request still waiting for a place after one ping interval: its headers go out
     now and pings follow while it waits, so a proxy with an idle timeout keeps the connection;
@@ -110,10 +130,12 @@ class QueuedStreamResponse(Response):
 
     def __init__(
         self,
+        request_id: str,
         starting: asyncio.Future[list[Generation]],
         render: Callable[[list[Generation]], AsyncIterator[bytes]],
         ping_interval: float,
     ):
+        self._request_id = request_id
         self._starting = starting
         self._render = render
         self._interval = ping_interval
@@ -121,29 +143,19 @@ class QueuedStreamResponse(Response):
         self.background = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        completed = False
-
         async def body() -> AsyncIterator[bytes]:
-            nonlocal completed
-            while not (await asyncio.wait({self._starting}, timeout=self._interval))[0]:
-                yield PING
             try:
-                generations = self._starting.result()
-            except TokenmillError as error:  # refused after it was queued: the stream says so
-                yield json_event(error_body(error))
-            except Exception as error:
-                log.exception("a queued stream failed to start")
-                yield json_event(error_body(EngineFailure(f"the request failed to start: {type(error).__name__}")))
-            else:
-                async for chunk in with_pings(self._render(generations), self._interval):
-                    yield chunk
-                completed = True
+                generations = await asyncio.shield(self._starting)
+            except Exception as error:  # noqa: BLE001 -- refused after it was queued: the stream says so
+                yield failure_event(self._request_id, error)
+                yield DONE
                 return
-            yield DONE
-            completed = True
+            async for chunk in self._render(generations):  # framed by its renderer, [DONE] included
+                yield chunk
 
+        completed = False
         try:
-            await EventStreamResponse(body())(scope, receive, send)
+            completed = await GenerationResponse._send_stream(with_pings(body(), self._interval), scope, receive, send)
         finally:
             if not self._starting.done():
                 self._starting.cancel()  # the client left while queued: leave the queue

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import functools
 import math
@@ -38,7 +37,7 @@ from tokenmill.protocol import (
 )
 from tokenmill.sampling import SamplingParams
 from tokenmill.server import streams
-from tokenmill.server.responses import GenerationResponse, QueuedStreamResponse, until_disconnected
+from tokenmill.server.responses import GenerationResponse, QueuedStreamResponse, stream_response, until_disconnected
 from tokenmill.server.serving import Generation, Serving
 from tokenmill.tenants import ANONYMOUS_TENANT, Tenant
 from tokenmill.tools import ToolCallFormat
@@ -117,7 +116,6 @@ async def _serve_choices(
         tenant=_tenant(request),
         priority=_priority(request, body.priority),
     )
-    interval = serving.ping_interval
     if not body.stream:
         generations = await start
         return GenerationResponse(generations, body=lambda: answer(generations, completion_id, created, model))
@@ -125,21 +123,7 @@ async def _serve_choices(
     def render(generations: list[Generation]) -> AsyncIterator[bytes]:
         return stream(generations, completion_id, created, model, body.include_usage, body.continuous_usage)
 
-    if not interval:
-        generations = await start
-        return GenerationResponse(generations, stream=render(generations))
-    # A refusal at once is still an HTTP status; a stream that waits past one ping interval gets
-    # its headers and pings while it waits (a proxy would cut a silent connection).
-    starting = asyncio.ensure_future(start)
-    try:
-        await asyncio.wait({starting}, timeout=interval)
-    except asyncio.CancelledError:
-        starting.cancel()
-        raise
-    if not starting.done():
-        return QueuedStreamResponse(starting, render, interval)
-    generations = starting.result()
-    return GenerationResponse(generations, stream=render(generations), ping_interval=interval)
+    return await stream_response(completion_id, start, render, serving.ping_interval)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
@@ -226,13 +210,16 @@ async def stream(
     prompt: Annotated[str, Query(max_length=1_000_000)],
     max_tokens: int = 256,
 ):
-    generation = await _serving(request).start(
-        GenerationRequest(request_id=new_id("gen"), params=SamplingParams(max_tokens=max_tokens), prompt=prompt),
+    serving, params = _serving(request), SamplingParams(max_tokens=max_tokens)
+    request_id = new_id("gen")
+    start = serving.start_choices(
+        GenerationRequest(request_id=request_id, params=params, prompt=prompt),
+        [params],
         client_gone=_client_gone(request),
         tenant=_tenant(request),
         priority=_priority(request, None),
     )
-    return GenerationResponse(generation, stream=streams.token_stream(generation))
+    return await stream_response(request_id, start, lambda g: streams.token_stream(g[0]), serving.ping_interval)
 
 
 # The operational routes answer HEAD too: load balancers and load tools (aiperf) probe with it.

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import NoReturn
 
-from tokenmill.errors import ClientGone, DeadlineExceeded, Overloaded, QuotaExceeded
+from tokenmill.errors import ClientGone, DeadlineExceeded, Overloaded, QuotaExceeded, RetryLater
 from tokenmill.generation import Finished, GenerationRequest, Share, TextDelta, TokenEvent
 from tokenmill.runners import RequestHandle, Runner
 from tokenmill.runners.embeddings import Embeddings
@@ -127,7 +127,7 @@ class Serving:
                 ticket = await self._acquire(admit)
             else:
                 ticket = await self._queue(client_gone, admit)
-        except (Overloaded, QuotaExceeded) as error:
+        except RetryLater as error:
             self._refused(error, tenant)
         self.quotas.charge_request(tenant)
         self.metrics.tenant_admitted.labels(tenant.label).inc()
@@ -139,7 +139,7 @@ class Serving:
     def _acquire(self, admit: _Admit) -> Awaitable[Ticket]:
         return self.admission.acquire(admit.places, admit.tenant, admit.priority, admit.max_wait)
 
-    def _refused(self, error: Overloaded | QuotaExceeded, tenant: Tenant = ANONYMOUS_TENANT) -> NoReturn:
+    def _refused(self, error: RetryLater, tenant: Tenant = ANONYMOUS_TENANT) -> NoReturn:
         reason = error.code or ("quota" if isinstance(error, QuotaExceeded) else "overloaded")
         self.metrics.rejections.labels(reason).inc()
         self.metrics.tenant_refused.labels(tenant.label, reason).inc()

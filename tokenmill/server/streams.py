@@ -178,12 +178,18 @@ async def _guarded(request_id: str, body: Callable[[], AsyncIterator[bytes]]) ->
     try:
         async for chunk in body():
             yield chunk
-    except TokenmillError as error:
-        yield json_event(error_body(error))
-    except Exception as error:  # never let a stream end silently
-        log.exception("stream %s failed", request_id)
-        yield json_event(error_body(EngineFailure(f"generation failed: {type(error).__name__}")))
+    except Exception as error:  # noqa: BLE001 -- never let a stream end silently: failure_event logs it
+        yield failure_event(request_id, error)
     yield DONE
+
+
+def failure_event(request_id: str, error: Exception) -> bytes:
+    """The error event that ends a failed stream: the error's own body, or (an unexpected one,
+    logged) an engine failure."""
+    if isinstance(error, TokenmillError):
+        return json_event(error_body(error))
+    log.error("stream %s failed", request_id, exc_info=error)
+    return json_event(error_body(EngineFailure(f"generation failed: {type(error).__name__}")))
 
 
 def chat_stream(
