@@ -78,6 +78,14 @@ class Settings(BaseSettings):
     max_step_tokens: int = Field(
         512, ge=1, description="Batch mode: most tokens fed to the model in one step (prefill is chunked to fit)."
     )
+    over_share_rows: int = Field(
+        4,
+        ge=0,
+        description="Batch mode: while a light tenant (an API key running at most half its share of the batch) "
+        "is active, the keys over their share feed at most this many decode rows per step, taking turns, and as many "
+        "prompt tokens; 0: no limit. Low keeps the light key's latency near what it is alone where "
+        "a step costs per token (llama.cpp on CPU); raise it where batching is cheap (torch, GPUs).",
+    )
 
     prefix_cache: bool = Field(
         True,

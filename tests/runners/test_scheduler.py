@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tokenmill.engines.sequence import Sequence, SequenceStatus
-from tokenmill.generation import Finished
-from tokenmill.runners.scheduler import Scheduler, SchedulerConfig
+from tokenmill.generation import Finished, Share
+from tokenmill.runners.scheduler import RECENT_S, Scheduler, SchedulerConfig
 from tokenmill.sampling import SamplingParams
 
 
@@ -122,22 +122,21 @@ def test_step_budget_must_cover_one_decode_row_per_sequence():
         SchedulerConfig(max_batch=8, kv_tokens=100, max_step_tokens=4)
 
 
+def tenant_seq(group: str, weight: float = 1.0, priority: int = 0, prompt_len: int = 32) -> Sequence:
+    share = Share(group, weight, priority)
+    return Sequence("r", [1] * prompt_len, SamplingParams(max_tokens=64), 64, OneByteTokens(), share=share)
+
+
 def test_prefill_is_shared_between_tenants_by_weight_and_priority():
     """A burst of one tenant's prompts must not hold another tenant's newcomer back for steps: the
     step's prefill budget goes to the tenants in turn (by weight), higher priority first."""
-    from tokenmill.generation import Share
-
-    def tenant_seq(group: str, weight: float = 1.0, priority: int = 0) -> Sequence:
-        share = Share(group, weight, priority)
-        return Sequence("r", [1] * 32, SamplingParams(max_tokens=4), 4, OneByteTokens(), share=share)
-
     s = Scheduler(SchedulerConfig(max_batch=16, kv_tokens=10_000, max_step_tokens=64))
-    flood = [tenant_seq("a") for _ in range(6)]
-    steady = tenant_seq("b")
-    for x in [*flood, steady]:
+    burst = [tenant_seq("a") for _ in range(2)]
+    newcomer = tenant_seq("b")
+    for x in [*burst, newcomer]:
         s.add(x)
     chunks = schedule(s).chunks
-    assert [c.seq for c in chunks] == [flood[0], steady]  # b's newcomer is second, not seventh
+    assert [c.seq for c in chunks] == [burst[0], newcomer]  # b's newcomer is second, not third
     weighted = Scheduler(SchedulerConfig(max_batch=16, kv_tokens=10_000, max_step_tokens=4 * 32))
     heavy = [tenant_seq("h", weight=3) for _ in range(4)]
     light = [tenant_seq("l") for _ in range(4)]
@@ -150,3 +149,68 @@ def test_prefill_is_shared_between_tenants_by_weight_and_priority():
     for x in (first, late):
         urgent.add(x)
     assert [c.seq for c in schedule(urgent).chunks] == [late]
+
+
+def test_a_light_tenants_newcomer_is_prefilled_in_a_step_of_its_own_beside_a_flood():
+    """Beside a tenant running far over its part of the batch, a light tenant's first token must
+    cost its own prefill, not a step carrying the whole flood: the flood's decodes and prompts sit
+    out that step, and only that one (never two steps in a row)."""
+    s = Scheduler(SchedulerConfig(max_batch=16, kv_tokens=100_000, max_step_tokens=64))
+    flood = [tenant_seq("flood", prompt_len=1) for _ in range(10)]
+    for x in flood:
+        s.add(x)
+    run_step(s)  # every flood prompt is one token: all of them decode from now on
+    light = tenant_seq("light", prompt_len=100)  # two chunks of the 64-token step budget
+    s.add(light)
+    late_flood = tenant_seq("flood")
+    s.add(late_flood)
+    first, _ = run_step(s)
+    assert [(c.seq, c.num_tokens) for c in first.chunks] == [(light, 64)]
+    following, _ = run_step(s)  # the flood is back, though light's prompt is not in yet
+    assert {c.seq for c in following.chunks} == {*flood, late_flood, light}
+    assert light.num_pending == 1  # its prompt is in, its first token sampled
+
+
+def test_tenants_near_their_parts_share_steps_as_usual():
+    """Two tenants both saturating (each near its part) never make the other sit out a step, and
+    neither does a tenant alone: only a light tenant beside a heavy one does."""
+    s = Scheduler(SchedulerConfig(max_batch=16, kv_tokens=100_000, max_step_tokens=64))
+    running = [tenant_seq(group, prompt_len=1) for group in ("a", "b") * 4]
+    for x in running:
+        s.add(x)
+    run_step(s)
+    newcomer = tenant_seq("b")
+    s.add(newcomer)
+    assert {c.seq for c in schedule(s).chunks} == {*running, newcomer}
+    alone = Scheduler(SchedulerConfig(max_batch=16, kv_tokens=100_000, max_step_tokens=64))
+    crowd = [tenant_seq("a", prompt_len=1) for _ in range(8)]
+    for x in crowd:
+        alone.add(x)
+    run_step(alone)
+    late = tenant_seq("a")
+    alone.add(late)
+    assert {c.seq for c in schedule(alone).chunks} == {*crowd, late}
+
+
+def test_beside_a_light_tenant_the_flood_takes_turns_in_a_few_rows_per_step():
+    """With over_share_rows set, a light tenant waits only for steps of a few flood rows (and its
+    own), the flood's sequences taking turns so none is starved, also between its requests; once
+    it has been gone for a while, the flood fills the step again."""
+    s = Scheduler(SchedulerConfig(max_batch=16, kv_tokens=100_000, max_step_tokens=64, over_share_rows=2))
+    flood = [tenant_seq("flood", prompt_len=1) for _ in range(10)]
+    light = tenant_seq("light", prompt_len=1)
+    for x in [*flood, light]:
+        s.add(x)
+    run_step(s)  # nobody prefills: the first step already takes turns
+    turns: dict[Sequence, int] = dict.fromkeys(flood, 0)
+    for _ in range(5):
+        plan, _ = run_step(s)
+        rows = [c.seq for c in plan.chunks]
+        assert light in rows and len(rows) == 3
+        for x in rows:
+            if x is not light:
+                turns[x] += 1
+    assert set(turns.values()) == {1}  # five steps of two rows: each flood sequence once
+    s.abort(light)
+    assert len(s.plan(now=1.0)) == 2  # between the light tenant's requests, the flood keeps out of its way
+    assert len(s.plan(now=1.0 + RECENT_S + 0.1)) == 10  # once it has been gone a while, the flood fills the step

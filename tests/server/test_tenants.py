@@ -156,6 +156,30 @@ async def test_a_flood_leaves_headroom_for_a_tenant_seen_lately_and_fills_the_se
     await settle()
 
 
+async def test_a_named_tenant_has_a_place_kept_for_its_first_request_beside_a_flood():
+    """Before the admission has seen B at all, a flood from A must not take every place: B's first
+    request would wait for a whole request's length. Each named tenant has one place kept, a
+    quarter of the capacity at most, and unnamed keys none."""
+    c, d = Tenant("c", "c"), Tenant("d", "d")
+    unnamed = Tenant("key-9", OTHER)
+    admission = Admission(capacity=8, max_queue=16, queue_timeout=60, named=[A, B, c, d, unnamed])
+    flood = await _queue(admission, A, 12)
+    assert admission.held_by("a") == 6  # B, c and d would keep 3: capped at 8 // 4
+    first = await asyncio.wait_for(admission.acquire(tenant=B), 0.1)
+    assert admission.held_by("b") == 1
+    first.release()
+    for waiter in flood:
+        if waiter.done():
+            waiter.result().release()
+        else:
+            waiter.cancel()
+    await settle()
+    alone = Admission(capacity=4, max_queue=16, queue_timeout=60, named=[A, unnamed])
+    tickets = [await asyncio.wait_for(alone.acquire(tenant=A), 0.1) for _ in range(4)]  # nothing kept
+    for ticket in tickets:
+        ticket.release()
+
+
 async def test_higher_priority_is_admitted_first():
     admission = Admission(capacity=1, max_queue=8, queue_timeout=5)
     holder = await admission.acquire(tenant=A)

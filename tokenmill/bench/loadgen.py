@@ -15,6 +15,9 @@ from tokenmill.bench.workload import Workload
 from tokenmill.client.policy import parse_retry_after
 from tokenmill.client.streaming import sse_event
 
+# error events that refuse a stream still queued after its headers came: refused, not lost
+REFUSED_WHILE_QUEUED = {"server_overloaded": 503, "rate_limit_error": 429}
+
 
 async def stream_one(
     client: httpx.AsyncClient, body: dict, run_started: float, text: list[str] | None = None
@@ -39,7 +42,10 @@ async def stream_one(
                 if not isinstance(chunk, dict):
                     continue  # [DONE], blank separators, comments
                 if "error" in chunk:
-                    record.error = str(chunk["error"].get("message"))
+                    error = chunk["error"]
+                    record.error = str(error.get("message"))
+                    if error.get("type") in REFUSED_WHILE_QUEUED:  # after its headers came (keep-alive)
+                        record.status, record.http_status = "rejected", REFUSED_WHILE_QUEUED[error["type"]]
                     return record
                 usage = chunk.get("usage")
                 if usage:

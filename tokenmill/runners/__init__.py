@@ -48,7 +48,10 @@ def _build(settings: Settings) -> Runner:
         from tokenmill.runners.scheduler import SchedulerConfig
 
         config = SchedulerConfig(
-            max_batch=settings.max_batch, kv_tokens=settings.kv_tokens, max_step_tokens=settings.max_step_tokens
+            max_batch=settings.max_batch,
+            kv_tokens=settings.kv_tokens,
+            max_step_tokens=settings.max_step_tokens,
+            over_share_rows=settings.over_share_rows,
         )
         policy = RestartPolicy(settings.engine_restart_limit, settings.engine_restart_window)
         if settings.engine_process:

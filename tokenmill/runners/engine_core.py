@@ -12,6 +12,7 @@ starts a fresh engine, so nothing waits for events that will never come.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from tokenmill.engines.base import StepEngine
@@ -79,7 +80,7 @@ class EngineCore:
         """One engine step over every running sequence. Raises if the engine or the bookkeeping fails."""
         for seq in self.scheduler.admit():
             self.engine.add_sequence(seq)
-        chunks = self.scheduler.plan()
+        chunks = self.scheduler.plan(time.monotonic())
         events: list[tuple[int, list[TokenEvent]]] = []
         if chunks:
             tokens = self.engine.step(chunks)

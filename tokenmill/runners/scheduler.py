@@ -5,6 +5,16 @@ Each step: admit waiting sequences (FIFO) while the batch has room and their *wh
 one decode row for every sequence that is generating, and spend what is left of the step's token
 budget on prefill chunks. Decode rows go first, so a long prompt joining the batch delays the
 others' next token by one (bounded) chunk, never by its whole prefill.
+
+Between tenants (generation.Share), where a step costs about as much as the tokens it carries, a
+light tenant (running at most half its weighted part of the batch, or nothing but within the last
+RECENT_S seconds) beside tenants over their part would wait for, and then share, steps as heavy as
+the flood around it. So while one is about:
+- a step that prefills its prompt carries the light tenants' prompts alone, so its first token
+  costs its own prefill. Every decode waits that one step, never two in a row;
+- the other steps carry at most `over_share_rows` of the over-share tenants' decode rows, taking
+  turns, and as many of their prompt tokens, so its wait for the step in flight stays short too.
+Tenants near their parts (both saturating) and a tenant alone are scheduled as above, unchanged.
 """
 
 from __future__ import annotations
@@ -16,12 +26,15 @@ from tokenmill.engines.base import Chunk
 from tokenmill.engines.sequence import Sequence, SequenceStatus
 from tokenmill.generation import TokenEvent
 
+RECENT_S = 10.0  # a tenant that ran this lately is still light: the flood keeps out of its way
+
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
     max_batch: int  # sequences running at once
     kv_tokens: int  # KV cells shared by all running sequences
     max_step_tokens: int  # tokens one step may feed to the model
+    over_share_rows: int = 0  # beside a light tenant, over-share tenants' decode rows per step (0: no limit)
 
     def __post_init__(self) -> None:
         if self.max_step_tokens < self.max_batch:
@@ -40,6 +53,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.kv_reserved = 0
+        self._yielded_last_step = False  # the last plan left the over-share tenants out
+        self._rotation = 0  # where the over-share decode rows' turns go on from
+        self._recent: dict[str, tuple[float, float]] = {}  # tenant group -> (when it last ran, weight)
 
     # -- queries
     def fits_at_all(self, seq: Sequence) -> bool:
@@ -74,24 +90,61 @@ class Scheduler:
             admitted.append(seq)
         return admitted
 
-    def plan(self) -> list[Chunk]:
-        """This step's work: a decode row per generating sequence, then prefill chunks."""
-        chunks = []
-        budget = self.config.max_step_tokens
-        prefilling = []
-        for seq in self.running:
-            if seq.num_pending == 1:
-                chunks.append(Chunk(seq, 1))
-                budget -= 1
-            else:
-                prefilling.append(seq)
+    def plan(self, now: float = 0.0) -> list[Chunk]:
+        """This step's work: a decode row per generating sequence, then prefill chunks (beside a
+        light tenant, over-share tenants feed less: see the module's docstring). `now`: seconds on
+        any steady clock, to tell which tenants ran lately."""
+        decoding = [seq for seq in self.running if seq.num_pending == 1]
+        prefilling = [seq for seq in self.running if seq.num_pending > 1]
+        light, over = self._light_and_over(now)
+        rows, prefill = len(decoding), self.config.max_step_tokens  # what over-share tenants may feed
+        yielding = bool(light and over) and not self._yielded_last_step
+        yielding = yielding and any(seq.share.group in light for seq in prefilling)
+        if yielding:
+            rows, prefill = 0, 0
+        elif light and over and self.config.over_share_rows:
+            rows = prefill = self.config.over_share_rows
+        self._yielded_last_step = yielding
+        if yielding:  # the light tenants' prompts alone: every decode waits this one step
+            decoding, prefilling = [], [seq for seq in prefilling if seq.share.group in light]
+        chunks = [Chunk(seq, 1) for seq in decoding if seq.share.group not in over]
+        chunks += [Chunk(seq, 1) for seq in self._in_turn([seq for seq in decoding if seq.share.group in over], rows)]
+        budget = self.config.max_step_tokens - len(chunks)
         for seq in _fair_order(prefilling):
-            if budget <= 0:
-                break
-            take = min(seq.num_pending, budget)
+            take = min(seq.num_pending, budget, prefill if seq.share.group in over else budget)
+            if take <= 0:
+                continue
             chunks.append(Chunk(seq, take))
             budget -= take
+            if seq.share.group in over:
+                prefill -= take
         return chunks
+
+    def _light_and_over(self, now: float) -> tuple[set[str], set[str]]:
+        """The tenants running at most half their weighted part of the batch, and those running
+        more than their part. A tenant that ran within RECENT_S seconds counts, running nothing:
+        between its requests the flood stays out of the way of its next one."""
+        counts: dict[str, int] = {}
+        for seq in self.running:
+            counts[seq.share.group] = counts.get(seq.share.group, 0) + 1
+            self._recent[seq.share.group] = (now, seq.share.weight)
+        for group, (seen, _) in list(self._recent.items()):
+            if now - seen > RECENT_S:
+                del self._recent[group]
+        if len(self._recent) < 2:
+            return set(), set()
+        per_weight = len(self.running) / sum(weight for _, weight in self._recent.values())
+        light = {g for g, (_, w) in self._recent.items() if counts.get(g, 0) <= w * per_weight / 2}
+        over = {g for g, count in counts.items() if count > self._recent[g][1] * per_weight}
+        return light, over
+
+    def _in_turn(self, sequences: list[Sequence], rows: int) -> list[Sequence]:
+        """`rows` of `sequences`, taking turns from step to step (all of them if they fit)."""
+        if len(sequences) <= rows:
+            return sequences
+        start = self._rotation % len(sequences)
+        self._rotation = start + rows
+        return (sequences + sequences)[start : start + rows]
 
     def postprocess(self, chunks: list[Chunk], tokens: list[int | None]) -> StepOutcome:
         events: list[tuple[Sequence, list[TokenEvent]]] = []

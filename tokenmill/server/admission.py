@@ -11,7 +11,8 @@ the oldest. An idle tenant's share is simply not claimed, so the others use it; 
 comes back gets the next free places until it holds its share. When the queue is full, a
 newcomer whose tenant holds less than its share pushes out the newest waiter of the tenant most
 over its share (that one gets the 503), so a flood from one key never fills the queue against the
-others.
+others. Each tenant named in the key file has one place kept for it from the start (a quarter of
+the capacity at most), so even its first request beside a flood starts at once.
 
 Deadline-aware: a newcomer's wait is estimated as the places to be freed before its turn over the
 rate at which places free up. When that is past what it may wait (its own deadlines,
@@ -26,11 +27,11 @@ import itertools
 import math
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from tokenmill.errors import InvalidRequest, Overloaded
-from tokenmill.tenants import ANONYMOUS_TENANT, Tenant
+from tokenmill.tenants import ANONYMOUS_TENANT, OTHER, Tenant
 
 _RATE_WINDOW_S = 30.0
 _RESERVE_WINDOW_S = 10.0  # a tenant that asked within this long keeps headroom (fair share)
@@ -131,6 +132,7 @@ class _Shares:
     active: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
     queued: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
     recent: dict[str, _Recent] = field(default_factory=dict)
+    standing: list[Tenant] = field(default_factory=list)  # named in the key file: one place each
 
     def held(self, tenant: Tenant) -> float:
         return self.active[tenant.group] / tenant.weight
@@ -161,20 +163,34 @@ class _Shares:
                 continue
             share = math.floor(capacity * r.tenant.weight / weights)
             reserve += max(0, min(share, 2 * r.peak + 1) - self.active[r.tenant.group])
-        return reserve
+        return reserve + self._standing_for_others(tenant, capacity, {r.tenant.group for r in live})
+
+    def _standing_for_others(self, tenant: Tenant, capacity: int, live: set[str]) -> int:
+        """One place kept for each named tenant not seen lately, so its first request does not
+        wait for a flood's borrowed places to come back; a quarter of the capacity at most, of
+        which a named tenant holding nothing may take one itself."""
+        idle = [t for t in self.standing if t.group != tenant.group and t.group not in live]
+        taking_mine = any(t.group == tenant.group for t in self.standing) and not self.active[tenant.group]
+        return max(0, min(sum(1 for t in idle if not self.active[t.group]), capacity // 4 - taking_mine))
 
 
 class Admission:
     def __init__(
-        self, capacity: int, max_queue: int, queue_timeout: float, clock: Callable[[], float] = time.monotonic
+        self,
+        capacity: int,
+        max_queue: int,
+        queue_timeout: float,
+        clock: Callable[[], float] = time.monotonic,
+        named: Iterable[Tenant] = (),
     ):
+        """`named`: the key file's named tenants; each has a place kept for its first request."""
         self.capacity = capacity
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
         self.active = 0
         self._clock = clock
         self._waiters: list[_Waiter] = []
-        self._shares = _Shares()
+        self._shares = _Shares(standing=list({t.group: t for t in named if t.label != OTHER}.values()))
         self._order = itertools.count()
         self._releases = ReleaseRate(_RATE_WINDOW_S, clock)
         self.draining = False

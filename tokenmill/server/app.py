@@ -30,7 +30,7 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None) -
     settings = settings or Settings()
     runner = runner or build_runner(settings)
     tenants = settings.tenants()
-    admission = Admission(settings.capacity(), settings.queue_limit(), settings.queue_timeout)
+    admission = Admission(settings.capacity(), settings.queue_limit(), settings.queue_timeout, named=tenants.values())
     lifecycle = Lifecycle(admission)
     metrics = _metrics_for(runner, admission, lifecycle)
     deadlines = Deadlines(settings.first_token_timeout, settings.inter_token_timeout, settings.request_timeout)

@@ -1,0 +1,30 @@
+"""The load client's reading of one streamed answer: a refusal that arrives as an error event
+(the request was queued long enough to get its headers and pings) is refused, not lost."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tokenmill.bench.loadgen import stream_one
+
+
+def _stream_ending_with(error: dict) -> httpx.MockTransport:
+    body = b": ping\n\n" + b"data: " + json.dumps({"error": error}).encode() + b"\n\ndata: [DONE]\n\n"
+    return httpx.MockTransport(lambda request: httpx.Response(200, content=body))
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "http_status"),
+    [
+        ({"type": "server_overloaded", "code": "queue_timeout", "message": "waited"}, "rejected", 503),
+        ({"type": "rate_limit_error", "code": "tokens_per_minute_exceeded", "message": "quota"}, "rejected", 429),
+        ({"type": "server_error", "code": "engine_failure", "message": "broke"}, "error", 200),
+    ],
+)
+async def test_an_error_event_is_a_refusal_only_when_it_says_retry_later(error, status, http_status):
+    async with httpx.AsyncClient(transport=_stream_ending_with(error), base_url="http://test") as client:
+        record = await stream_one(client, {"model": "m", "messages": []}, 0.0)
+    assert (record.status, record.http_status, record.error) == (status, http_status, error["message"])
