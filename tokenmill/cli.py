@@ -143,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "bench":
         from tokenmill.bench.command import run
 
-        if args.baselines:  # the in-process baselines load the model as the first --serve-args serves it
+        if args.baselines or args.cpp_baselines:  # baselines load the model as the first --serve-args serves it
             serve_flags = shlex.split((args.serve_args or [""])[0])
             args.baseline_settings = _settings_or_report(parser.parse_args(["serve", *serve_flags]))
             if args.baseline_settings is None:

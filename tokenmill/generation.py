@@ -50,6 +50,7 @@ class Share:
     group: str = ""
     weight: float = 1.0
     priority: int = 0
+    at_once: bool = True  # admitted without queueing: its tenant may be a light one (the scheduler)
 
 
 DEFAULT_SHARE = Share()  # requests without a key: one group

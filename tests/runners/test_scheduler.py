@@ -214,3 +214,17 @@ def test_beside_a_light_tenant_the_flood_takes_turns_in_a_few_rows_per_step():
     s.abort(light)
     assert len(s.plan(now=1.0)) == 2  # between the light tenant's requests, the flood keeps out of its way
     assert len(s.plan(now=1.0 + RECENT_S + 0.1)) == 10  # once it has been gone a while, the flood fills the step
+
+
+def test_a_tenant_whose_requests_queued_for_places_is_not_light():
+    """A tenant running little because it waited for places (two saturating keys, one arrived
+    first) wants more than it runs: capping the other would only free places slower for it."""
+    s = Scheduler(SchedulerConfig(max_batch=16, kv_tokens=100_000, max_step_tokens=64, over_share_rows=2))
+    heavy = [tenant_seq("heavy", prompt_len=1) for _ in range(10)]
+    late = Sequence(
+        "r", [1] * 32, SamplingParams(max_tokens=64), 64, OneByteTokens(), share=Share("late", at_once=False)
+    )
+    for x in [*heavy, late]:
+        s.add(x)
+    plan, _ = run_step(s)
+    assert {c.seq for c in plan.chunks} == {*heavy, late}  # no step of its own, no cap on the others

@@ -166,7 +166,7 @@ async def test_a_named_tenant_has_a_place_kept_for_its_first_request_beside_a_fl
     flood = await _queue(admission, A, 12)
     assert admission.held_by("a") == 6  # B, c and d would keep 3: capped at 8 // 4
     first = await asyncio.wait_for(admission.acquire(tenant=B), 0.1)
-    assert admission.held_by("b") == 1
+    assert admission.held_by("b") == 1 and not first.queued  # at once: the scheduler may treat B as light
     first.release()
     for waiter in flood:
         if waiter.done():
@@ -178,6 +178,17 @@ async def test_a_named_tenant_has_a_place_kept_for_its_first_request_beside_a_fl
     tickets = [await asyncio.wait_for(alone.acquire(tenant=A), 0.1) for _ in range(4)]  # nothing kept
     for ticket in tickets:
         ticket.release()
+
+
+async def test_a_ticket_says_whether_its_request_waited_for_its_place():
+    """The scheduler treats a tenant as light only while its requests get places at once."""
+    admission = Admission(capacity=1, max_queue=4, queue_timeout=5)
+    first = await admission.acquire(tenant=A)
+    second = asyncio.ensure_future(admission.acquire(tenant=A))
+    await settle()
+    first.release()
+    assert not first.queued and (await second).queued
+    (await second).release()
 
 
 async def test_higher_priority_is_admitted_first():

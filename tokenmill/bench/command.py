@@ -115,6 +115,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "llama_cpp.Llama loop), each in a fresh process, and print the ratios",
     )
     parser.add_argument(
+        "--cpp-baselines",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="with --spawn and --concurrency: also measure llama.cpp's C++ llama-server (same load, same run) and "
+        "llama-batched-bench's decode rate, built into DIR by tools/build-llama-baselines.sh, and print the ratios",
+    )
+    parser.add_argument(
         "--server-cpus",
         default=None,
         help="with --spawn: CPUs the server may use, as taskset -c takes them (e.g. 0 or 0-1); models a container "
@@ -155,6 +163,11 @@ def run(args: argparse.Namespace) -> int:
 
         baselines = measure_baselines([int(level) for level in levels], args, args.baseline_settings)
         ratios = ratio_table(rows, baselines)
+        print(ratios)
+    if args.cpp_baselines and args.spawn and not open_loop_rates:
+        from tokenmill.bench import cpp
+
+        ratios = (ratios + "\n\n" if ratios else "") + cpp.compare(rows, levels, workload, args)
         print(ratios)
     if args.out:
         report.write(rows, args.out)
@@ -258,6 +271,11 @@ def _targets(
             ]
             with SpawnedServer(flags, cpus=_cpu_list(args.server_cpus)) as server:
                 yield server.url, f"{entry} {extra}".strip(), server
+    if getattr(args, "cpp_baselines", None) and not extra_flags:
+        from tokenmill.bench import cpp
+
+        with cpp.llama_server_for(args, _cpu_list(args.server_cpus)) as server:
+            yield server.url, cpp.SERVER_LABEL, server
 
 
 async def _sweep(

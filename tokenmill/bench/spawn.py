@@ -25,25 +25,18 @@ class SpawnedServer:
         ready_timeout: float = 180.0,
         log_level: str = "warning",
         cpus: set[int] | None = None,
+        program: list[str] | None = None,
+        ready_path: str = "/ready",
     ):
+        """`program`: another server to start instead of tokenmill (taking --host and --port, and
+        `serve_args`; a C++ baseline), ready when `ready_path` answers 200."""
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 -- lives as long as the server; closed in stop()
-        cmd = [
-            sys.executable,
-            "-m",
-            "tokenmill",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--log-level",
-            log_level,
-            *serve_args,
-        ]
+        tokenmill = [sys.executable, "-m", "tokenmill", "serve", "--log-level", log_level]
+        cmd = [*(program or tokenmill), "--host", "127.0.0.1", "--port", str(self.port), *serve_args]
         started = time.monotonic()
         # `cpus`: the server's affinity mask (as `taskset -c` would set it), e.g. to model a container
         # given fewer CPUs than the machine has.
@@ -56,7 +49,7 @@ class SpawnedServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited during start-up:\n{self.output()[-3000:]}")
             try:
-                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}{ready_path}", timeout=1).status_code == 200:
                     self.startup_s = time.monotonic() - started
                     return
             except httpx.HTTPError:

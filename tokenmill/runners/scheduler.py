@@ -55,7 +55,8 @@ class Scheduler:
         self.kv_reserved = 0
         self._yielded_last_step = False  # the last plan left the over-share tenants out
         self._rotation = 0  # where the over-share decode rows' turns go on from
-        self._recent: dict[str, tuple[float, float]] = {}  # tenant group -> (when it last ran, weight)
+        # tenant group -> (when it last ran, its weight, whether its requests then got places at once)
+        self._recent: dict[str, tuple[float, float, bool]] = {}
 
     # -- queries
     def fits_at_all(self, seq: Sequence) -> bool:
@@ -121,20 +122,26 @@ class Scheduler:
         return chunks
 
     def _light_and_over(self, now: float) -> tuple[set[str], set[str]]:
-        """The tenants running at most half their weighted part of the batch, and those running
-        more than their part. A tenant that ran within RECENT_S seconds counts, running nothing:
-        between its requests the flood stays out of the way of its next one."""
+        """The light tenants, running at most half their weighted part of the batch with requests
+        that got their places at once (one whose requests queued wants more than it runs: it waits
+        for places, which a capped flood would free all the slower), and those running more than
+        their part. A tenant that ran within RECENT_S seconds counts, running nothing: between its
+        requests the flood stays out of the way of its next one."""
         counts: dict[str, int] = {}
+        queued: set[str] = set()  # tenants with a request that waited for its place: not light
         for seq in self.running:
             counts[seq.share.group] = counts.get(seq.share.group, 0) + 1
-            self._recent[seq.share.group] = (now, seq.share.weight)
-        for group, (seen, _) in list(self._recent.items()):
+            if not seq.share.at_once:
+                queued.add(seq.share.group)
+        for seq in self.running:
+            self._recent[seq.share.group] = (now, seq.share.weight, seq.share.group not in queued)
+        for group, (seen, *_) in list(self._recent.items()):
             if now - seen > RECENT_S:
                 del self._recent[group]
         if len(self._recent) < 2:
             return set(), set()
-        per_weight = len(self.running) / sum(weight for _, weight in self._recent.values())
-        light = {g for g, (_, w) in self._recent.items() if counts.get(g, 0) <= w * per_weight / 2}
+        per_weight = len(self.running) / sum(weight for _, weight, _ in self._recent.values())
+        light = {g for g, (_, w, at_once) in self._recent.items() if at_once and counts.get(g, 0) <= w * per_weight / 2}
         over = {g for g, count in counts.items() if count > self._recent[g][1] * per_weight}
         return light, over
 

@@ -74,7 +74,8 @@ class ReleaseRate:
 
 class Ticket:
     """An admitted request's places (one per sequence it runs); `release()` is idempotent.
-    `waited`: seconds it spent in the queue; `predicted`: the estimate made when it joined it."""
+    `waited`: seconds it spent in the queue; `predicted`: the estimate made when it joined it;
+    `queued`: whether it queued at all."""
 
     def __init__(
         self,
@@ -83,12 +84,14 @@ class Ticket:
         tenant: Tenant = ANONYMOUS_TENANT,
         waited: float = 0.0,
         predicted: float | None = None,
+        queued: bool = False,
     ):
         self._admission = admission
         self._places = places
         self.tenant = tenant
         self.waited = waited
         self.predicted = predicted
+        self.queued = queued
         self._released = False
 
     def split(self) -> list[Ticket]:
@@ -96,7 +99,10 @@ class Ticket:
         if self._released:
             return []
         self._released = True
-        return [Ticket(self._admission, 1, self.tenant, self.waited, self.predicted) for _ in range(self._places)]
+        return [
+            Ticket(self._admission, 1, self.tenant, self.waited, self.predicted, self.queued)
+            for _ in range(self._places)
+        ]
 
     def release(self) -> None:
         if not self._released:
@@ -113,6 +119,7 @@ class _Waiter:
     order: int
     queued_at: float = 0.0
     predicted: float | None = None
+    at_once: bool = False  # its places were free as it arrived (it passed waiters held back for headroom)
 
 
 @dataclass
@@ -284,6 +291,7 @@ class Admission:
         self._waiters.append(waiter)
         self._shares.queued[tenant.group] += places
         self._admit_waiting()  # it may fit where the waiters ahead of it do not (their tenant's share is used)
+        waiter.at_once = waiter.future.done()
         try:
             await asyncio.wait_for(asyncio.shield(waiter.future), timeout=self.queue_timeout)
         except TimeoutError:
@@ -307,7 +315,8 @@ class Admission:
         return self._ticket(waiter)
 
     def _ticket(self, waiter: _Waiter) -> Ticket:
-        return Ticket(self, waiter.places, waiter.tenant, self._clock() - waiter.queued_at, waiter.predicted)
+        waited = self._clock() - waiter.queued_at
+        return Ticket(self, waiter.places, waiter.tenant, waited, waiter.predicted, queued=not waiter.at_once)
 
     def _push_out_for(self, tenant: Tenant, places: int, priority: int) -> None:
         """The queue is full: make room for a newcomer by refusing the newest waiter of the tenant

@@ -80,7 +80,7 @@ class Serving:
         try:
             for index, (params, choice_ticket) in enumerate(zip(choice_params, tickets, strict=True)):
                 choice_id = request.request_id if places == 1 else f"{request.request_id}-{index}"
-                share = Share(tenant.group, tenant.weight, admit.priority)
+                share = Share(tenant.group, tenant.weight, admit.priority, at_once=not choice_ticket.queued)
                 handle = await self.runner.submit(replace(request, request_id=choice_id, params=params, share=share))
                 generation = Generation(self, handle, choice_ticket, arrived, deadlines, params)
                 self.lifecycle.track(generation)
