@@ -28,3 +28,28 @@ async def test_an_error_event_is_a_refusal_only_when_it_says_retry_later(error, 
     async with httpx.AsyncClient(transport=_stream_ending_with(error), base_url="http://test") as client:
         record = await stream_one(client, {"model": "m", "messages": []}, 0.0)
     assert (record.status, record.http_status, record.error) == (status, http_status, error["message"])
+
+
+async def test_a_connection_dropped_before_any_answer_is_tried_once_more():
+    """llama-server closes kept-alive connections now and then; the request never reached it."""
+    answer = b'data: {"choices": [{"delta": {"content": "hi"}}]}\n\ndata: [DONE]\n\n'
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        if len(calls) == 1:
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+        return httpx.Response(200, content=answer)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://test") as client:
+        record = await stream_one(client, {"model": "m", "messages": []}, 0.0)
+    assert (record.status, record.output_tokens, len(calls)) == ("ok", 1, 2)
+
+    def always_dropped(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+
+    calls.clear()
+    async with httpx.AsyncClient(transport=httpx.MockTransport(always_dropped), base_url="http://test") as client:
+        record = await stream_one(client, {"model": "m", "messages": []}, 0.0)
+    assert record.status == "error" and "disconnected" in (record.error or "") and len(calls) == 2

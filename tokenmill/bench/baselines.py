@@ -28,11 +28,7 @@ def _measure(kind: str, concurrency: int, requests: int, max_tokens: int, settin
 def measure_baselines(levels: list[int], args: argparse.Namespace, settings: Settings) -> dict:
     """`settings`: the served configuration (the bench's first --serve-args, parsed by the CLI)."""
     requests = lambda c: args.requests or max(8, 4 * c)
-    top = max(levels)
-    results = {
-        "bare": _measure("bare", top, requests(top), args.max_tokens, settings),
-        "llama": _measure("llama", 1, requests(1), args.max_tokens, settings),
-    }
+    results = {"llama": _measure("llama", 1, requests(1), args.max_tokens, settings)}
     for level in levels:
         results[f"batch@{level}"] = _measure("batch", level, requests(level), args.max_tokens, settings)
         print(
@@ -50,7 +46,6 @@ def ratio_table(rows: list[dict], baselines: dict) -> str:
         return None
 
     levels = sorted({row["concurrency"] for row in rows})
-    top = max(levels)
     lines = ["| comparison | tok/s | over | tok/s | ratio |", "|---|---|---|---|---|"]
 
     def add(name: str, a: float | None, b_name: str, b: float | None) -> None:
@@ -59,12 +54,6 @@ def ratio_table(rows: list[dict], baselines: dict) -> str:
 
     for level in levels:
         add(f"HTTP batch @{level}", http("batch", level), f"HTTP async @{level}", http("async", level))
-    add(
-        f"in-process batch runner @{top}",
-        baselines[f"batch@{top}"]["tokens_per_s"],
-        f"engine step loop @{top}",
-        baselines["bare"]["tokens_per_s"],
-    )
     for level in levels:
         add(
             f"HTTP batch @{level}",

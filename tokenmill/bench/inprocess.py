@@ -1,27 +1,24 @@
 """In-process baselines for the llama.cpp engine: what the layers under HTTP cost.
 
 The same workload as the HTTP bench (same prompts through the model's chat template, same
-sampling, same closed loop) measured three ways, each in its own process by the caller:
-- `bare`: the engine's own step loop, every sequence of a wave in lockstep, greedy, with no
-  scheduler, queue, process boundary or event plumbing around it: the engine ceiling.
-- `runner`: tokenmill's runner (scheduler + engine thread + events) driven without HTTP.
+sampling, same closed loop) measured two ways, each in its own process by the caller:
+- `batch` (or `async`): tokenmill's runner (scheduler + engine + events) driven without HTTP;
 - `llama`: llama_cpp.Llama.create_completion, one request after another: the plain library.
-This is the one bench module that loads a model itself; it exists to price the layers.
+This is the one bench module that loads a model itself; it exists to price the layers. The engine's
+ceiling is llama.cpp's own llama-batched-bench (`--cpp-baselines`, bench/cpp.py): a Python loop
+over the engine's step measured well below it, so it was no ceiling.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from tokenmill.bench.stats import RequestRecord
 from tokenmill.bench.workload import Workload
 from tokenmill.config import Settings
-from tokenmill.engines import build_engine, engine_spec
-from tokenmill.engines.base import Chunk
 from tokenmill.engines.model_files import resolve_model_path
-from tokenmill.engines.sequence import prepare_sequence
 from tokenmill.generation import ChatMessage, Finished, GenerationRequest
 from tokenmill.runners import build_runner
 from tokenmill.sampling import SamplingParams
@@ -79,46 +76,6 @@ def runner_closed_loop(settings: Settings, workload: Workload, concurrency: int,
             await runner.stop()
 
     return asyncio.run(run())
-
-
-def engine_step_loop(settings: Settings, workload: Workload, concurrency: int, requests: int) -> Measurement:
-    """Waves of `concurrency` sequences through `engine.step`: each prompt prefilled in chunks of
-    the step budget, then one decode step for the whole wave per token, greedy, to max_tokens."""
-    engine = build_engine(engine_spec(settings))  # the served engine, warm-up included
-    started = time.perf_counter()
-    produced = 0
-    try:
-        for wave_start in range(0, requests, concurrency):
-            wave = []
-            for i in range(wave_start, min(requests, wave_start + concurrency)):
-                request = to_generation_request(workload.request_body(i, "m"), i)
-                greedy = GenerationRequest(
-                    request.request_id, replace(request.params, temperature=0.0), messages=request.messages
-                )
-                wave.append(prepare_sequence(greedy, engine.tokenizer))
-            for seq in wave:
-                engine.add_sequence(seq)
-            try:
-                while running := [seq for seq in wave if not seq.is_finished]:
-                    prefilling = [seq for seq in running if seq.num_generated == 0]
-                    if prefilling:  # one prompt chunk per step, as the scheduler's budget allows
-                        seq = prefilling[0]
-                        chunks = [Chunk(seq, min(seq.num_pending, engine.max_chunk_tokens))]
-                    else:
-                        chunks = [Chunk(seq, 1) for seq in running]
-                    tokens = engine.step(chunks)
-                    for chunk, token in zip(chunks, tokens, strict=True):
-                        chunk.seq.num_computed += chunk.num_tokens
-                        if token is not None:
-                            chunk.seq.append_token(token)
-            finally:
-                for seq in wave:
-                    engine.remove_sequence(seq)
-            produced += sum(seq.num_generated for seq in wave)
-        seconds = time.perf_counter() - started
-    finally:
-        engine.close()
-    return Measurement(f"{settings.engine} engine step loop (engine ceiling)", concurrency, produced, seconds)
 
 
 def llama_library_loop(settings: Settings, workload: Workload, requests: int) -> Measurement:
@@ -182,7 +139,6 @@ def main(argv: list[str] | None = None) -> None:
     workload = Workload(max_tokens=int(max_tokens))
     batch = settings.model_copy(update={"mode": "batch", "max_batch": max(settings.max_batch, concurrency)})
     measure = {
-        "bare": lambda: engine_step_loop(batch, workload, concurrency, requests),
         "batch": lambda: runner_closed_loop(batch, workload, concurrency, requests),
         "async": lambda: runner_closed_loop(
             settings.model_copy(update={"mode": "async"}), workload, concurrency, requests

@@ -22,56 +22,70 @@ REFUSED_WHILE_QUEUED = {"server_overloaded": 503, "rate_limit_error": 429}
 async def stream_one(
     client: httpx.AsyncClient, body: dict, run_started: float, text: list[str] | None = None
 ) -> RequestRecord:
-    """Stream one chat completion and time it; `text`, if given, collects the answer's content."""
+    """Stream one chat completion and time it; `text`, if given, collects the answer's content.
+    A request whose connection the server closed before answering (a kept-alive connection it had
+    just dropped: llama-server does) is sent again once, timed from the first try."""
     started = time.perf_counter()
     record = RequestRecord(started=started - run_started)
+    for attempt in range(2):
+        try:
+            await _stream(client, body, started, record, text)
+        except httpx.RemoteProtocolError as error:
+            if attempt == 0 and record.http_status is None:
+                continue
+            record.error = repr(error)
+        except httpx.TimeoutException as error:
+            record.status, record.error = "timeout", repr(error)
+        except httpx.HTTPError as error:
+            record.error = repr(error)
+        return record
+    return record
+
+
+async def _stream(
+    client: httpx.AsyncClient, body: dict, started: float, record: RequestRecord, text: list[str] | None
+) -> None:
     last = None
     counted = 0
-    try:
-        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
-            record.http_status = response.status_code
-            if response.status_code in (429, 503):
-                record.status = "rejected"
-                record.retry_after = parse_retry_after(response.headers.get("retry-after"))
-                return record
-            if response.status_code != 200:
-                record.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
-                return record
-            async for line in response.aiter_lines():
-                chunk = sse_event(line)
-                if not isinstance(chunk, dict):
-                    continue  # [DONE], blank separators, comments
-                if "error" in chunk:
-                    error = chunk["error"]
-                    record.error = str(error.get("message"))
-                    if error.get("type") in REFUSED_WHILE_QUEUED:  # after its headers came (keep-alive)
-                        record.status, record.http_status = "rejected", REFUSED_WHILE_QUEUED[error["type"]]
-                    return record
-                usage = chunk.get("usage")
-                if usage:
-                    record.output_tokens = usage["completion_tokens"]
-                    record.prompt_tokens = usage["prompt_tokens"]
-                    record.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
-                choices = chunk.get("choices") or []
-                delta = choices[0].get("delta", {}) if choices else {}
-                if text is not None and delta.get("content"):
-                    text.append(delta["content"])
-                if delta.get("content") or delta.get("tool_calls"):
-                    now = time.perf_counter()
-                    if last is None:
-                        record.ttft = now - started
-                    else:
-                        record.gaps.append(now - last)
-                    last = now
-                    counted += 1
-        record.latency = time.perf_counter() - started
-        record.output_tokens = record.output_tokens or counted
-        record.status = "ok"
-    except httpx.TimeoutException as error:
-        record.status, record.error = "timeout", repr(error)
-    except httpx.HTTPError as error:
-        record.error = repr(error)
-    return record
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        record.http_status = response.status_code
+        if response.status_code in (429, 503):
+            record.status = "rejected"
+            record.retry_after = parse_retry_after(response.headers.get("retry-after"))
+            return
+        if response.status_code != 200:
+            record.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+            return
+        async for line in response.aiter_lines():
+            chunk = sse_event(line)
+            if not isinstance(chunk, dict):
+                continue  # [DONE], blank separators, comments
+            if "error" in chunk:
+                error = chunk["error"]
+                record.error = str(error.get("message"))
+                if error.get("type") in REFUSED_WHILE_QUEUED:  # after its headers came (keep-alive)
+                    record.status, record.http_status = "rejected", REFUSED_WHILE_QUEUED[error["type"]]
+                return
+            usage = chunk.get("usage")
+            if usage:
+                record.output_tokens = usage["completion_tokens"]
+                record.prompt_tokens = usage["prompt_tokens"]
+                record.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+            choices = chunk.get("choices") or []
+            delta = choices[0].get("delta", {}) if choices else {}
+            if text is not None and delta.get("content"):
+                text.append(delta["content"])
+            if delta.get("content") or delta.get("tool_calls"):
+                now = time.perf_counter()
+                if last is None:
+                    record.ttft = now - started
+                else:
+                    record.gaps.append(now - last)
+                last = now
+                counted += 1
+    record.latency = time.perf_counter() - started
+    record.output_tokens = record.output_tokens or counted
+    record.status = "ok"
 
 
 class Progress:
