@@ -275,6 +275,28 @@ async def test_over_quota_is_a_429_with_retry_after_and_other_keys_are_untouched
     assert 'tokenmill_rejections_total{reason="overloaded"}' not in metrics  # a quota is not an overload
 
 
+async def test_embeddings_count_in_the_callers_share_and_token_quota(tmp_path):
+    """An embeddings batch is the caller's work like a generation: its prompt tokens go to its
+    tenant's metrics and bucket, and a key over its token quota is refused embeddings too."""
+    keys = tmp_path / "keys"
+    keys.write_text(KEYS)
+    async with asgi_client(sim_settings(api_key_file=str(keys))) as client:
+
+        def embed(key: str):
+            body = {"input": ["tokens and queues " * 8] * 4}
+            return client.post("/v1/embeddings", json=body, headers={"Authorization": f"Bearer {key}"})
+
+        first = await embed("sk-quota")
+        assert first.status_code == 200 and first.json()["usage"]["prompt_tokens"] > 40
+        over = await embed("sk-quota")  # the first batch took the 40-token bucket below zero
+        assert over.status_code == 429 and over.json()["error"]["code"] == "tokens_per_minute_exceeded"
+        assert (await embed("sk-free")).status_code == 200
+        metrics = (await client.get("/metrics")).text
+    assert 'tokenmill_tenant_admitted_total{tenant="metered"} 1.0' in metrics
+    assert 'tokenmill_tenant_admitted_total{tenant="free"} 1.0' in metrics
+    assert 'tokenmill_tenant_tokens_total{kind="prompt",tenant="metered"}' in metrics
+
+
 async def test_priority_comes_from_the_body_or_the_x_priority_header():
     async with asgi_client(sim_settings()) as client:
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}

@@ -148,7 +148,7 @@ async def completions(body: CompletionRequest, request: Request):
 async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingResponse:
     serving = _serving(request)
     model = _check_model(serving, body.model)
-    result = await serving.embed(body.inputs(), client_gone=_client_gone(request))
+    result = await serving.embed(body.inputs(), client_gone=_client_gone(request), tenant=_tenant(request))
     width = result.vectors[0].shape[0]
     if body.dimensions is not None and body.dimensions != width:
         raise InvalidRequest(

@@ -96,12 +96,16 @@ class Serving:
         return generations
 
     async def embed(
-        self, inputs: Sequence[str] | Sequence[Sequence[int]], client_gone: Callable[[], Awaitable[None]] | None = None
+        self,
+        inputs: Sequence[str] | Sequence[Sequence[int]],
+        client_gone: Callable[[], Awaitable[None]] | None = None,
+        tenant: Tenant = ANONYMOUS_TENANT,
     ) -> Embeddings:
         """Embeddings behind the same admission as generation (a batch holds one place while it is
-        computed), within the total timeout, counted as prompt tokens."""
+        computed), within the total timeout, counted as prompt tokens, in `tenant`'s share and
+        token quota like its generations."""
         arrived = time.monotonic()
-        ticket = await self._admit(_Admit(1, ANONYMOUS_TENANT, 0, self.deadlines.total_s), client_gone)
+        ticket = await self._admit(_Admit(1, tenant, 0, self.deadlines.total_s), client_gone)
         try:
             left = self.deadlines.total_s - (time.monotonic() - arrived)
             try:
@@ -115,6 +119,8 @@ class Serving:
         finally:
             ticket.release()
         self.metrics.prompt_tokens.inc(result.prompt_tokens)
+        self.metrics.tenant_tokens.labels(tenant.label, "prompt").inc(result.prompt_tokens)
+        self.quotas.charge_tokens(tenant, result.prompt_tokens)
         return result
 
     async def _admit(self, admit: _Admit, client_gone: Callable[[], Awaitable[None]] | None) -> Ticket:
