@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -77,24 +79,36 @@ def write_key_file(loads: list[TenantLoad], path: Path) -> Path:
 async def run_tenants(
     url: str, model: str, workload: Workload, loads: list[TenantLoad], duration: float
 ) -> dict[str, list[RequestRecord]]:
-    """Every tenant's load at once for `duration` seconds (then what is in flight ends)."""
-
-    async def one(load: TenantLoad, number: int) -> list[RequestRecord]:
-        headers = load.headers
-        shifted = replace(workload, seed=workload.seed + 1009 * number)
-        if load.rate is not None:
-            records, _ = await open_loop(
-                url, model, shifted, load.rate, None, duration=duration, seed=7 + number, headers=headers
-            )
-        else:
-            assert load.concurrency is not None
-            records, _ = await closed_loop(
-                url, model, shifted, load.concurrency, None, duration=duration, headers=headers
-            )
-        return records
-
-    results = await asyncio.gather(*(one(load, i) for i, load in enumerate(loads)))
+    """Every tenant's load at once for `duration` seconds (then what is in flight ends), each in
+    a process of its own, as separate apps would be: a flood's client work (its refusals, its
+    streams) then never delays the timing of another tenant's tokens in a shared event loop."""
+    context = multiprocessing.get_context("spawn")
+    loop = asyncio.get_running_loop()
+    with ProcessPoolExecutor(len(loads), mp_context=context) as pool:
+        jobs = [
+            loop.run_in_executor(pool, _one_tenant, url, model, workload, load, number, duration)
+            for number, load in enumerate(loads)
+        ]
+        results = await asyncio.gather(*jobs)
     return {load.name: records for load, records in zip(loads, results, strict=True)}
+
+
+def _one_tenant(
+    url: str, model: str, workload: Workload, load: TenantLoad, number: int, duration: float
+) -> list[RequestRecord]:
+    """One tenant's load, in its own process (its records' times count from its own start)."""
+    headers = load.headers
+    shifted = replace(workload, seed=workload.seed + 1009 * number)
+    if load.rate is not None:
+        records, _ = asyncio.run(
+            open_loop(url, model, shifted, load.rate, None, duration=duration, seed=7 + number, headers=headers)
+        )
+    else:
+        assert load.concurrency is not None
+        records, _ = asyncio.run(
+            closed_loop(url, model, shifted, load.concurrency, None, duration=duration, headers=headers)
+        )
+    return records
 
 
 def tenant_rows(label: str, phase: str, per_tenant: dict[str, list[RequestRecord]], window: float) -> list[dict]:
