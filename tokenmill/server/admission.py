@@ -26,15 +26,15 @@ import asyncio
 import itertools
 import math
 import time
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tokenmill.errors import InvalidRequest, Overloaded
+from tokenmill.server.shares import Shares
 from tokenmill.tenants import ANONYMOUS_TENANT, OTHER, Tenant
 
 _RATE_WINDOW_S = 30.0
-_RESERVE_WINDOW_S = 10.0  # a tenant that asked within this long keeps headroom (fair share)
 
 
 class ReleaseRate:
@@ -122,65 +122,6 @@ class _Waiter:
     at_once: bool = False  # its places were free as it arrived (it passed waiters held back for headroom)
 
 
-@dataclass
-class _Recent:
-    """A tenant seen lately: when, and the most places it wanted at once (held plus queued)."""
-
-    tenant: Tenant
-    seen: float
-    peak: int
-    peak_at: float
-
-
-@dataclass
-class _Shares:
-    """Places held and queued per tenant group, and who has asked lately."""
-
-    active: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
-    queued: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
-    recent: dict[str, _Recent] = field(default_factory=dict)
-    standing: list[Tenant] = field(default_factory=list)  # named in the key file: one place each
-
-    def held(self, tenant: Tenant) -> float:
-        return self.active[tenant.group] / tenant.weight
-
-    def claimed(self, tenant: Tenant, extra: int = 0) -> float:
-        return (self.active[tenant.group] + self.queued[tenant.group] + extra) / tenant.weight
-
-    def arrived(self, tenant: Tenant, places: int, now: float) -> None:
-        wanted = self.active[tenant.group] + self.queued[tenant.group] + places
-        seen = self.recent.get(tenant.group)
-        if seen is None or now - seen.peak_at > _RESERVE_WINDOW_S or wanted >= seen.peak:
-            self.recent[tenant.group] = _Recent(tenant, now, wanted, now)
-        else:
-            seen.seen = now
-        for group in [g for g, r in self.recent.items() if now - r.seen > _RESERVE_WINDOW_S]:
-            del self.recent[group]
-
-    def reserved_for_others(self, tenant: Tenant, capacity: int, now: float) -> int:
-        """Free places kept for the other tenants seen lately: each may claim up to its weighted
-        share of the capacity, as far as twice its recent peak plus one needs (room to grow: a
-        steady tenant's requests overlap more when the server is loaded and each takes longer,
-        and a place kept back is only refilled when another frees), less what it holds."""
-        live = [r for r in self.recent.values() if now - r.seen <= _RESERVE_WINDOW_S]
-        weights = sum(r.tenant.weight for r in live if r.tenant.group != tenant.group) + tenant.weight
-        reserve = 0
-        for r in live:
-            if r.tenant.group == tenant.group:
-                continue
-            share = math.floor(capacity * r.tenant.weight / weights)
-            reserve += max(0, min(share, 2 * r.peak + 1) - self.active[r.tenant.group])
-        return reserve + self._standing_for_others(tenant, capacity, {r.tenant.group for r in live})
-
-    def _standing_for_others(self, tenant: Tenant, capacity: int, live: set[str]) -> int:
-        """One place kept for each named tenant not seen lately, so its first request does not
-        wait for a flood's borrowed places to come back; a quarter of the capacity at most, of
-        which a named tenant holding nothing may take one itself."""
-        idle = [t for t in self.standing if t.group != tenant.group and t.group not in live]
-        taking_mine = any(t.group == tenant.group for t in self.standing) and not self.active[tenant.group]
-        return max(0, min(sum(1 for t in idle if not self.active[t.group]), capacity // 4 - taking_mine))
-
-
 class Admission:
     def __init__(
         self,
@@ -197,7 +138,7 @@ class Admission:
         self.active = 0
         self._clock = clock
         self._waiters: list[_Waiter] = []
-        self._shares = _Shares(standing=list({t.group: t for t in named if t.label != OTHER}.values()))
+        self._shares = Shares(standing=list({t.group: t for t in named if t.label != OTHER}.values()))
         self._order = itertools.count()
         self._releases = ReleaseRate(_RATE_WINDOW_S, clock)
         self.draining = False
