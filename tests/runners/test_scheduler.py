@@ -174,22 +174,15 @@ def test_a_light_tenants_newcomer_is_prefilled_in_a_step_of_its_own_beside_a_flo
 def test_tenants_near_their_parts_share_steps_as_usual():
     """Two tenants both saturating (each near its part) never make the other sit out a step, and
     neither does a tenant alone: only a light tenant beside a heavy one does."""
-    s = Scheduler(SchedulerConfig(max_batch=16, kv_tokens=100_000, max_step_tokens=64))
-    running = [tenant_seq(group, prompt_len=1) for group in ("a", "b") * 4]
-    for x in running:
-        s.add(x)
-    run_step(s)
-    newcomer = tenant_seq("b")
-    s.add(newcomer)
-    assert {c.seq for c in schedule(s).chunks} == {*running, newcomer}
-    alone = Scheduler(SchedulerConfig(max_batch=16, kv_tokens=100_000, max_step_tokens=64))
-    crowd = [tenant_seq("a", prompt_len=1) for _ in range(8)]
-    for x in crowd:
-        alone.add(x)
-    run_step(alone)
-    late = tenant_seq("a")
-    alone.add(late)
-    assert {c.seq for c in schedule(alone).chunks} == {*crowd, late}
+    for groups, newcomer_group in [(("a", "b") * 4, "b"), (("a",) * 8, "a")]:
+        s = Scheduler(SchedulerConfig(max_batch=16, kv_tokens=100_000, max_step_tokens=64))
+        running = [tenant_seq(group, prompt_len=1) for group in groups]
+        for x in running:
+            s.add(x)
+        run_step(s)
+        newcomer = tenant_seq(newcomer_group)
+        s.add(newcomer)
+        assert {c.seq for c in schedule(s).chunks} == {*running, newcomer}
 
 
 def test_beside_a_light_tenant_the_flood_takes_turns_in_a_few_rows_per_step():

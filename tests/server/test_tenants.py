@@ -90,6 +90,16 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
+async def _end(waiters: list[asyncio.Future[Ticket]]) -> None:
+    """Release the places of the waiters admitted, and give up on the others."""
+    for waiter in waiters:
+        if waiter.done():
+            waiter.result().release()
+        else:
+            waiter.cancel()
+    await settle()
+
+
 async def _queue(admission: Admission, tenant: Tenant, count: int, **kwargs) -> list[asyncio.Future[Ticket]]:
     waiters = [asyncio.ensure_future(admission.acquire(tenant=tenant, **kwargs)) for _ in range(count)]
     await settle()
@@ -148,12 +158,7 @@ async def test_a_flood_leaves_headroom_for_a_tenant_seen_lately_and_fills_the_se
     clock.now += 11  # B has not asked for longer than the window: its share is lent again
     await _queue(admission, A, 1)
     assert admission.held_by("a") == 4
-    for waiter in flood:
-        if waiter.done():
-            waiter.result().release()
-        else:
-            waiter.cancel()
-    await settle()
+    await _end(flood)
 
 
 async def test_a_named_tenant_has_a_place_kept_for_its_first_request_beside_a_flood():
@@ -168,12 +173,7 @@ async def test_a_named_tenant_has_a_place_kept_for_its_first_request_beside_a_fl
     first = await asyncio.wait_for(admission.acquire(tenant=B), 0.1)
     assert admission.held_by("b") == 1 and not first.queued  # at once: the scheduler may treat B as light
     first.release()
-    for waiter in flood:
-        if waiter.done():
-            waiter.result().release()
-        else:
-            waiter.cancel()
-    await settle()
+    await _end(flood)
     alone = Admission(capacity=4, max_queue=16, queue_timeout=60, named=[A, unnamed])
     tickets = [await asyncio.wait_for(alone.acquire(tenant=A), 0.1) for _ in range(4)]  # nothing kept
     for ticket in tickets:
