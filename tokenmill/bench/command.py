@@ -111,8 +111,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--baselines",
         action="store_true",
-        help="also measure in-process baselines (the engine's own step loop, batch runner without HTTP, "
-        "llama_cpp.Llama loop), each in a fresh process, and print the ratios",
+        help="also measure in-process baselines (the batch runner without HTTP, the llama_cpp.Llama loop), "
+        "each in a fresh process, and print the ratios",
     )
     parser.add_argument(
         "--cpp-baselines",
@@ -149,7 +149,9 @@ def run(args: argparse.Namespace) -> int:
     workload = Workload.from_spec(args.max_tokens, json=args.json, tools=args.tools)
     rows: list[dict] = []
     latencies: dict[str, list[float]] = {}
-    for url, label, server in _targets(args):
+    with_cpp = bool(args.cpp_baselines and args.spawn and not open_loop_rates)
+    cpp_slots = int(max(levels)) if with_cpp else None
+    for url, label, server in _targets(args, cpp_slots=cpp_slots):
         for row in asyncio.run(_sweep(url, label, levels, workload, args, latencies)):
             if server is not None:
                 row["peak_rss_mb"] = server.peak_rss_mb()
@@ -164,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         baselines = measure_baselines([int(level) for level in levels], args, args.baseline_settings)
         ratios = ratio_table(rows, baselines)
         print(ratios)
-    if args.cpp_baselines and args.spawn and not open_loop_rates:
+    if with_cpp:
         from tokenmill.bench import cpp
 
         ratios = (ratios + "\n\n" if ratios else "") + cpp.compare(rows, levels, workload, args)
@@ -252,10 +254,11 @@ def _run_tenants(args: argparse.Namespace) -> int:
 
 
 def _targets(
-    args: argparse.Namespace, extra_flags: list[str] | None = None
+    args: argparse.Namespace, extra_flags: list[str] | None = None, cpp_slots: int | None = None
 ) -> Iterator[tuple[str, str, SpawnedServer | None]]:
     """(url, label, server) for each server to measure: --url as given, or one tokenmill spawned per
-    --modes entry and --serve-args variant (plus `extra_flags`), stopped when the caller moves on."""
+    --modes entry and --serve-args variant (plus `extra_flags`), then llama-server with `cpp_slots`
+    slots if given (--cpp-baselines), each stopped when the caller moves on."""
     if args.url:
         yield args.url, args.url, None
         return
@@ -271,10 +274,10 @@ def _targets(
             ]
             with SpawnedServer(flags, cpus=_cpu_list(args.server_cpus)) as server:
                 yield server.url, f"{entry} {extra}".strip(), server
-    if getattr(args, "cpp_baselines", None) and not extra_flags:
+    if cpp_slots:
         from tokenmill.bench import cpp
 
-        with cpp.llama_server_for(args, _cpu_list(args.server_cpus)) as server:
+        with cpp.llama_server_for(args, cpp_slots, _cpu_list(args.server_cpus)) as server:
             yield server.url, cpp.SERVER_LABEL, server
 
 

@@ -68,10 +68,10 @@ def _served(args: argparse.Namespace) -> tuple[Path, int]:
     return resolve_model_path(settings.model), settings.threads_per_replica()
 
 
-def llama_server_for(args: argparse.Namespace, cpus: set[int] | None) -> SpawnedServer:
-    levels = [int(level) for level in (args.concurrency or "1,8,32").split(",")]
+def llama_server_for(args: argparse.Namespace, slots: int, cpus: set[int] | None) -> SpawnedServer:
+    """llama-server on the model and threads tokenmill serves, `slots` sequences at once."""
     model, threads = _served(args)
-    return llama_server(args.cpp_baselines, model, max(levels), threads, cpus)
+    return llama_server(args.cpp_baselines, model, slots, threads, cpus)
 
 
 def compare(rows: list[dict], levels: list, workload: Workload, args: argparse.Namespace) -> str:

@@ -27,18 +27,17 @@ async def stream_one(
     just dropped: llama-server does) is sent again once, timed from the first try."""
     started = time.perf_counter()
     record = RequestRecord(started=started - run_started)
-    for attempt in range(2):
+    try:
         try:
             await _stream(client, body, started, record, text)
-        except httpx.RemoteProtocolError as error:
-            if attempt == 0 and record.http_status is None:
-                continue
-            record.error = repr(error)
-        except httpx.TimeoutException as error:
-            record.status, record.error = "timeout", repr(error)
-        except httpx.HTTPError as error:
-            record.error = repr(error)
-        return record
+        except httpx.RemoteProtocolError:
+            if record.http_status is not None:  # it was answered: the failure is the server's
+                raise
+            await _stream(client, body, started, record, text)
+    except httpx.TimeoutException as error:
+        record.status, record.error = "timeout", repr(error)
+    except httpx.HTTPError as error:
+        record.error = repr(error)
     return record
 
 

@@ -98,16 +98,14 @@ class Scheduler:
         decoding = [seq for seq in self.running if seq.num_pending == 1]
         prefilling = [seq for seq in self.running if seq.num_pending > 1]
         light, over = self._light_and_over(now)
-        rows, prefill = len(decoding), self.config.max_step_tokens  # what over-share tenants may feed
-        yielding = bool(light and over) and not self._yielded_last_step
-        yielding = yielding and any(seq.share.group in light for seq in prefilling)
-        if yielding:
-            rows, prefill = 0, 0
-        elif light and over and self.config.over_share_rows:
-            rows = prefill = self.config.over_share_rows
+        beside_light = bool(light and over)
+        yielding = beside_light and not self._yielded_last_step and any(s.share.group in light for s in prefilling)
         self._yielded_last_step = yielding
         if yielding:  # the light tenants' prompts alone: every decode waits this one step
             decoding, prefilling = [], [seq for seq in prefilling if seq.share.group in light]
+        # what the over-share tenants may feed: decode rows, and as many prompt tokens
+        capped = beside_light and self.config.over_share_rows > 0
+        rows = prefill = self.config.over_share_rows if capped else self.config.max_step_tokens
         chunks = [Chunk(seq, 1) for seq in decoding if seq.share.group not in over]
         chunks += [Chunk(seq, 1) for seq in self._in_turn([seq for seq in decoding if seq.share.group in over], rows)]
         budget = self.config.max_step_tokens - len(chunks)
@@ -128,13 +126,16 @@ class Scheduler:
         their part. A tenant that ran within RECENT_S seconds counts, running nothing: between its
         requests the flood stays out of the way of its next one."""
         counts: dict[str, int] = {}
+        weights: dict[str, float] = {}
         queued: set[str] = set()  # tenants with a request that waited for its place: not light
         for seq in self.running:
-            counts[seq.share.group] = counts.get(seq.share.group, 0) + 1
-            if not seq.share.at_once:
-                queued.add(seq.share.group)
-        for seq in self.running:
-            self._recent[seq.share.group] = (now, seq.share.weight, seq.share.group not in queued)
+            share = seq.share
+            counts[share.group] = counts.get(share.group, 0) + 1
+            weights[share.group] = share.weight
+            if not share.at_once:
+                queued.add(share.group)
+        for group, weight in weights.items():
+            self._recent[group] = (now, weight, group not in queued)
         for group, (seen, *_) in list(self._recent.items()):
             if now - seen > RECENT_S:
                 del self._recent[group]
