@@ -261,3 +261,38 @@ def test_the_next_turn_finds_the_last_answer_cached_not_only_the_last_prompt(kin
         assert second.num_cached == answered
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("kind", ["llamacpp", "torch"])
+def test_a_prompt_repeated_without_its_answer_gives_the_answer_cells_back_and_still_hits(kind):
+    """A single-turn app sends the same prompt again: the cached answer (never resent) is cleared
+    from its entry, which keeps the prompt; the next repeat still finds it. Greedy answers agree up
+    to a near tie (as in the conversation test above): clearing the holder's answer must not touch
+    the cells a running sequence reads, which would cost whole logits."""
+    from tests.engines.near_ties import NEAR_TIE_LOGITS
+
+    engine = BUILD[kind](prefix_cache_tokens=2048)
+    try:
+        history = (ChatMessage("system", "You are a concise assistant."), ChatMessage("user", "What is a lighthouse?"))
+        answers, prompt = [], 0
+        for i in range(3):
+            request = GenerationRequest(
+                str(i), SamplingParams(temperature=0, max_tokens=16, logprobs=5), messages=history
+            )
+            seq = prepare_sequence(request, engine.tokenizer)
+            events = generate(engine, seq, lambda: False)
+            answers.append([entry for event in events if isinstance(event, TextDelta) for entry in event.logprobs])
+            prompt = seq.num_prompt_tokens
+            if i == 0:
+                assert engine.prefix_cache_stats().cached_tokens > prompt + 10  # the answer was cached too
+            else:
+                assert seq.num_cached == prompt - 1
+                assert engine.prefix_cache_stats().cached_tokens == prompt  # the prompt alone
+        for mine, theirs in zip(answers[2], answers[0], strict=True):
+            if mine.token != theirs.token:
+                alternatives = {alt.token: alt.logprob for alt in theirs.top}
+                assert mine.token in alternatives, f"{mine.token!r} is not among {alternatives}"
+                assert theirs.logprob - alternatives[mine.token] < NEAR_TIE_LOGITS
+                break
+    finally:
+        engine.close()

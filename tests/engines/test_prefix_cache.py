@@ -77,3 +77,83 @@ def test_an_engine_short_of_cells_drops_the_oldest_entry_first():
     assert cache.evict_oldest() == b.holder
     assert cache.evict_oldest() == a.holder
     assert cache.evict_oldest() is None and cache.cached_tokens == 0 and len(cache.holders) == 3
+
+
+def _single_turn_answers(cache: PrefixIndex, count: int, start: int = 0) -> list[Store | None]:
+    """`count` distinct prompts, each answered and never resent: what a single-turn load leaves."""
+    stores = []
+    for i in range(start, start + count):
+        prompt = [1000 + i, 7, 7]
+        cache.store(prompt)  # after prefill
+        stores.append(cache.store([*prompt, 5, 5, 5], answer_from=len(prompt)))  # when it finishes
+    return stores
+
+
+def test_answers_nobody_resends_stop_being_cached_but_one_in_a_few_still_is():
+    from tokenmill.engines.prefix_cache import ANSWER_PROBE, ANSWER_WORTH
+
+    cache = index(holders=4, budget=1000)
+    first = _single_turn_answers(cache, 4)
+    assert all(store is not None for store in first)  # nothing known yet (none evicted): cached
+    later = _single_turn_answers(cache, 8 * ANSWER_PROBE, start=100)
+    cached = sum(store is not None for store in later)
+    # each answer evicted unused says so: the share resent is below 1 in ANSWER_WORTH from then on
+    assert ANSWER_WORTH > 1 and cached == 8
+    assert cache.stats().answers_skipped == len(later) - cached
+    assert all(entry.answer_from is None for entry in cache.entries[:-1])  # prompts stay cached
+
+
+def test_answers_a_next_turn_resends_are_always_cached():
+    cache = index(holders=4, budget=10_000)
+    history = [1, 2, 3]
+    for turn in range(40):
+        assert cache.reuse([*history, 9]) is not None or turn == 0
+        cache.store(history)  # the prompt, after prefill (grown from the last turn's entry)
+        answer = [50 + turn, 51 + turn]
+        assert cache.store([*history, *answer], answer_from=len(history)) is not None, turn
+        history = [*history, *answer, 60 + turn]  # the next turn resends the answer
+        _single_turn_answers(cache, 1, start=turn)  # one-off requests besides the conversation
+    assert cache.stats().answers_skipped == 0
+
+
+def test_an_answer_resent_only_in_part_counts_as_resent():
+    """A client that trims or edits the last answer before its next turn still reused some of it
+    (the cached prompt is not grown then: the next one diverges inside the answer)."""
+    cache = index(holders=4, budget=10_000)
+    for turn in range(40):
+        prompt = [1000 + turn, 7]
+        cache.store(prompt)
+        assert cache.store([*prompt, 5, 6, 7], answer_from=len(prompt)) is not None, turn
+        assert cache.reuse([*prompt, 5, 9, 9]) is not None  # the answer's first token kept, then edited
+        _single_turn_answers(cache, 1, start=turn)
+
+
+def test_a_workload_turning_conversational_gets_its_answers_cached_again():
+    cache = index(holders=4, budget=100_000)
+    _single_turn_answers(cache, 2000)  # older outcomes fade: this many must not outweigh what follows
+    assert cache.stats().answers_skipped > 0
+    history = [1, 2, 3]
+    cached = []
+    for turn in range(150):
+        cache.reuse([*history, 9])
+        cache.store(history)
+        answer = [50 + turn, 51 + turn]
+        cached.append(cache.store([*history, *answer], answer_from=len(history)) is not None)
+        history = [*history, *answer, 60 + turn]
+    assert all(cached[-20:])  # probes found their answers resent, and caching came back
+
+
+def test_a_prompt_sent_again_without_its_answer_shrinks_its_entry_back_to_the_prompt():
+    """A single-turn app repeats its prompts: each hit uses an answered entry's prompt, so LRU would
+    keep the answer's cells forever. The repeat says the answer was not resent; the entry shrinks."""
+    cache = index(holders=4, budget=1000)
+    prompt = [1, 2, 3, 4]
+    cache.store(prompt)
+    grown = cache.store([*prompt, 8, 8], answer_from=len(prompt))
+    assert grown is not None and cache.entries[0].tokens == [*prompt, 8, 8]
+    assert cache.reuse(prompt) == (grown.holder, 3)  # the same prompt again
+    assert cache.store(prompt) == Store(grown.holder, 4, 4)  # after its prefill: clear from 4 on
+    assert [e.tokens for e in cache.entries] == [prompt] and cache.cached_tokens == 4
+    # that outcome counts: with none resent, the next answers are mostly not cached
+    skipped = [cache.store([*prompt, 9, i], answer_from=len(prompt)) is None for i in range(8)]
+    assert sum(skipped) == 7

@@ -261,16 +261,19 @@ class LlamaCppEngine:
             llama_cpp.llama_memory_seq_cp(self._memory, holder, slot, 0, shared)
             seq.num_computed = seq.num_cached = shared
 
-    def _remember(self, prefix: PrefixIndex, seq: Sequence, slot: int, tokens: int) -> None:
+    def _remember(
+        self, prefix: PrefixIndex, seq: Sequence, slot: int, tokens: int, answer_from: int | None = None
+    ) -> None:
         """`seq`'s first `tokens` have their cells (its prompt after prefill, or all it computed
         when it finishes): they go to the cache."""
-        store = prefix.store(seq.token_ids[:tokens])
+        store = prefix.store(seq.token_ids[:tokens], answer_from)
         if store is None:
             return
         for holder in store.evicted:
             llama_cpp.llama_memory_seq_rm(self._memory, holder, -1, -1)
         llama_cpp.llama_memory_seq_rm(self._memory, store.holder, store.start, -1)
-        llama_cpp.llama_memory_seq_cp(self._memory, slot, store.holder, store.start, store.end)
+        if store.end > store.start:
+            llama_cpp.llama_memory_seq_cp(self._memory, slot, store.holder, store.start, store.end)
 
     def prefix_cache_stats(self) -> PrefixCacheStats:
         return self._prefix.stats() if self._prefix is not None else PrefixCacheStats()
@@ -280,7 +283,7 @@ class LlamaCppEngine:
         if slot is not None:
             if self._prefix is not None and seq.status is SequenceStatus.FINISHED:
                 # the answer too: a conversation's next turn resends it after this prompt
-                self._remember(self._prefix, seq, slot, seq.num_computed)
+                self._remember(self._prefix, seq, slot, seq.num_computed, seq.num_prompt_tokens)
             llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
             self._free_slots.append(slot)
         sampler = self._samplers.pop(seq.seq_id, None)

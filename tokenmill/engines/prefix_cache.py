@@ -13,6 +13,16 @@ cache row) and asks this index what to copy where.
 
 Running sequences own their cells: an entry is a copy (or, in llama.cpp's unified cache, a shared
 reference), so dropping one never touches a sequence in flight.
+
+Answers are cached while they pay. A cached answer helps only a conversation that comes back with
+it; in llama.cpp's unified cache every held cell costs every decode row of every step (attention
+walks the mask of all cells up to the highest in use), and caching single-turn answers cost a
+fifth of the throughput at 8 and 32 streams (docs/benchmarks.md). So the index counts how the
+answers it cached ended: resent by a later prompt, or not -- dropped unused, or its prompt sent
+again without it (a single-turn app's repeated prompt: the entry's prompt is used, so LRU alone
+would keep the answer's cells forever; it shrinks back to the prompt at the next store). While
+fewer than one in ANSWER_WORTH were resent, it caches only one answer in ANSWER_PROBE, enough to
+see a workload turn conversational. Prompts are always cached.
 """
 
 from __future__ import annotations
@@ -21,6 +31,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 HOLDERS = 16  # cached prompts at most (llama.cpp: sequence ids kept for them)
+ANSWER_WORTH = 8  # cache every answer while at least one in this many cached was reused
+ANSWER_PROBE = 8  # else cache one finished answer in this many, to notice conversations starting
+ANSWER_MEMORY = 64  # outcomes counted (older ones fade by halves), so a change of workload shows
 
 
 @dataclass
@@ -28,6 +41,8 @@ class CachedPrompt:
     holder: int
     tokens: list[int]
     last_used: int = 0
+    answer_from: int | None = None  # where a finished sequence's answer starts (None: a prompt alone)
+    answer_unused: bool = False  # its prompt came again without it: shrink back to the prompt
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,12 +50,14 @@ class PrefixCacheStats:
     queried_tokens: int = 0  # prompt tokens looked up
     hit_tokens: int = 0  # of those, served from the cache
     cached_tokens: int = 0  # cells the cache holds now
+    answers_skipped: int = 0  # finished answers not cached, since too few cached ones were resent
 
 
 @dataclass(frozen=True, slots=True)
 class Store:
     """What an engine does to remember a prompt: copy cells [start, end) of the sequence into
-    `holder` (after clearing the holder from `start` on), having first dropped `evicted`."""
+    `holder` (after clearing the holder from `start` on), having first dropped `evicted`. With
+    start == end it only clears: an entry shrinks back to its prompt."""
 
     holder: int
     start: int
@@ -64,6 +81,10 @@ class PrefixIndex:
     _clock: int = 0
     _queried: int = 0
     _hits: int = 0
+    _answers_reused: float = 0.0
+    _answers_unused: float = 0.0
+    _answers_skipped: int = 0
+    _since_probe: int = 0
 
     def longest_match(self, prompt: Sequence[int]) -> tuple[CachedPrompt | None, int]:
         """The entry sharing the most leading tokens with `prompt`, and how many (0: none)."""
@@ -74,6 +95,13 @@ class PrefixIndex:
                 best, length = entry, shared
         if best is not None:
             self._touch(best)
+            if best.answer_from is not None and not best.answer_unused:
+                if length > best.answer_from:
+                    best.answer_from = None  # resent: from here on it is a conversation's prompt
+                    self._answer_ended(reused=True)
+                elif length >= best.answer_from - 1:  # the same prompt (less its last token) again
+                    best.answer_unused = True
+                    self._answer_ended(reused=False)
         return best, length
 
     def reuse(self, prompt: Sequence[int]) -> tuple[int, int] | None:
@@ -84,23 +112,31 @@ class PrefixIndex:
         self._hits += shared
         return (entry.holder, shared) if entry is not None and shared else None
 
-    def store(self, prompt: Sequence[int]) -> Store | None:
-        """Remember `prompt`; None when nothing need be copied (already cached, or too long)."""
+    def store(self, prompt: Sequence[int], answer_from: int | None = None) -> Store | None:
+        """Remember `prompt` -- with `answer_from`, a finished sequence's prompt and answer, the
+        answer starting there; None when nothing need be copied (already cached, too long, or an
+        answer while answers are not being reused)."""
         tokens = list(prompt)
         if len(tokens) > self.budget_tokens:
+            return None
+        if answer_from is not None and not self._caching_answer():
             return None
         for entry in self.entries:
             shared = shared_length(entry.tokens, tokens)
             if shared == len(tokens):  # already held, as a prompt or as the start of a longer one
                 self._touch(entry)
+                if entry.answer_unused and entry.answer_from == len(tokens):  # its answer goes
+                    entry.tokens, entry.answer_from, entry.answer_unused = tokens, None, False
+                    return Store(entry.holder, len(tokens), len(tokens))
                 return None
             if shared == len(entry.tokens):  # the prompt extends this entry: grow it in place
                 evicted = self._make_room(len(tokens) - len(entry.tokens), keep=entry, need_holder=False)
-                entry.tokens = tokens
+                entry.tokens, entry.answer_from = tokens, answer_from  # (reuse() saw any answer resent)
+                entry.answer_unused = False
                 self._touch(entry)
                 return Store(entry.holder, shared, len(tokens), evicted)
         evicted = self._make_room(len(tokens), keep=None, need_holder=True)
-        entry = CachedPrompt(self.holders.pop(), tokens)
+        entry = CachedPrompt(self.holders.pop(), tokens, answer_from=answer_from)
         self.entries.append(entry)
         self._touch(entry)
         return Store(entry.holder, 0, len(tokens), evicted)
@@ -109,7 +145,7 @@ class PrefixIndex:
         """Drop every entry; returns the holders to empty."""
         dropped = [entry.holder for entry in self.entries]
         self.holders.extend(dropped)
-        self.entries.clear()
+        self.entries.clear()  # what nobody resent before a reset says nothing of the workload
         return dropped
 
     def evict_oldest(self, keep: CachedPrompt | None = None) -> int | None:
@@ -120,11 +156,13 @@ class PrefixIndex:
             return None
         victim = min(victims, key=lambda entry: entry.last_used)
         self.entries.remove(victim)
+        if victim.answer_from is not None and not victim.answer_unused:
+            self._answer_ended(reused=False)
         self.holders.append(victim.holder)
         return victim.holder
 
     def stats(self) -> PrefixCacheStats:
-        return PrefixCacheStats(self._queried, self._hits, self.cached_tokens)
+        return PrefixCacheStats(self._queried, self._hits, self.cached_tokens, self._answers_skipped)
 
     @property
     def cached_tokens(self) -> int:
@@ -138,6 +176,28 @@ class PrefixIndex:
                 break
             evicted.append(holder)
         return tuple(evicted)
+
+    def _caching_answer(self) -> bool:
+        """Whether to cache this finished answer: yes while at least one in ANSWER_WORTH of those
+        whose fate is known was resent (or none is known yet), else one in ANSWER_PROBE."""
+        reused, unused = self._answers_reused, self._answers_unused
+        if reused * ANSWER_WORTH >= reused + unused:
+            return True
+        self._since_probe += 1
+        if self._since_probe < ANSWER_PROBE:
+            self._answers_skipped += 1
+            return False
+        self._since_probe = 0
+        return True
+
+    def _answer_ended(self, reused: bool) -> None:
+        if reused:
+            self._answers_reused += 1
+        else:
+            self._answers_unused += 1
+        if self._answers_reused + self._answers_unused > ANSWER_MEMORY:
+            self._answers_reused /= 2
+            self._answers_unused /= 2
 
     def _touch(self, entry: CachedPrompt) -> None:
         self._clock += 1

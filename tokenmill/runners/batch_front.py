@@ -73,6 +73,7 @@ class BatchFront(Runner):
                 self._lost_prefix.queried_tokens + self._stats.prefix_cache.queried_tokens,
                 self._lost_prefix.hit_tokens + self._stats.prefix_cache.hit_tokens,
                 self._stats.prefix_cache.cached_tokens,
+                self._lost_prefix.answers_skipped + self._stats.prefix_cache.answers_skipped,
             ),
         )
 

@@ -69,6 +69,7 @@ class ExecutorRunner(Runner):
                 sum(s.queried_tokens for s in caches),
                 sum(s.hit_tokens for s in caches),
                 sum(s.cached_tokens for s in caches),
+                sum(s.answers_skipped for s in caches),
             ),
         )
 

@@ -131,6 +131,11 @@ def _metrics_for(runner: Runner, admission: Admission, lifecycle: Lifecycle) -> 
         "KV cache cells the prefix cache holds now",
         lambda: runner.stats().prefix_cache.cached_tokens,
     )
+    metrics.counter(
+        "tokenmill_prefix_cache_answers_skipped",
+        "Finished answers not cached, while too few cached answers were resent by a next turn",
+        lambda: runner.stats().prefix_cache.answers_skipped,
+    )
     metrics.gauge("tokenmill_draining", "1 while the server drains for shutdown", lambda: float(lifecycle.draining))
     metrics.gauge("tokenmill_engine_ready", "1 while the model engine can take requests", lambda: float(runner.ready))
     metrics.labelled_counter(

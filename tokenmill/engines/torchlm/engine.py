@@ -114,7 +114,7 @@ class TorchEngine:
     def remove_sequence(self, seq: Sequence) -> None:
         if self._prefix is not None and seq.status is SequenceStatus.FINISHED:
             # the answer too: a conversation's next turn resends it after this prompt
-            self._remember(self._prefix, seq, seq.num_computed)
+            self._remember(self._prefix, seq, seq.num_computed, seq.num_prompt_tokens)
         self.cache.remove(seq.seq_id)
         self.sampler.remove(seq.seq_id)
         if self._constrained is not None:
@@ -140,10 +140,10 @@ class TorchEngine:
         by_seq = {seq.seq_id: token for seq, token in zip(seqs, tokens, strict=True)}
         return [by_seq.get(c.seq.seq_id) if c.completes_sequence_input else None for c in chunks]
 
-    def _remember(self, prefix: PrefixIndex, seq: Sequence, tokens: int) -> None:
+    def _remember(self, prefix: PrefixIndex, seq: Sequence, tokens: int, answer_from: int | None = None) -> None:
         """`seq`'s first `tokens` have their KV (its prompt after prefill, or all it computed when
         it finishes): the cache takes a reference to their blocks."""
-        store = prefix.store(seq.token_ids[:tokens])
+        store = prefix.store(seq.token_ids[:tokens], answer_from)
         if store is None:
             return
         for holder in store.evicted:
