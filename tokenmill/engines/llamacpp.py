@@ -1,7 +1,8 @@
 """The llama.cpp engine, on llama-cpp-python's low-level API.
 
 One context holds up to `max_sequences` sequences in a unified KV cache; each sequence gets a slot
-(its llama.cpp sequence id) and its own sampler chain, so seeds are per request even when batched.
+(its llama.cpp sequence id) and its own seeded sampler (llamacpp_sampling.py), so seeds are per
+request even when batched.
 `step()` packs every chunk into one `llama_batch` and runs one `llama_decode`; ctypes releases the
 GIL for the duration, so the event loop and other replicas keep running.
 
@@ -33,11 +34,10 @@ from collections.abc import Sequence as Seq
 from pathlib import Path
 
 import llama_cpp
-import numpy as np
 
-from tokenmill.engines import logprobs
 from tokenmill.engines.base import Chunk
 from tokenmill.engines.chat_template import ChatTemplate
+from tokenmill.engines.llamacpp_sampling import RowSampler
 from tokenmill.engines.prefix_cache import HOLDERS, PrefixCacheStats, PrefixIndex
 from tokenmill.engines.sequence import Sequence, SequenceStatus
 from tokenmill.engines.structured import Constrained
@@ -230,12 +230,11 @@ class LlamaCppEngine:
         vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.tokenizer = LlamaCppTokenizer(self._model, vocab, window)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
-        self._eog_ids = np.array(self.tokenizer.eog_ids, dtype=np.int64)
         self.max_chunk_tokens = max_step_tokens
         self._batch = llama_cpp.llama_batch_init(max_step_tokens, 0, 1)
         self._free_slots = list(range(max_sequences - 1, -1, -1))
         self._slots: dict[int, int] = {}
-        self._samplers: dict[int, llama_cpp.llama_sampler_p] = {}
+        self._rows = RowSampler(self._n_vocab, window, self.tokenizer.eog_ids)
         self._threads = threads
         self._constrained: Constrained | None = None  # built with the first constrained sequence
         self._prefix: PrefixIndex | None = None
@@ -246,7 +245,7 @@ class LlamaCppEngine:
         if not self._free_slots:
             raise EngineFailure("no free sequence slot in the llama.cpp context")
         slot = self._slots[seq.seq_id] = self._free_slots.pop()
-        self._samplers[seq.seq_id] = _sampler_chain(seq, self._n_vocab, self.tokenizer.context_window)
+        self._rows.add(seq)
         if seq.params.grammar is not None:
             if self._constrained is None:
                 self._constrained = Constrained(self.tokenizer.structured_tokenizer(), self._n_vocab, self._threads)
@@ -286,9 +285,7 @@ class LlamaCppEngine:
                 self._remember(self._prefix, seq, slot, seq.num_computed, seq.num_prompt_tokens)
             llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
             self._free_slots.append(slot)
-        sampler = self._samplers.pop(seq.seq_id, None)
-        if sampler is not None:
-            llama_cpp.llama_sampler_free(sampler)
+        self._rows.remove(seq.seq_id)
         if self._constrained is not None:
             self._constrained.remove(seq)
 
@@ -317,71 +314,13 @@ class LlamaCppEngine:
         sampled = [(chunk.seq, row) for chunk, row in zip(chunks, sample_rows, strict=True) if row is not None]
         # every constrained row of the step in one call (None: no row is constrained)
         masks = None if self._constrained is None else self._constrained.mask_rows([seq for seq, _ in sampled])
-        tokens = iter(
-            [self._sample(seq, row, None if masks is None else masks[i]) for i, (seq, row) in enumerate(sampled)]
-        )
+        tokens = iter(self._rows.sample(self._ctx, sampled, masks, self._constrained))
         return [None if row is None else next(tokens) for row in sample_rows]
 
-    def _sample(self, seq: Sequence, row: int, allowed: np.ndarray | None) -> int:
-        """`allowed`: the grammar's mask for this row (True: the token may follow), if constrained."""
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, row), shape=(self._n_vocab,))
-        raw = logits.copy() if seq.params.logprobs is not None else None  # before anything changes the row
-        if seq.params.ignore_eos or seq.num_generated < seq.params.min_tokens:
-            logits[self._eog_ids] = -np.inf
-        if allowed is not None and self._constrained is not None and self._constrained.constrains(seq):
-            logits[~allowed] = -np.inf
-        token = llama_cpp.llama_sampler_sample(self._samplers[seq.seq_id], self._ctx, row)
-        if self._constrained is not None:
-            self._constrained.accept(seq, token)
-        if raw is not None:
-            seq.note_logprobs(logprobs.from_logits(raw, token, seq.params.logprobs or 0))
-        return token
-
     def close(self) -> None:
-        for sampler in self._samplers.values():
-            llama_cpp.llama_sampler_free(sampler)
-        self._samplers.clear()
+        self._rows.close()
         if self._ctx:
             llama_cpp.llama_batch_free(self._batch)
             llama_cpp.llama_free(self._ctx)
             llama_cpp.llama_model_free(self._model)
             self._ctx = self._model = None
-
-
-def _sampler_chain(seq: Sequence, n_vocab: int, window: int) -> llama_cpp.llama_sampler_p:
-    """llama.cpp's sampler chain for one sequence, in vLLM's order: logit bias, penalties, then
-    greedy, or top-k, top-p, min-p, temperature and the seeded draw."""
-    params = seq.params
-    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-
-    def add(sampler: llama_cpp.llama_sampler_p) -> None:
-        llama_cpp.llama_sampler_chain_add(chain, sampler)
-
-    bias = params.logit_bias  # ids checked against the vocabulary when the request was prepared
-    if bias:
-        entries = (llama_cpp.llama_logit_bias * len(bias))(*(llama_cpp.llama_logit_bias(t, v) for t, v in bias))
-        add(llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(bias), entries))
-    if params.presence_penalty or params.frequency_penalty:  # OpenAI's: over the generated tokens
-        add(
-            llama_cpp.llama_sampler_init_penalties(
-                n_vocab, window, 1.0, params.frequency_penalty, params.presence_penalty
-            )
-        )
-    if params.repetition_penalty != 1.0:  # vLLM's and HF's: over prompt and generated tokens
-        repeat = llama_cpp.llama_sampler_init_penalties(n_vocab, window, params.repetition_penalty, 0.0, 0.0)
-        for token in seq.token_ids:
-            llama_cpp.llama_sampler_accept(repeat, token)
-        add(repeat)
-    if params.greedy:
-        add(llama_cpp.llama_sampler_init_greedy())
-        return chain
-    if params.top_k > 0:
-        add(llama_cpp.llama_sampler_init_top_k(params.top_k))
-    if params.top_p < 1.0:
-        add(llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
-    if params.min_p > 0.0:
-        add(llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
-    add(llama_cpp.llama_sampler_init_temp(params.temperature))
-    seed = llama_cpp.LLAMA_DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF
-    add(llama_cpp.llama_sampler_init_dist(seed))
-    return chain
