@@ -76,3 +76,34 @@ def test_another_program_is_served_on_a_free_port_and_awaited_on_its_own_ready_p
         assert httpx.get(f"{server.url}/health").status_code == 200
         assert server.startup_s is not None
     assert server.process.poll() is not None  # stopped with the block
+
+
+def test_with_rounds_each_target_is_put_over_the_llama_server_of_its_own_round_and_the_median_given(monkeypatch):
+    monkeypatch.setattr(cpp, "batched_bench", lambda *args: {8: 200.0})
+    monkeypatch.setattr(cpp, "_served", lambda args: (Path("/m.gguf"), 2))
+
+    def row(target: str, tokens_per_s: float, round_number: int) -> dict:
+        return {
+            "target": target,
+            "concurrency": 8,
+            "output_tokens_per_s": tokens_per_s,
+            "ttft_p50": 0.1,
+            "round": round_number,
+        }
+
+    rows = [
+        row("batch", 180.0, 1),
+        row(cpp.SERVER_LABEL, 200.0, 1),  # 0.90x
+        row("batch", 240.0, 2),
+        row(cpp.SERVER_LABEL, 200.0, 2),  # 1.20x: a drift of the machine between rounds
+        row("batch", 190.0, 3),
+        row(cpp.SERVER_LABEL, 190.0, 3),  # 1.00x
+    ]
+    table = cpp.compare(rows, [8], cpp.Workload(max_tokens=64), argparse.Namespace(cpp_baselines=Path("/opt/b")))
+    lines = table.splitlines()
+    assert lines[2:5] == [
+        "| 1 | batch | 8 | 180.0 | 200.0 | 0.90x | 200.0 | 0.90x | 100 | 100 |",
+        "| 2 | batch | 8 | 240.0 | 200.0 | 1.20x | 200.0 | 1.20x | 100 | 100 |",
+        "| 3 | batch | 8 | 190.0 | 190.0 | 1.00x | 200.0 | 0.95x | 100 | 100 |",
+    ]
+    assert lines[-1] == "| batch | 8 | 1.00x (0.90-1.20) | 0.95x (0.90-1.20) |"

@@ -123,6 +123,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "llama-batched-bench's decode rate, built into DIR by tools/build-llama-baselines.sh, and print the ratios",
     )
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="with --spawn and --concurrency: measure every target this many times, in turn (all of them "
+        "once, then again), and give --cpp-baselines' ratios per round and their median: on a noisy machine "
+        "one target moves between runs minutes apart [1]",
+    )
+    parser.add_argument(
         "--server-cpus",
         default=None,
         help="with --spawn: CPUs the server may use, as taskset -c takes them (e.g. 0 or 0-1); models a container "
@@ -151,13 +159,17 @@ def run(args: argparse.Namespace) -> int:
     latencies: dict[str, list[float]] = {}
     with_cpp = bool(args.cpp_baselines and args.spawn and not open_loop_rates)
     cpp_slots = int(max(levels)) if with_cpp else None
-    for url, label, server in _targets(args, cpp_slots=cpp_slots):
-        for row in asyncio.run(_sweep(url, label, levels, workload, args, latencies)):
-            if server is not None:
-                row["peak_rss_mb"] = server.peak_rss_mb()
-                row["startup_s"] = server.startup_s
-                print(report.table([row]).splitlines()[-1], flush=True)
-            rows.append(row)
+    rounds = max(1, args.rounds) if args.spawn and not open_loop_rates else 1
+    for round_number in range(1, rounds + 1):
+        for url, label, server in _targets(args, cpp_slots=cpp_slots):
+            for row in asyncio.run(_sweep(url, label, levels, workload, args, latencies)):
+                if rounds > 1:
+                    row["round"] = round_number
+                if server is not None:
+                    row["peak_rss_mb"] = server.peak_rss_mb()
+                    row["startup_s"] = server.startup_s
+                    print(report.table([row]).splitlines()[-1], flush=True)
+                rows.append(row)
     print(report.table(rows))
     ratios = None
     if args.baselines and not open_loop_rates:
@@ -324,7 +336,9 @@ async def _sweep(
             if args.cost_per_hour is not None and summary.output_tokens_per_s > 0:
                 row["cost_per_million_tokens"] = args.cost_per_hour / (summary.output_tokens_per_s * 3600) * 1e6
             rows.append(row)
-            latencies[f"{target} @ {level}"] = sorted(r.latency for r in records if r.latency is not None)
+            # every round's requests of a target together
+            measured = latencies.get(f"{target} @ {level}", []) + [r.latency for r in records if r.latency is not None]
+            latencies[f"{target} @ {level}"] = sorted(measured)
     return rows
 
 

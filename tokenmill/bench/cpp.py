@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 from pathlib import Path
 
@@ -75,25 +76,47 @@ def llama_server_for(args: argparse.Namespace, slots: int, cpus: set[int] | None
 
 
 def compare(rows: list[dict], levels: list, workload: Workload, args: argparse.Namespace) -> str:
-    """Each tokenmill target over llama-server and over llama-batched-bench's decode rate, per level."""
+    """Each tokenmill target over llama-server and over llama-batched-bench's decode rate, per level:
+    against the llama-server of the same round where the run had several (--rounds), then each
+    ratio's median over the rounds."""
     model, threads = _served(args)
     decode = batched_bench(
         args.cpp_baselines, model, [int(level) for level in levels], PROMPT_TOKENS, workload.max_tokens, threads
     )
-    by_target = {(row["target"], row["concurrency"]): row for row in rows}
+    by_key = {(row["target"], row["concurrency"], row.get("round")): row for row in rows}
     header = (
         "| target | concurrency | tok/s | llama-server tok/s | ratio | batched-bench decode tok/s | ratio "
         "| TTFT p50 ms | llama-server TTFT p50 ms |"
     )
-    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
-    for (target, level), row in by_target.items():
-        server = by_target.get((SERVER_LABEL, level))
+    rounds = sorted({key[2] for key in by_key if key[2] is not None})
+    if rounds:
+        header = "| round " + header
+    lines = [header, "|---" * header.count(" | ") + "|---|"]
+    ratios: dict[tuple[str, int], list[tuple[float, float | None]]] = {}
+    for (target, level, round_number), row in by_key.items():
+        server = by_key.get((SERVER_LABEL, level, round_number))
         if target == SERVER_LABEL or server is None:
             continue
         ours, theirs, kernels = row["output_tokens_per_s"], server["output_tokens_per_s"], decode.get(int(level))
+        ratios.setdefault((target, level), []).append((ours / theirs, ours / kernels if kernels else None))
         lines.append(
-            f"| {target} | {level} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x | "
+            ("" if round_number is None else f"| {round_number} ")
+            + f"| {target} | {level} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x | "
             + (f"{kernels:.1f} | {ours / kernels:.2f}x" if kernels else "- | -")
             + f" | {1000 * row['ttft_p50']:.0f} | {1000 * server['ttft_p50']:.0f} |"
         )
+    if len(rounds) > 1:
+        lines += ["", f"Median over {len(rounds)} rounds (lowest-highest):", ""]
+        lines += ["| target | concurrency | over llama-server | over batched-bench |", "|---|---|---|---|"]
+        for (target, level), pairs in ratios.items():
+            lines.append(
+                f"| {target} | {level} | {_spread([a for a, _ in pairs])} | {_spread([b for _, b in pairs])} |"
+            )
     return "\n".join(lines)
+
+
+def _spread(values: list[float | None]) -> str:
+    known = sorted(v for v in values if v is not None)
+    if not known:
+        return "-"
+    return f"{statistics.median(known):.2f}x ({known[0]:.2f}-{known[-1]:.2f})"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 COLUMNS = [
     ("target", "target", "{}"),
+    ("round", "round", "{}"),
     ("concurrency", "conc", "{}"),
     ("rate", "rate/s", "{:g}"),
     ("ok", "ok", "{}"),
