@@ -25,7 +25,10 @@ from tokenmill.bench.workload import Workload
 # (group, any of these in a frame): the first group, in this order, that any frame of a sample's
 # stack names decides its group (the stack's outer frames, the loops, are in every sample)
 GROUPS = [
-    ("sampling", ("_sample", "sampler.py", "llama_sampler", "logprobs.py", "structured.py")),
+    (
+        "sampling",
+        ("_sample", "sampler.py", "llama_sampler", "logprobs.py", "structured.py", "draws.py", "_sampling.py"),
+    ),
     ("detokenise + stop strings", ("sequence.py", "stopping.py")),
     ("prefix cache", ("prefix_cache.py", "llama_memory_seq")),
     ("scheduler", ("scheduler.py",)),
