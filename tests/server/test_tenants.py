@@ -245,6 +245,28 @@ async def test_a_request_that_cannot_get_a_place_before_its_deadline_is_refused_
     holder.release()
 
 
+async def test_a_wait_is_not_predicted_from_the_first_few_releases_of_a_run():
+    """At start-up the first release or two make a rate of almost nothing (one place in a second):
+    refusing on it sent a saturating tenant's closed-loop clients into a storm of instant retries
+    (8,392 refusals in 90 s, Retry-After 383 s, where it later waited 15 s). A few releases are
+    no rate: the request queues, bounded by --queue-timeout."""
+    from tokenmill.server.admission import MIN_RELEASES_FOR_A_RATE
+
+    clock = Clock()
+    admission = Admission(capacity=1, max_queue=64, queue_timeout=30, clock=clock)
+    (await admission.acquire()).release()  # one release: "1 a second"
+    clock.now += 1.0
+    holder = await admission.acquire()
+    ahead = await _queue(admission, A, 40)  # 41 s at that rate, past the 30 s budget
+    assert admission.predicted_wait(1, A) is None
+    fits = await _queue(admission, A, 1)
+    assert not fits[0].done() and admission.queued == 41  # queued, not refused
+    assert MIN_RELEASES_FOR_A_RATE <= 10  # the test above refuses on ten releases' rate
+    for waiter in ahead + fits:
+        waiter.cancel()
+    holder.release()
+
+
 KEYS = "sk-quota name=metered tokens_per_minute=40\nsk-free name=free\nsk-bare\n"
 
 

@@ -17,7 +17,9 @@ the capacity at most), so even its first request beside a flood starts at once.
 Deadline-aware: a newcomer's wait is estimated as the places to be freed before its turn over the
 rate at which places free up. When that is past what it may wait (its own deadlines,
 `--queue-timeout`), it is refused now, with the estimate as `Retry-After`, instead of queueing
-to fail later.
+to fail later. No wait is estimated before the window holds MIN_RELEASES_FOR_A_RATE releases: at
+start-up the first one or two make a rate of almost nothing, and refusing on it set saturating
+closed-loop clients retrying at once into a storm that starved the server.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from tokenmill.server.shares import Shares
 from tokenmill.tenants import ANONYMOUS_TENANT, OTHER, Tenant
 
 _RATE_WINDOW_S = 30.0
+MIN_RELEASES_FOR_A_RATE = 8  # releases in the window before a wait is predicted from their rate
 
 
 class ReleaseRate:
@@ -66,6 +69,12 @@ class ReleaseRate:
     @property
     def buckets(self) -> int:
         return len(self._buckets)
+
+    @property
+    def count(self) -> int:
+        """Releases in the window."""
+        self._forget_before(self._clock())
+        return sum(count for _, count in self._buckets)
 
     def _forget_before(self, now: float) -> None:
         while self._buckets and now - self._buckets[0][0] > self.window:
@@ -175,8 +184,8 @@ class Admission:
         if self.has_place(places, tenant):
             return 0.0
         rate = self._releases.per_second()
-        if not rate:
-            return None
+        if not rate or self._releases.count < MIN_RELEASES_FOR_A_RATE:
+            return None  # a rate from a handful of releases (the first ones of a run) is a guess
         mine = self._shares.claimed(tenant, places)
         ahead = sum(
             w.places
