@@ -27,7 +27,7 @@ from tokenmill.bench.workload import Workload
 GROUPS = [
     (
         "sampling",
-        ("_sample", "sampler.py", "llama_sampler", "logprobs.py", "structured.py", "draws.py", "_sampling.py"),
+        ("sampler.py", "llama_sampler", "logprobs.py", "structured.py", "draws.py", "_sampling.py"),
     ),
     ("detokenise + stop strings", ("sequence.py", "stopping.py")),
     ("prefix cache", ("prefix_cache.py", "llama_memory_seq")),

@@ -21,7 +21,7 @@ def test_samples_are_grouped_by_their_most_telling_frame(tmp_path):
         "\n".join(
             [
                 f"{LOOP};step (tokenmill/engines/llamacpp.py:310);llama_decode (libllama.so) 90",
-                f"{LOOP};step (tokenmill/engines/llamacpp.py:330);_sample (tokenmill/engines/llamacpp.py:350) 7",
+                f"{LOOP};step (tokenmill/engines/llamacpp.py:330);sample (tokenmill/engines/llamacpp_sampling.py:60) 7",
                 f"{LOOP};plan (tokenmill/runners/scheduler.py:100) 2",
                 "engine_main (tokenmill/runners/engine_worker.py:70);poll (multiprocessing/connection.py:257) 1",
             ]

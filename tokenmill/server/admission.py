@@ -17,9 +17,10 @@ the capacity at most), so even its first request beside a flood starts at once.
 Deadline-aware: a newcomer's wait is estimated as the places to be freed before its turn over the
 rate at which places free up. When that is past what it may wait (its own deadlines,
 `--queue-timeout`), it is refused now, with the estimate as `Retry-After`, instead of queueing
-to fail later. No wait is estimated before the window holds MIN_RELEASES_FOR_A_RATE releases: at
-start-up the first one or two make a rate of almost nothing, and refusing on it set saturating
-closed-loop clients retrying at once into a storm that starved the server.
+to fail later. The rate needs MIN_RELEASES_FOR_A_RATE releases in its window: at start-up the
+first one or two make a rate of almost nothing, and refusing on it set saturating closed-loop
+clients retrying at once into a storm that starved the server. Until then no wait is estimated
+and `Retry-After` is its 1 s floor, as before any release.
 """
 
 from __future__ import annotations
@@ -37,15 +38,18 @@ from tokenmill.server.shares import Shares
 from tokenmill.tenants import ANONYMOUS_TENANT, OTHER, Tenant
 
 _RATE_WINDOW_S = 30.0
-MIN_RELEASES_FOR_A_RATE = 8  # releases in the window before a wait is predicted from their rate
+MIN_RELEASES_FOR_A_RATE = 8  # releases in the window before their rate counts (waits, Retry-After)
 
 
 class ReleaseRate:
     """Places freed per second over the last `window` seconds, counted in one-second buckets: its
-    memory is bounded by the window (at most window + 1 buckets), however many requests pass."""
+    memory is bounded by the window (at most window + 1 buckets), however many requests pass.
+    Fewer than `least` releases in the window make no rate (at start-up the first one or two
+    would say a place frees every few seconds)."""
 
-    def __init__(self, window: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, window: float, clock: Callable[[], float] = time.monotonic, least: int = 1):
         self.window = window
+        self.least = least
         self._clock = clock
         self._buckets: deque[list[int]] = deque()  # [whole second, releases in it], oldest first
 
@@ -61,20 +65,14 @@ class ReleaseRate:
     def per_second(self) -> float | None:
         now = self._clock()
         self._forget_before(now)
-        if not self._buckets:
+        released = sum(count for _, count in self._buckets)
+        if released < max(1, self.least):
             return None
-        span = max(now - self._buckets[0][0], 1.0)
-        return sum(count for _, count in self._buckets) / span
+        return released / max(now - self._buckets[0][0], 1.0)
 
     @property
     def buckets(self) -> int:
         return len(self._buckets)
-
-    @property
-    def count(self) -> int:
-        """Releases in the window."""
-        self._forget_before(self._clock())
-        return sum(count for _, count in self._buckets)
 
     def _forget_before(self, now: float) -> None:
         while self._buckets and now - self._buckets[0][0] > self.window:
@@ -149,7 +147,7 @@ class Admission:
         self._waiters: list[_Waiter] = []
         self._shares = Shares(standing=list({t.group: t for t in named if t.label != OTHER}.values()))
         self._order = itertools.count()
-        self._releases = ReleaseRate(_RATE_WINDOW_S, clock)
+        self._releases = ReleaseRate(_RATE_WINDOW_S, clock, least=MIN_RELEASES_FOR_A_RATE)
         self.draining = False
 
     @property
@@ -184,8 +182,8 @@ class Admission:
         if self.has_place(places, tenant):
             return 0.0
         rate = self._releases.per_second()
-        if not rate or self._releases.count < MIN_RELEASES_FOR_A_RATE:
-            return None  # a rate from a handful of releases (the first ones of a run) is a guess
+        if not rate:
+            return None
         mine = self._shares.claimed(tenant, places)
         ahead = sum(
             w.places
