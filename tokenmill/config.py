@@ -186,7 +186,8 @@ class Settings(BaseSettings):
         4,
         ge=0,
         description="Torch engine on a CPU: steps with at most this many rows use the GGUF file's own 4-bit weights "
-        "(Q4_0/Q4_1; 3.6x fewer bytes to read than bf16, faster at low concurrency); 0 = always the dense weights.",
+        "(Q4_0/Q4_1; 3.6x fewer bytes to read than bf16, faster at low concurrency); 0 = always the dense weights. bf16 only: "
+        "float32 always uses the dense weights.",
     )
 
     # -- upstream engine (relay to a remote OpenAI-compatible API)

@@ -60,6 +60,7 @@ def greedy_batched(engine: TorchEngine, prompts: list[str], tokens: int, join_ev
 def test_greedy_tokens_equal_transformers_generate_alone_and_batched(reference):
     """fp32 arithmetic is the same on every x86 CPU: the tokens must be exactly transformers' own."""
     engine = TorchEngine(default_model_path(), context_window=1024, threads=2, max_sequences=8, dtype="float32")
+    assert engine.model.four_bit_rows == 0  # fp32 activations: the dense weights (the int4 kernel is slower)
     expected = []
     for prompt in PROMPTS:
         ids = engine.tokenizer.encode(prompt)
@@ -77,6 +78,7 @@ def test_bf16_greedy_tokens_follow_the_fp32_model_up_to_a_near_tie(reference, ho
     model by the near-tie rule of tests/engines/near_ties.py, alone, in one batch, and joining a
     batch that is already decoding (chunked prefill mixed into decode steps)."""
     engine = TorchEngine(default_model_path(), context_window=1024, threads=2, max_sequences=8, dtype="bfloat16")
+    assert engine.model.four_bit_rows == 4  # the engine's default: few-row steps read the file's 4-bit blocks
     tokens = 2 * TOKENS
     if how == "alone":
         outputs = [greedy_batched(engine, [p], tokens)[0] for p in PROMPTS]

@@ -35,6 +35,11 @@ class Projection:
         self._few_rows = few_rows if few_rows_kernel is not None else 0
         self._few_rows_kernel = few_rows_kernel
 
+    @property
+    def few_rows(self) -> int:
+        """Steps with at most this many rows use the 4-bit kernel (0: never)."""
+        return self._few_rows
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._few_rows_kernel is not None and x.shape[0] <= self._few_rows:
             return self._few_rows_kernel(x)

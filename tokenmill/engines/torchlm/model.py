@@ -94,6 +94,8 @@ class LlamaModel:
                     down=project(w, "down"),
                 )
             )
+        # rows up to which a step's projections use the file's 4-bit blocks (0: dense weights only)
+        self.four_bit_rows = min((layer.qkv.few_rows for layer in self._layers), default=0)
         self._embedding = checkpoint.embedding
         self._final_norm = checkpoint.final_norm
         self._lm_head = projection(checkpoint.lm_head, prepack)
