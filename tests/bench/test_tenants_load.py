@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tokenmill.bench.stats import RequestRecord
-from tokenmill.bench.tenants import TenantLoad, parse_tenants, tenant_rows, write_key_file
+from tokenmill.bench.tenants import TenantLoad, alone_ratios, parse_tenants, tenant_rows, write_key_file
 from tokenmill.cli import main
 from tokenmill.tenants import parse_keys
 
@@ -72,3 +72,66 @@ def test_a_short_multi_tenant_run_against_a_simulated_server(tmp_path):
     assert metered["refused_429"] > 0 and metered["ok"] > 0  # over its quota, after its first minute's worth
     assert free["refused_429"] == free["refused_503"] == 0 and free["ok"] > 0
     assert all(row["lost"] == 0 for row in rows.values())
+
+
+def test_rounds_repeat_every_phase_on_one_server_and_give_each_rounds_ratio(tmp_path):
+    out = tmp_path / "results"
+    code = main(
+        [
+            "bench",
+            "--spawn",
+            "--modes",
+            "batch",
+            "--tenants",
+            "busy:concurrency=4,quiet:rate=4",
+            "--tenants-alone",
+            "quiet",
+            "--duration",
+            "1.5",
+            "--rounds",
+            "2",
+            "--max-tokens",
+            "8",
+            "--out",
+            str(out),
+            "--serve-args",
+            "--engine simulated --sim-ttft-ms 5 --sim-itl-ms 5",
+        ]
+    )
+    assert code == 0
+    rows = json.loads((out / "tenants.json").read_text())
+    assert [(r["round"], r["phase"], r["tenant"]) for r in rows] == [
+        (n, phase, tenant)
+        for n in (1, 2)
+        for phase, tenant in (("alone", "quiet"), ("together", "busy"), ("together", "quiet"))
+    ]
+    requests = json.loads((out / "tenants-requests.json").read_text())
+    for r in rows:  # every request of every phase is written, and counted in its row
+        mine = [q for q in requests if (q["round"], q["phase"], q["tenant"]) == (r["round"], r["phase"], r["tenant"])]
+        assert len(mine) == r["sent"] and sum(q["status"] == "ok" for q in mine) == r["ok"]
+    summary = (out / "tenants.md").read_text()
+    assert "median" in summary and summary.count(" | 1 | quiet | ") == 1
+
+
+def test_alone_ratios_pair_each_round_with_its_own_alone_phase():
+    def row(phase: str, tenant: str, p99: float, round_number: int) -> dict:
+        return {
+            "target": "t",
+            "phase": phase,
+            "tenant": tenant,
+            "ttft_p50_ms": 10.0,
+            "ttft_p99_ms": p99,
+            "round": round_number,
+        }
+
+    rows = [row("alone", "s", 100, 1), row("together", "s", 150, 1), row("together", "f", 900, 1)]
+    rows += [
+        row("alone", "s", 50, 2),
+        row("together", "s", 200, 2),
+        row("alone", "s", 100, 3),
+        row("together", "s", 120, 3),
+    ]
+    summary = alone_ratios(rows)
+    assert "| t | 1 | s | 1.00x | 1.50x |" in summary and "| t | 2 | s | 1.00x | 4.00x |" in summary
+    assert "median 1.50x over 3 round(s) (1.20-4.00x)" in summary and "| f |" not in summary
+    assert alone_ratios([row("together", "s", 150, 1)]) == ""

@@ -127,8 +127,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=1,
         help="with --spawn and --concurrency: measure every target this many times, in turn (all of them "
-        "once, then again), and give --cpp-baselines' ratios per round and their median: on a noisy machine "
-        "one target moves between runs minutes apart [1]",
+        "once, then again), and give --cpp-baselines' ratios per round and their median; with --tenants: run "
+        "the phases (alone, then together) this many times on each server, and give each --tenants-alone "
+        "tenant's TTFT p99 together over alone per round and their median. On a noisy machine one target "
+        "moves between runs minutes apart [1]",
     )
     parser.add_argument(
         "--server-cpus",
@@ -244,24 +246,36 @@ def _run_tenants(args: argparse.Namespace) -> int:
         raise SystemExit("tokenmill bench: --tenants needs --duration (seconds per phase)")
     workload = Workload.from_spec(args.max_tokens)
 
+    rounds = max(1, args.rounds)
+
     async def measure(url: str, label: str) -> list[dict]:
+        """Every round on the same server, the alone phases then the together one: a later round
+        meets what the earlier ones left behind (cached prompts, a grown KV cache) in both."""
         model = await served_model(url, loads[0].headers)
         rows = []
-        for name in alone:
-            own = [load for load in loads if load.name == name]
-            per_tenant = await tenants.run_tenants(url, model, workload, own, args.duration)
-            rows += tenants.tenant_rows(label, "alone", per_tenant, args.duration)
-        per_tenant = await tenants.run_tenants(url, model, workload, loads, args.duration)
-        return rows + tenants.tenant_rows(label, "together", per_tenant, args.duration)
+        for round_number in range(1, rounds + 1):
+            phases = [("alone", [load for load in loads if load.name == name]) for name in alone]
+            for phase, phase_loads in [*phases, ("together", loads)]:
+                per_tenant = await tenants.run_tenants(url, model, workload, phase_loads, args.duration)
+                measured = tenants.tenant_rows(label, phase, per_tenant, args.duration)
+                for row in measured:
+                    if rounds > 1:
+                        row["round"] = round_number
+                print("\n".join(tenants.table(measured).splitlines()[2:]), flush=True)
+                rows += measured
+                requests.extend(tenants.request_rows(measured[0], per_tenant))
+        return rows
 
     rows: list[dict] = []
+    requests: list[dict] = []
     with tempfile.TemporaryDirectory() as folder:
         key_file = tenants.write_key_file(loads, Path(folder) / "keys")
         for url, label, _ in _targets(args, extra_flags=["--api-key-file", str(key_file)]):
-            measured = asyncio.run(measure(url, label))
-            print(tenants.table(measured), flush=True)
-            rows += measured
-    _write_rows(args.out, "tenants", tenants.table(rows), rows)
+            rows += asyncio.run(measure(url, label))
+    summary = tenants.alone_ratios(rows)
+    _write_rows(args.out, "tenants", tenants.table(rows) + (f"\n\n{summary}" if summary else ""), rows)
+    if args.out:  # every request, to see when the slow ones came
+        (args.out / "tenants-requests.json").write_text(json.dumps(requests))
     return 0
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import math
 import multiprocessing
+import statistics
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -150,22 +151,62 @@ def tenant_rows(label: str, phase: str, per_tenant: dict[str, list[RequestRecord
     return rows
 
 
+def request_rows(phase_row: dict, per_tenant: dict[str, list[RequestRecord]]) -> list[dict]:
+    """One row per request of a phase (`phase_row` gives its target, phase and round): when it was
+    sent (seconds into the phase), how it ended, and its TTFT."""
+    where = {k: phase_row[k] for k in ("target", "phase", "round") if k in phase_row}
+    return [
+        {**where, "tenant": name, "started_s": round(r.started, 3), "status": r.status, "http_status": r.http_status}
+        | ({"ttft_ms": round(1000 * r.ttft, 1)} if r.ttft is not None else {})
+        for name, records in per_tenant.items()
+        for r in records
+    ]
+
+
+def alone_ratios(rows: list[dict]) -> str:
+    """For each tenant measured alone too: its TTFT p50 and p99 together over alone, per round, and
+    the p99 ratio's median over the rounds. Empty when no tenant ran alone."""
+    alone = {(r["target"], r.get("round"), r["tenant"]): r for r in rows if r["phase"] == "alone"}
+    lines: list[str] = []
+    p99_ratios: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        base = alone.get((r["target"], r.get("round"), r["tenant"]))
+        if r["phase"] != "together" or base is None or not base["ttft_p99_ms"] or r["ttft_p99_ms"] is None:
+            continue
+        p50 = r["ttft_p50_ms"] / base["ttft_p50_ms"] if base["ttft_p50_ms"] else math.nan
+        p99 = r["ttft_p99_ms"] / base["ttft_p99_ms"]
+        p99_ratios.setdefault((r["target"], r["tenant"]), []).append(p99)
+        lines.append(f"| {r['target']} | {r.get('round') or ''} | {r['tenant']} | {p50:.2f}x | {p99:.2f}x |")
+    if not lines:
+        return ""
+    header = [
+        "| target | round | tenant | TTFT p50 together / alone | TTFT p99 together / alone |",
+        "|---|---|---|---|---|",
+    ]
+    medians = [
+        f"- {target}, {tenant}: TTFT p99 together / alone, median {statistics.median(ratios):.2f}x "
+        f"over {len(ratios)} round(s) ({min(ratios):.2f}-{max(ratios):.2f}x)"
+        for (target, tenant), ratios in p99_ratios.items()
+    ]
+    return "\n".join([*header, *lines, "", *medians])
+
+
 def table(rows: list[dict]) -> str:
+    rounds = any("round" in r for r in rows)
     header = (
-        "| target | phase | tenant | sent | ok | 503 | 429 | lost | TTFT p50 ms | TTFT p99 ms | output tok/s | "
+        ("| round " if rounds else "")
+        + "| target | phase | tenant | sent | ok | 503 | 429 | lost | TTFT p50 ms | TTFT p99 ms | output tok/s | "
         "token share | Retry-After p50 s |"
     )
-    lines = [
-        header,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = [header, "|---" * header.count(" | ") + "|---|"]
 
     def fmt(value: float | None, digits: int = 0) -> str:
         return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
     for r in rows:
         lines.append(
-            f"| {r['target']} | {r['phase']} | {r['tenant']} | {r['sent']} | {r['ok']} | {r['refused_503']} | "
+            (f"| {r.get('round', '')} " if rounds else "")
+            + f"| {r['target']} | {r['phase']} | {r['tenant']} | {r['sent']} | {r['ok']} | {r['refused_503']} | "
             f"{r['refused_429']} | {r['lost']} | {fmt(r['ttft_p50_ms'])} | {fmt(r['ttft_p99_ms'])} | "
             f"{fmt(r['output_tok_s'], 1)} | {r['token_share']:.0%} | {fmt(r['retry_after_p50_s'])} |"
         )
