@@ -113,7 +113,7 @@ def serve(settings: Settings) -> int:
     else:
         fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=settings.log_level.upper(), format=fmt)
-    app = create_app(settings)
+    app = create_app(settings, freeze_heap=settings.gc_freeze)
     config = uvicorn_config(settings, app)
     lifecycle = app.state.serving.lifecycle
     DrainingServer(config, lifecycle, settings.drain_timeout, app.state.start_runner).run()

@@ -75,7 +75,7 @@ class TokenmillReplica:
     def __serve_build_asgi_app__(self) -> ASGIApp:
         from tokenmill.server import create_app
 
-        app = create_app(self._settings)
+        app = create_app(self._settings, freeze_heap=self._settings.gc_freeze)
         self._lifecycle = app.state.serving.lifecycle
         return _ReplicaTag(app, _replica_name())
 

@@ -59,7 +59,7 @@ def _build(settings: Settings) -> Runner:
 
             tokenizer = functools.partial(build_tokenizer, settings)
             return EngineProcessRunner(
-                engine_spec(settings), config, name, tokenizer, policy, settings.log_level.upper()
+                engine_spec(settings), config, name, tokenizer, policy, settings.log_level.upper(), settings.gc_freeze
             )
         from tokenmill.runners.batching import BatchingRunner
 

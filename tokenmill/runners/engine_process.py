@@ -79,11 +79,13 @@ class EngineProcessRunner(BatchFront):
         tokenizer_factory,
         policy: RestartPolicy | None = None,
         log_level: str = "INFO",
+        freeze_heap: bool = False,
     ):
         super().__init__(config, model_name, policy)
         self._spec = spec
         self._tokenizer_factory = tokenizer_factory
         self._log_level = log_level
+        self._freeze_heap = freeze_heap
         self._context = multiprocessing.get_context("spawn")
         self._engine: _EngineProcess | None = None
         self._tokenizer_instance: Tokenizer | None = None
@@ -106,7 +108,7 @@ class EngineProcessRunner(BatchFront):
         parent_end, child_end = self._context.Pipe()
         process = self._context.Process(
             target=engine_main,
-            args=(self._spec, self.config, child_end, self._log_level),
+            args=(self._spec, self.config, child_end, self._log_level, self._freeze_heap),
             name="tokenmill-engine",
             daemon=True,
         )

@@ -21,6 +21,7 @@ from multiprocessing.connection import Connection
 from tokenmill.engines import EngineSpec
 from tokenmill.engines.sequence import Sequence
 from tokenmill.generation import DEFAULT_SHARE, Share
+from tokenmill.heap import freeze_long_lived
 from tokenmill.runners.engine_core import EngineCore
 from tokenmill.runners.process_worker import (  # the same lifecycle messages as process mode's workers
     Ready,
@@ -55,7 +56,9 @@ class Fatal:
 log = logging.getLogger("tokenmill.engine_process")
 
 
-def engine_main(spec: EngineSpec, config: SchedulerConfig, conn: Connection, log_level: str = "INFO") -> None:
+def engine_main(
+    spec: EngineSpec, config: SchedulerConfig, conn: Connection, log_level: str = "INFO", freeze_heap: bool = False
+) -> None:
     # The parent owns shutdown: a Ctrl-C, or a SIGTERM sent to the whole process group (`timeout`,
     # systemd's control-group kill), must not end the engine before the parent has drained its
     # requests. The parent stops it with a Stop message, and kills it if that fails.
@@ -71,6 +74,8 @@ def engine_main(spec: EngineSpec, config: SchedulerConfig, conn: Connection, log
     except Exception as error:  # noqa: BLE001 -- reported whatever it is; the parent decides
         _fatal(conn, "start", error)
     core = EngineCore(engine, config)
+    if freeze_heap:  # the step loop, like the server's event loop, should not pause for the model's tables
+        freeze_long_lived()
     conn.send(Ready(os.getpid()))
     try:
         _serve(core, conn)

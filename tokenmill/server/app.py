@@ -13,6 +13,7 @@ from starlette.types import Scope
 
 import tokenmill
 from tokenmill.config import Settings
+from tokenmill.heap import freeze_long_lived
 from tokenmill.protocol import now
 from tokenmill.runners import Runner, build_runner
 from tokenmill.server.admission import Admission
@@ -25,8 +26,11 @@ from tokenmill.server.routes import METRICS_PATH, OPEN_PATHS, known_paths, route
 from tokenmill.server.serving import Serving
 
 
-def create_app(settings: Settings | None = None, runner: Runner | None = None) -> FastAPI:
-    """Build the app; the runner (built from settings unless given) starts and stops with it."""
+def create_app(settings: Settings | None = None, runner: Runner | None = None, *, freeze_heap: bool = False) -> FastAPI:
+    """Build the app; the runner (built from settings unless given) starts and stops with it.
+    `freeze_heap`: once it has started, freeze what is alive out of the garbage collector's
+    sight (tokenmill.heap); for a process that serves until it exits, never for one that builds
+    many apps (a test run)."""
     settings = settings or Settings()
     runner = runner or build_runner(settings)
     tenants = settings.tenants()
@@ -52,6 +56,8 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None) -
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await start_runner()
+        if freeze_heap:
+            freeze_long_lived()
         lifecycle.ready = True
         watcher = asyncio.create_task(watch_event_loop(metrics))
         try:
