@@ -27,7 +27,6 @@ from tokenmill.engines.sequence import Sequence, SequenceStatus
 from tokenmill.generation import TokenEvent
 
 RECENT_S = 10.0  # a tenant that ran this lately is still light: the flood keeps out of its way
-QUEUED_FOR_A_BACKLOG = 2  # running requests that waited for their place: the tenant wants more than it runs
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,24 +121,19 @@ class Scheduler:
 
     def _light_and_over(self, now: float) -> tuple[set[str], set[str]]:
         """The light tenants, running at most half their weighted part of the batch with requests
-        that got their places at once (one with a backlog, QUEUED_FOR_A_BACKLOG of its running
-        requests having waited for places, wants more than it runs: a capped flood would free places
-        all the slower for it), and those running more than their part. A tenant that ran within
-        RECENT_S seconds counts, running nothing: between its requests the flood stays out of the
-        way of its next one."""
+        that got their places at once (one whose requests queued wants more than it runs: it waits
+        for places, which a capped flood would free all the slower), and those running more than
+        their part. A tenant that ran within RECENT_S seconds counts, running nothing: between its
+        requests the flood stays out of the way of its next one."""
         counts: dict[str, int] = {}
         weights: dict[str, float] = {}
-        waited: dict[str, int] = {}  # per tenant, its running requests that waited for their place
+        queued: set[str] = set()  # tenants with a request that waited for its place: not light
         for seq in self.running:
             share = seq.share
             counts[share.group] = counts.get(share.group, 0) + 1
             weights[share.group] = share.weight
             if not share.at_once:
-                waited[share.group] = waited.get(share.group, 0) + 1
-        # A backlog shows as several requests that waited: one is two requests of a light tenant
-        # that overlapped. Counted as a backlog, that one lifted the cap for as long as it ran, and
-        # steps carrying the whole flood (5x longer) made the tenant's next first tokens 1-2 s late.
-        queued = {group for group, count in waited.items() if count >= QUEUED_FOR_A_BACKLOG}
+                queued.add(share.group)
         for group, weight in weights.items():
             self._recent[group] = (now, weight, group not in queued)
         for group, (seen, *_) in list(self._recent.items()):
