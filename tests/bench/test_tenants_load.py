@@ -87,7 +87,7 @@ def test_rounds_repeat_every_phase_on_one_server_and_give_each_rounds_ratio(tmp_
             "--tenants-alone",
             "quiet",
             "--duration",
-            "1.5",
+            "1",
             "--rounds",
             "2",
             "--max-tokens",
