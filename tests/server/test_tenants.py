@@ -161,6 +161,23 @@ async def test_a_flood_leaves_headroom_for_a_tenant_seen_lately_and_fills_the_se
     await _end(flood)
 
 
+async def test_headroom_remembers_a_steady_tenants_burst_while_it_keeps_asking():
+    """A steady tenant's burst (three requests at once) is remembered for a minute while it keeps
+    asking one at a time: its next burst finds the places kept (twice the peak plus one, within its
+    share), not the three that one place at a time would keep."""
+    clock = Clock()
+    admission = Admission(capacity=16, max_queue=32, queue_timeout=60, clock=clock)
+    burst = [await admission.acquire(tenant=B) for _ in range(3)]
+    for ticket in burst:
+        ticket.release()
+    for _ in range(30):  # 30 s of one request at a time
+        clock.now += 1
+        (await admission.acquire(tenant=B)).release()
+    flood = await _queue(admission, A, 20)
+    assert admission.held_by("a") == 16 - 7  # kept for B: 2 x 3 + 1, within its share of 8
+    await _end(flood)
+
+
 async def test_a_named_tenant_has_a_place_kept_for_its_first_request_beside_a_flood():
     """Before the admission has seen B at all, a flood from A must not take every place: B's first
     request would wait for a whole request's length. Each named tenant has one place kept, a
