@@ -4,6 +4,7 @@ against a spawned simulated server with a quota."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -43,28 +44,16 @@ def test_rows_count_refusals_apart_and_tokens_within_the_window():
     assert a["token_share"] == 0.75 and b["token_share"] == 0.25
 
 
+def bench_tenants(out: Path, tenants: str, alone: str, *extra: str) -> int:
+    """`tokenmill bench --tenants` against a spawned simulated server, short phases."""
+    sim = "--engine simulated --sim-ttft-ms 5 --sim-itl-ms 5"
+    args = ["--tenants", tenants, "--tenants-alone", alone, "--max-tokens", "8", "--out", str(out), *extra]
+    return main(["bench", "--spawn", "--modes", "batch", *args, "--serve-args", sim])
+
+
 def test_a_short_multi_tenant_run_against_a_simulated_server(tmp_path):
     out = tmp_path / "results"
-    code = main(
-        [
-            "bench",
-            "--spawn",
-            "--modes",
-            "batch",
-            "--tenants",
-            "metered:rate=8:tokens_per_minute=60,free:concurrency=2",
-            "--tenants-alone",
-            "free",
-            "--duration",
-            "2",
-            "--max-tokens",
-            "8",
-            "--out",
-            str(out),
-            "--serve-args",
-            "--engine simulated --sim-ttft-ms 5 --sim-itl-ms 5",
-        ]
-    )
+    code = bench_tenants(out, "metered:rate=8:tokens_per_minute=60,free:concurrency=2", "free", "--duration", "2")
     assert code == 0
     rows = {(r["phase"], r["tenant"]): r for r in json.loads((out / "tenants.json").read_text())}
     assert set(rows) == {("alone", "free"), ("together", "metered"), ("together", "free")}
@@ -76,28 +65,7 @@ def test_a_short_multi_tenant_run_against_a_simulated_server(tmp_path):
 
 def test_rounds_repeat_every_phase_on_one_server_and_give_each_rounds_ratio(tmp_path):
     out = tmp_path / "results"
-    code = main(
-        [
-            "bench",
-            "--spawn",
-            "--modes",
-            "batch",
-            "--tenants",
-            "busy:concurrency=4,quiet:rate=4",
-            "--tenants-alone",
-            "quiet",
-            "--duration",
-            "1",
-            "--rounds",
-            "2",
-            "--max-tokens",
-            "8",
-            "--out",
-            str(out),
-            "--serve-args",
-            "--engine simulated --sim-ttft-ms 5 --sim-itl-ms 5",
-        ]
-    )
+    code = bench_tenants(out, "busy:concurrency=4,quiet:rate=4", "quiet", "--duration", "1", "--rounds", "2")
     assert code == 0
     rows = json.loads((out / "tenants.json").read_text())
     assert [(r["round"], r["phase"], r["tenant"]) for r in rows] == [
