@@ -247,31 +247,27 @@ def _run_tenants(args: argparse.Namespace) -> int:
     workload = Workload.from_spec(args.max_tokens)
 
     rounds = max(1, args.rounds)
+    rows: list[dict] = []
+    requests: list[dict] = []  # every request of every phase, for tenants-requests.json
 
-    async def measure(url: str, label: str) -> list[dict]:
+    async def measure(url: str, label: str) -> None:
         """Every round on the same server, the alone phases then the together one: a later round
         meets what the earlier ones left behind (cached prompts, a grown KV cache) in both."""
         model = await served_model(url, loads[0].headers)
-        rows = []
         for round_number in range(1, rounds + 1):
             phases = [("alone", [load for load in loads if load.name == name]) for name in alone]
             for phase, phase_loads in [*phases, ("together", loads)]:
                 per_tenant = await tenants.run_tenants(url, model, workload, phase_loads, args.duration)
-                measured = tenants.tenant_rows(label, phase, per_tenant, args.duration)
-                for row in measured:
-                    if rounds > 1:
-                        row["round"] = round_number
+                where = {"target": label, "phase": phase} | ({"round": round_number} if rounds > 1 else {})
+                measured = [row | where for row in tenants.tenant_rows(label, phase, per_tenant, args.duration)]
                 print("\n".join(tenants.table(measured).splitlines()[2:]), flush=True)
-                rows += measured
-                requests.extend(tenants.request_rows(measured[0], per_tenant))
-        return rows
+                rows.extend(measured)
+                requests.extend(tenants.request_rows(where, per_tenant))
 
-    rows: list[dict] = []
-    requests: list[dict] = []
     with tempfile.TemporaryDirectory() as folder:
         key_file = tenants.write_key_file(loads, Path(folder) / "keys")
         for url, label, _ in _targets(args, extra_flags=["--api-key-file", str(key_file)]):
-            rows += asyncio.run(measure(url, label))
+            asyncio.run(measure(url, label))
     summary = tenants.alone_ratios(rows)
     _write_rows(args.out, "tenants", tenants.table(rows) + (f"\n\n{summary}" if summary else ""), rows)
     if args.out:  # every request, to see when the slow ones came

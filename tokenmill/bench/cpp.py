@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 from pathlib import Path
 
+from tokenmill.bench import report
 from tokenmill.bench.spawn import SpawnedServer
+from tokenmill.bench.stats import median_and_range
 from tokenmill.bench.workload import Workload
 from tokenmill.engines.model_files import resolve_model_path
 
@@ -91,7 +92,7 @@ def compare(rows: list[dict], levels: list, workload: Workload, args: argparse.N
     rounds = sorted({key[2] for key in by_key if key[2] is not None})
     if rounds:
         header = "| round " + header
-    lines = [header, "|---" * header.count(" | ") + "|---|"]
+    lines = [header, report.rule(header)]
     ratios: dict[tuple[str, int], list[tuple[float, float | None]]] = {}
     for (target, level, round_number), row in by_key.items():
         server = by_key.get((SERVER_LABEL, level, round_number))
@@ -116,7 +117,8 @@ def compare(rows: list[dict], levels: list, workload: Workload, args: argparse.N
 
 
 def _spread(values: list[float | None]) -> str:
-    known = sorted(v for v in values if v is not None)
+    known = [v for v in values if v is not None]
     if not known:
         return "-"
-    return f"{statistics.median(known):.2f}x ({known[0]:.2f}-{known[-1]:.2f})"
+    median, lowest, highest = median_and_range(known)
+    return f"{median:.2f}x ({lowest:.2f}-{highest:.2f})"

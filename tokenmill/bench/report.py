@@ -53,13 +53,17 @@ def _cell(row: dict, key: str, fmt: str) -> str:
         return str(value)
 
 
+def rule(header: str) -> str:
+    """The markdown line under `header` ("| a | b |" -> "|---|---|")."""
+    return "|---" * (header.count(" | ") + 1) + "|"
+
+
 def table(rows: list[dict]) -> str:
     """A GitHub-flavoured markdown table (readable in a terminal, pasteable into docs).
     Columns no row has (e.g. rate in a closed-loop run) are left out."""
     columns = [c for c in COLUMNS if any(c[0] in row for row in rows)]
     header = "| " + " | ".join(title for _, title, _ in columns) + " |"
-    rule = "|" + "|".join("---" for _ in columns) + "|"
-    lines = [header, rule]
+    lines = [header, rule(header)]
     for row in rows:
         lines.append("| " + " | ".join(_cell(row, key, fmt) for key, _, fmt in columns) + " |")
     return "\n".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -22,6 +23,12 @@ class RequestRecord:
     error: str | None = None
     http_status: int | None = None
     retry_after: float | None = None  # a refusal's Retry-After header, seconds
+
+
+def median_and_range(values: list[float]) -> tuple[float, float, float]:
+    """(median, lowest, highest) of a non-empty list: a ratio measured once per round."""
+    ordered = sorted(values)
+    return statistics.median(ordered), ordered[0], ordered[-1]
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -17,13 +17,13 @@ from __future__ import annotations
 import asyncio
 import math
 import multiprocessing
-import statistics
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tokenmill.bench.loadgen import closed_loop, open_loop
-from tokenmill.bench.stats import RequestRecord, percentile
+from tokenmill.bench.report import rule
+from tokenmill.bench.stats import RequestRecord, median_and_range, percentile
 from tokenmill.bench.workload import Workload
 
 _KEY_FILE_FIELDS = ("weight", "tokens_per_minute", "requests_per_minute")
@@ -151,10 +151,9 @@ def tenant_rows(label: str, phase: str, per_tenant: dict[str, list[RequestRecord
     return rows
 
 
-def request_rows(phase_row: dict, per_tenant: dict[str, list[RequestRecord]]) -> list[dict]:
-    """One row per request of a phase (`phase_row` gives its target, phase and round): when it was
-    sent (seconds into the phase), how it ended, and its TTFT."""
-    where = {k: phase_row[k] for k in ("target", "phase", "round") if k in phase_row}
+def request_rows(where: dict, per_tenant: dict[str, list[RequestRecord]]) -> list[dict]:
+    """One row per request of a phase (`where`: its target, phase and round): when it was sent
+    (seconds into the phase), how it ended, and its TTFT."""
     return [
         {**where, "tenant": name, "started_s": round(r.started, 3), "status": r.status, "http_status": r.http_status}
         | ({"ttft_ms": round(1000 * r.ttft, 1)} if r.ttft is not None else {})
@@ -183,11 +182,13 @@ def alone_ratios(rows: list[dict]) -> str:
         "| target | round | tenant | TTFT p50 together / alone | TTFT p99 together / alone |",
         "|---|---|---|---|---|",
     ]
-    medians = [
-        f"- {target}, {tenant}: TTFT p99 together / alone, median {statistics.median(ratios):.2f}x "
-        f"over {len(ratios)} round(s) ({min(ratios):.2f}-{max(ratios):.2f}x)"
-        for (target, tenant), ratios in p99_ratios.items()
-    ]
+    medians = []
+    for (target, tenant), ratios in p99_ratios.items():
+        median, lowest, highest = median_and_range(ratios)
+        medians.append(
+            f"- {target}, {tenant}: TTFT p99 together / alone, median {median:.2f}x "
+            f"over {len(ratios)} round(s) ({lowest:.2f}-{highest:.2f}x)"
+        )
     return "\n".join([*header, *lines, "", *medians])
 
 
@@ -198,7 +199,7 @@ def table(rows: list[dict]) -> str:
         + "| target | phase | tenant | sent | ok | 503 | 429 | lost | TTFT p50 ms | TTFT p99 ms | output tok/s | "
         "token share | Retry-After p50 s |"
     )
-    lines = [header, "|---" * header.count(" | ") + "|---|"]
+    lines = [header, rule(header)]
 
     def fmt(value: float | None, digits: int = 0) -> str:
         return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
