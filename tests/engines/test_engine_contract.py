@@ -29,6 +29,21 @@ def _llamacpp(prefix_cache_tokens: int = 0):
     )
 
 
+def _llamacpp_streams(prefix_cache_tokens: int = 0):
+    """A KV stream per sequence (`--kv-streams`): cached prompts are host-memory copies."""
+    from tokenmill.engines.llamacpp import LlamaCppEngine
+
+    return LlamaCppEngine(
+        default_model_path(),
+        context_window=2048,
+        max_sequences=4,
+        threads=2,
+        prefix_cache=prefix_cache_tokens > 0,
+        prefix_cache_tokens=prefix_cache_tokens,
+        kv_streams=True,
+    )
+
+
 def _torch(prefix_cache_tokens: int = 0, dtype: str = "bfloat16"):
     pytest.importorskip("torch")
     from tokenmill.engines.torchlm.engine import TorchEngine
@@ -38,7 +53,7 @@ def _torch(prefix_cache_tokens: int = 0, dtype: str = "bfloat16"):
     )
 
 
-BUILD = {"llamacpp": _llamacpp, "torch": _torch}
+BUILD = {"llamacpp": _llamacpp, "llamacpp-streams": _llamacpp_streams, "torch": _torch}
 
 
 @pytest.fixture(scope="module", params=["llamacpp", "torch"])
@@ -185,7 +200,7 @@ def _greedy(engine, history) -> list:
     return [entry for event in events if isinstance(event, TextDelta) for entry in event.logprobs]
 
 
-@pytest.mark.parametrize("kind", ["llamacpp", "torch"])
+@pytest.mark.parametrize("kind", ["llamacpp", "llamacpp-streams", "torch"])
 def test_a_conversation_reuses_its_history_and_answers_as_without_the_cache(kind):
     """Greedy, four turns, each resending the history (the cache-off engine's answers, so both see
     the same prompts). Token for token the same up to a near tie: neither engine's arithmetic is
@@ -238,7 +253,7 @@ def test_in_fp32_the_torch_engines_answers_with_and_without_the_cache_are_identi
         exact_engine.close()
 
 
-@pytest.mark.parametrize("kind", ["llamacpp", "torch"])
+@pytest.mark.parametrize("kind", ["llamacpp", "llamacpp-streams", "torch"])
 def test_the_next_turn_finds_the_last_answer_cached_not_only_the_last_prompt(kind):
     """A finished sequence's whole text goes to the cache, answer included: the next turn resends
     it, and only the new question is left to prefill (the answer's last token is never computed,
@@ -263,7 +278,7 @@ def test_the_next_turn_finds_the_last_answer_cached_not_only_the_last_prompt(kin
         engine.close()
 
 
-@pytest.mark.parametrize("kind", ["llamacpp", "torch"])
+@pytest.mark.parametrize("kind", ["llamacpp", "llamacpp-streams", "torch"])
 def test_a_prompt_repeated_without_its_answer_gives_the_answer_cells_back_and_still_hits(kind):
     """A single-turn app sends the same prompt again: the cached answer (never resent) is cleared
     from its entry, which keeps the prompt; the next repeat still finds it. Greedy answers agree up

@@ -55,6 +55,7 @@ class EngineSpec:
     kv_tokens: int
     max_step_tokens: int
     llama_extra_buffers: bool = False
+    kv_streams: bool = False
     torch_dtype: str = "bfloat16"
     torch_device: str = "auto"
     torch_four_bit_rows: int = 4
@@ -87,9 +88,10 @@ def engine_spec(settings: Settings) -> EngineSpec:
         threads=settings.threads_per_replica(),
         batched=batched,
         max_sequences=settings.max_batch if batched else 1,
-        kv_tokens=settings.kv_tokens,
+        kv_tokens=settings.kv_budget(),
         max_step_tokens=settings.max_step_tokens if batched else 512,
         llama_extra_buffers=settings.llama_extra_buffers,
+        kv_streams=settings.kv_streams and batched,
         torch_dtype=settings.torch_dtype,
         torch_device=settings.torch_device,
         torch_four_bit_rows=settings.torch_four_bit_rows,
@@ -129,7 +131,8 @@ def build_engine(spec: EngineSpec) -> StepEngine:
         available_cpus(),
         ""
         if spec.engine != "llamacpp"
-        else f"; llama.cpp extra weight buffers {'on' if spec.llama_extra_buffers else 'off'}",
+        else f"; llama.cpp extra weight buffers {'on' if spec.llama_extra_buffers else 'off'}"
+        + ("; a KV stream per sequence" if spec.kv_streams else ""),
     )
     try:
         warm_up(engine)
@@ -172,6 +175,7 @@ def _construct(spec: EngineSpec) -> StepEngine:
                 prefix_cache=spec.prefix_cache_tokens > 0,
                 prefix_cache_tokens=spec.prefix_cache_tokens,
                 extra_buffers=spec.llama_extra_buffers,
+                kv_streams=spec.kv_streams,
             )
         return LlamaCppEngine(
             Path(spec.model_path),

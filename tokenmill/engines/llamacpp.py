@@ -1,20 +1,19 @@
 """The llama.cpp engine, on llama-cpp-python's low-level API.
 
-One context holds up to `max_sequences` sequences in a unified KV cache; each sequence gets a slot
-(its llama.cpp sequence id) and its own seeded sampler (llamacpp_sampling.py), so seeds are per
-request even when batched.
+One context holds up to `max_sequences` sequences, in one unified KV cache or, with `kv_streams`,
+a KV stream each (llamacpp_kv.py); each sequence gets a slot (its llama.cpp sequence id) and its
+own seeded sampler (llamacpp_sampling.py), so seeds are per request even when batched.
 `step()` packs every chunk into one `llama_batch` and runs one `llama_decode`; ctypes releases the
 GIL for the duration, so the event loop and other replicas keep running.
 
-Prefix cache: `prefix_cache.HOLDERS` extra sequence ids hold the KV cells of recent prompts, as the
-shared `PrefixIndex` directs (engines/prefix_cache.py). A new sequence whose prompt starts like a
-cached one (a chat template, a system prompt, a conversation so far) gets those cells -- in the
-unified cache `llama_memory_seq_cp` adds the sequence id to the cells, a reference, not a copy --
-and only prefills the rest. A prompt that finished prefill is copied the same way into a holder,
-and the whole sequence, answer included, when it finishes (a conversation's next turn grows its
-own entry). The cells the cache holds on its own are
-bounded by its budget, which the context is sized for on top of the running sequences' budget, so
-the cache never takes a cell a running sequence needs.
+Prefix cache: `prefix_cache.HOLDERS` holders keep the KV cells of recent prompts, as the shared
+`PrefixIndex` directs (engines/prefix_cache.py). A new sequence whose prompt starts like a cached
+one (a chat template, a system prompt, a conversation so far) gets those cells and only prefills
+the rest. A prompt that finished prefill is kept the same way, and the whole sequence, answer
+included, when it finishes (a conversation's next turn grows its own entry). In the unified cache
+a holder is an extra sequence id (a reference to the cells, not a copy), and the context is sized
+for the cache's budget on top of the running sequences', so the cache never takes a cell a running
+sequence needs; with a stream per sequence, a host-memory copy (llamacpp_kv.py).
 
 Weights stay in plain CPU buffers unless `extra_buffers` opts in: llama.cpp's "extra buffer types"
 (AMX tiles, repacked layouts) are on by default in the library, and its AMX matmul segfaults at the
@@ -37,6 +36,7 @@ import llama_cpp
 
 from tokenmill.engines.base import Chunk
 from tokenmill.engines.chat_template import ChatTemplate
+from tokenmill.engines.llamacpp_kv import KVLayout, SharedCache, Slots, StreamPerSequence
 from tokenmill.engines.llamacpp_sampling import RowSampler
 from tokenmill.engines.prefix_cache import HOLDERS, PrefixCacheStats, PrefixIndex
 from tokenmill.engines.sequence import Sequence, SequenceStatus
@@ -208,6 +208,7 @@ class LlamaCppEngine:
         prefix_cache: bool = True,
         prefix_cache_tokens: int | None = None,
         extra_buffers: bool = False,
+        kv_streams: bool = False,
     ):
         threads = threads or os.cpu_count() or 1
         self.model_params = model_params(extra_buffers)
@@ -215,36 +216,38 @@ class LlamaCppEngine:
         window = min(context_window, _trained_context(self._model))
         cache_budget = (prefix_cache_tokens if prefix_cache_tokens is not None else window) if prefix_cache else 0
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = (kv_tokens or window) + cache_budget  # the cache's cells come on top of the sequences'
-        params.n_batch = params.n_ubatch = max_step_tokens
         holders = HOLDERS if prefix_cache else 0
-        params.n_seq_max = max_sequences + holders  # the last sequence ids hold cached prompts
+        if kv_streams:  # a window of cells for each sequence; cached prompts live in host memory
+            params.n_ctx, params.n_seq_max = max_sequences * window, max_sequences
+        else:  # one budget however it is split; the cache's cells and sequence ids on top
+            params.n_ctx, params.n_seq_max = (kv_tokens or window) + cache_budget, max_sequences + holders
+        params.kv_unified = not kv_streams
+        params.n_batch = params.n_ubatch = max_step_tokens
         params.n_threads = params.n_threads_batch = threads
-        params.kv_unified = True  # one shared KV budget, however it is split between sequences
         params.no_perf = True
         self._ctx = llama_cpp.llama_init_from_model(self._model, params)
         if not self._ctx:
             llama_cpp.llama_model_free(self._model)
             raise EngineFailure("llama.cpp could not create a context (KV cache too large for memory?)")
         self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._kv: KVLayout = StreamPerSequence(self._ctx, self._memory) if kv_streams else SharedCache(self._memory)
         vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.tokenizer = LlamaCppTokenizer(self._model, vocab, window)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
         self.max_chunk_tokens = max_step_tokens
         self._batch = llama_cpp.llama_batch_init(max_step_tokens, 0, 1)
-        self._free_slots = list(range(max_sequences - 1, -1, -1))
-        self._slots: dict[int, int] = {}
+        self._slots = Slots(max_sequences)
         self._rows = RowSampler(self._n_vocab, window, self.tokenizer.eog_ids)
         self._threads = threads
         self._constrained: Constrained | None = None  # built with the first constrained sequence
         self._prefix: PrefixIndex | None = None
         if prefix_cache:
-            self._prefix = PrefixIndex(list(range(max_sequences, max_sequences + holders)), cache_budget)
+            self._prefix = PrefixIndex(self._kv.holder_ids(max_sequences, holders), cache_budget)
 
     def add_sequence(self, seq: Sequence) -> None:
-        if not self._free_slots:
+        slot = self._slots.take(seq.seq_id)
+        if slot is None:
             raise EngineFailure("no free sequence slot in the llama.cpp context")
-        slot = self._slots[seq.seq_id] = self._free_slots.pop()
         self._rows.add(seq)
         if seq.params.grammar is not None:
             if self._constrained is None:
@@ -257,34 +260,32 @@ class LlamaCppEngine:
         found = prefix.reuse(seq.token_ids[: seq.num_prompt_tokens])
         if found is not None:
             holder, shared = found
-            llama_cpp.llama_memory_seq_cp(self._memory, holder, slot, 0, shared)
-            seq.num_computed = seq.num_cached = shared
+            if self._kv.restore(holder, slot, shared):
+                seq.num_computed = seq.num_cached = shared
 
     def _remember(
         self, prefix: PrefixIndex, seq: Sequence, slot: int, tokens: int, answer_from: int | None = None
     ) -> None:
-        """`seq`'s first `tokens` have their cells (its prompt after prefill, or all it computed
-        when it finishes): they go to the cache."""
+        """`seq`'s first `tokens` are all the cells it holds (its prompt after prefill, or all it
+        computed when it finishes): they go to the cache."""
         store = prefix.store(seq.token_ids[:tokens], answer_from)
         if store is None:
             return
         for holder in store.evicted:
-            llama_cpp.llama_memory_seq_rm(self._memory, holder, -1, -1)
-        llama_cpp.llama_memory_seq_rm(self._memory, store.holder, store.start, -1)
-        if store.end > store.start:
-            llama_cpp.llama_memory_seq_cp(self._memory, slot, store.holder, store.start, store.end)
+            self._kv.drop(holder)
+        self._kv.keep(store, slot)
 
     def prefix_cache_stats(self) -> PrefixCacheStats:
         return self._prefix.stats() if self._prefix is not None else PrefixCacheStats()
 
     def remove_sequence(self, seq: Sequence) -> None:
-        slot = self._slots.pop(seq.seq_id, None)
+        slot = self._slots.get(seq.seq_id)
         if slot is not None:
             if self._prefix is not None and seq.status is SequenceStatus.FINISHED:
                 # the answer too: a conversation's next turn resends it after this prompt
                 self._remember(self._prefix, seq, slot, seq.num_computed, seq.num_prompt_tokens)
             llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
-            self._free_slots.append(slot)
+            self._slots.give_back(seq.seq_id)
         self._rows.remove(seq.seq_id)
         if self._constrained is not None:
             self._constrained.remove(seq)
@@ -293,15 +294,16 @@ class LlamaCppEngine:
         batch, n = self._batch, 0
         if sum(c.num_tokens for c in chunks) > self.max_chunk_tokens:
             raise ValueError("a step may carry at most max_chunk_tokens tokens")
-        sample_rows: list[int | None] = []
-        for chunk in chunks:
+        sample_rows: list[int | None] = [None] * len(chunks)
+        for i in self._slots.order_by_slot(chunks):
+            chunk = chunks[i]
             seq, slot, start = chunk.seq, self._slots[chunk.seq.seq_id], chunk.seq.num_computed
             for offset, token in enumerate(seq.token_ids[start : start + chunk.num_tokens]):
                 batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, start + offset, 1
                 batch.seq_id[n][0], batch.logits[n] = slot, False
                 n += 1
             batch.logits[n - 1] = chunk.completes_sequence_input
-            sample_rows.append(n - 1 if chunk.completes_sequence_input else None)
+            sample_rows[i] = n - 1 if chunk.completes_sequence_input else None
         batch.n_tokens = n
         status = llama_cpp.llama_decode(self._ctx, batch)
         if status != 0:

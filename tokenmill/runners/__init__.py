@@ -49,7 +49,7 @@ def _build(settings: Settings) -> Runner:
 
         config = SchedulerConfig(
             max_batch=settings.max_batch,
-            kv_tokens=settings.kv_tokens,
+            kv_tokens=settings.kv_budget(),
             max_step_tokens=settings.max_step_tokens,
             over_share_rows=settings.over_share_rows,
         )
