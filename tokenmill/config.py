@@ -81,7 +81,9 @@ class Settings(BaseSettings):
         "window long (llama-server's layout), instead of one cache shared by all (--kv-tokens). A step's attention "
         "then walks each sequence's own cells, not every cell in use (steps a sixth shorter at 32 sequences on CPU), "
         "for max-batch x context-window cells of memory (23 KB a cell for the default model: lower "
-        "--context-window). Cached prompts are kept in host memory.",
+        "--context-window). Cached prompts are kept in host memory. Worse beside a flooding API key: the steps "
+        "that keep a light key's latency low carry a few sequences, a pass over the weights per run of consecutive "
+        "slots.",
     )
     max_step_tokens: int = Field(
         512, ge=1, description="Batch mode: most tokens fed to the model in one step (prefill is chunked to fit)."
