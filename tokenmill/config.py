@@ -89,7 +89,7 @@ class Settings(BaseSettings):
         512, ge=1, description="Batch mode: most tokens fed to the model in one step (prefill is chunked to fit)."
     )
     over_share_rows: int = Field(
-        4,
+        2,
         ge=0,
         description="Batch mode: while a light tenant (an API key running at most half its share of the batch) "
         "is active, the keys over their share feed at most this many decode rows per step, taking turns, and as many "
