@@ -4,6 +4,8 @@ it (tokenmill.heap), in `tokenmill serve`'s server and engine processes, and onl
 from __future__ import annotations
 
 import gc
+import logging
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -52,3 +54,16 @@ def test_serve_freezes_the_server_and_the_engine_process_unless_told_not_to(serv
         assert froze == []
     else:  # one line from the server process, one from the engine's ("[engine PID]")
         assert len(froze) == 2 and sum("[engine " in line for line in froze) == 1, froze
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+async def test_process_mode_workers_freeze_their_heaps_unless_told_not_to(caplog, freeze):
+    """`process` mode's workers serve until they exit too; each reports what it froze in its Ready."""
+    from tokenmill.runners.processes import ProcessRunner
+
+    runner = ProcessRunner(sim_settings(mode="process", replicas=2, gc_freeze=freeze), "sim")
+    with caplog.at_level(logging.INFO, logger="tokenmill.runners.processes"):
+        await runner.start()
+        await runner.stop()
+    counts = [int(m.group(1)) for r in caplog.records if (m := re.search(r"froze (\d+) long-lived", r.getMessage()))]
+    assert (len(counts), all(count > 1000 for count in counts)) == ((2, True) if freeze else (0, True))

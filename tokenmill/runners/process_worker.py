@@ -14,6 +14,7 @@ from multiprocessing.connection import Connection
 from tokenmill.engines import EngineSpec
 from tokenmill.errors import EngineFailure, TokenmillError
 from tokenmill.generation import Finished, TokenEvent
+from tokenmill.heap import freeze_long_lived
 from tokenmill.sampling import SamplingParams
 
 
@@ -39,6 +40,7 @@ class Stop:
 @dataclass(frozen=True, slots=True)
 class Ready:
     pid: int
+    frozen: int = 0  # long-lived objects moved out of the garbage collector's sight (tokenmill.heap)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,14 +56,16 @@ class Done:
     error: TokenmillError | None = None
 
 
-def worker_main(spec: EngineSpec, conn: Connection) -> None:
+def worker_main(spec: EngineSpec, conn: Connection, freeze_heap: bool = False) -> None:
     # The parent owns shutdown: a Ctrl-C reaching the whole process group must not kill the
     # workers before the parent has drained their requests.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from tokenmill.engines import build_engine
 
     engine = build_engine(spec)
-    conn.send(Ready(os.getpid()))
+    # a worker serves until it exits, like the server and the engine process: its collections should
+    # not pause a token for the model's tables (no logging here: the parent logs the count)
+    conn.send(Ready(os.getpid(), freeze_long_lived() if freeze_heap else 0))
     try:
         while True:
             message = conn.recv()

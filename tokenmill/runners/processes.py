@@ -87,7 +87,10 @@ class ProcessRunner(Runner):
     def _spawn(self, index: int) -> _Worker:
         parent_end, child_end = self._context.Pipe()
         process = self._context.Process(
-            target=worker_main, args=(self._spec, child_end), name=f"tokenmill-worker-{index}", daemon=True
+            target=worker_main,
+            args=(self._spec, child_end, self._settings.gc_freeze),
+            name=f"tokenmill-worker-{index}",
+            daemon=True,
         )
         process.start()
         child_end.close()
@@ -111,6 +114,8 @@ class ProcessRunner(Runner):
     # -- event loop
     def _on_message(self, worker: _Worker, message) -> None:
         if isinstance(message, Ready):
+            if message.frozen:
+                log.info("worker %d (pid %s) froze %d long-lived objects", worker.index, message.pid, message.frozen)
             if not worker.ready.done():
                 worker.ready.set_result(None)
             self._idle.put_nowait(worker)
