@@ -242,7 +242,7 @@ class LlamaCppEngine:
         self._constrained: Constrained | None = None  # built with the first constrained sequence
         self._prefix: PrefixIndex | None = None
         if prefix_cache:
-            self._prefix = PrefixIndex(self._kv.holder_ids(max_sequences, holders), cache_budget)
+            self._prefix = PrefixIndex(list(range(max_sequences, max_sequences + holders)), cache_budget)
 
     def add_sequence(self, seq: Sequence) -> None:
         slot = self._slots.take(seq.seq_id)
@@ -295,9 +295,9 @@ class LlamaCppEngine:
         if sum(c.num_tokens for c in chunks) > self.max_chunk_tokens:
             raise ValueError("a step may carry at most max_chunk_tokens tokens")
         sample_rows: list[int | None] = [None] * len(chunks)
-        for i in self._slots.order_by_slot(chunks):
+        for i, slot in self._slots.order_by_slot(chunks):
             chunk = chunks[i]
-            seq, slot, start = chunk.seq, self._slots[chunk.seq.seq_id], chunk.seq.num_computed
+            seq, start = chunk.seq, chunk.seq.num_computed
             for offset, token in enumerate(seq.token_ids[start : start + chunk.num_tokens]):
                 batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, start + offset, 1
                 batch.seq_id[n][0], batch.logits[n] = slot, False

@@ -29,9 +29,7 @@ from tokenmill.engines.prefix_cache import Store
 
 
 class KVLayout(Protocol):
-    def holder_ids(self, first: int, count: int) -> list[int]:
-        """The ids the prefix cache may give its entries."""
-        ...
+    """Holders are the prefix cache's ids for its entries: sequence ids past the running ones."""
 
     def restore(self, holder: int, slot: int, shared: int) -> bool:
         """Give `slot` (an empty sequence) the first `shared` cells held by `holder`; False when
@@ -50,9 +48,6 @@ class SharedCache:
 
     def __init__(self, memory: llama_cpp.llama_memory_t):
         self._memory = memory
-
-    def holder_ids(self, first: int, count: int) -> list[int]:
-        return list(range(first, first + count))
 
     def restore(self, holder: int, slot: int, shared: int) -> bool:
         llama_cpp.llama_memory_seq_cp(self._memory, holder, slot, 0, shared)
@@ -75,10 +70,7 @@ class StreamPerSequence:
     def __init__(self, ctx: llama_cpp.llama_context_p, memory: llama_cpp.llama_memory_t):
         self._ctx = ctx
         self._memory = memory
-        self._copies: dict[int, ctypes.Array[ctypes.c_uint8]] = {}
-
-    def holder_ids(self, first: int, count: int) -> list[int]:
-        return list(range(count))  # keys of host copies, not sequence ids
+        self._copies: dict[int, ctypes.Array[ctypes.c_uint8]] = {}  # holder -> its copy (no cells of its own)
 
     def restore(self, holder: int, slot: int, shared: int) -> bool:
         copy = self._copies.get(holder)
@@ -125,6 +117,6 @@ class Slots:
     def get(self, seq_id: int) -> int | None:
         return self._taken.get(seq_id)
 
-    def order_by_slot(self, chunks: Seq[Chunk]) -> list[int]:
-        """Indices of `chunks`, their sequences' slots ascending."""
-        return sorted(range(len(chunks)), key=lambda i: self._taken[chunks[i].seq.seq_id])
+    def order_by_slot(self, chunks: Seq[Chunk]) -> list[tuple[int, int]]:
+        """(index in `chunks`, slot) of each chunk, slots ascending."""
+        return sorted(((i, self._taken[chunk.seq.seq_id]) for i, chunk in enumerate(chunks)), key=lambda pair: pair[1])
