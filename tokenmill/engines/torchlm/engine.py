@@ -178,9 +178,12 @@ class TorchEngine:
         sample_rows: list[int] = []
         sampled: list[Chunk] = []
         tensor = functools.partial(torch.tensor, dtype=torch.long, device=self.device)
-        # A step with a single decode row attends it like a one-token prompt chunk: block-wise
-        # attention's fixed cost (about twenty small ops a layer) is what such a step would pay.
-        blockwise = sum(1 for c in chunks if c.num_tokens == 1) > FEW_DECODE_ROWS
+        # On a CPU, a step with a single decode row attends it like a one-token prompt chunk:
+        # block-wise attention's fixed cost (about twenty small ops a layer) is what such a step
+        # would pay. On CUDA the chunk's path was the dearer one: on an H200 one row took 1.54x an
+        # 8-row block-wise step that way, and 0.96x block-wise (two runs, docs/benchmarks.md).
+        few = FEW_DECODE_ROWS if self.device.type == "cpu" else 0
+        blockwise = sum(1 for c in chunks if c.num_tokens == 1) > few
         for chunk in chunks:
             seq, start, n = chunk.seq, chunk.seq.num_computed, chunk.num_tokens
             table, row = self.cache.table(seq.seq_id), len(token_ids)
