@@ -3,13 +3,18 @@ against a spawned simulated server with a quota."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 
+from tokenmill.bench.loadgen import served_model
+from tokenmill.bench.spawn import SpawnedServer
 from tokenmill.bench.stats import RequestRecord
-from tokenmill.bench.tenants import TenantLoad, alone_ratios, parse_tenants, tenant_rows, write_key_file
+from tokenmill.bench.tenants import TenantLoad, alone_ratios, parse_tenants, tenant_rows, warm_up, write_key_file
+from tokenmill.bench.workload import PROMPTS, Workload
 from tokenmill.cli import main
 from tokenmill.tenants import parse_keys
 
@@ -103,3 +108,20 @@ def test_alone_ratios_pair_each_round_with_its_own_alone_phase():
     assert "| t | 1 | s | 1.00x | 1.50x |" in summary and "| t | 2 | s | 1.00x | 4.00x |" in summary
     assert "median 1.50x over 3 round(s) (1.20-4.00x)" in summary and "| f |" not in summary
     assert alone_ratios([row("together", "s", 150, 1)]) == ""
+
+
+def test_the_warm_up_sends_each_prompt_once_with_a_key_that_has_no_quota(tmp_path):
+    loads = parse_tenants("metered:rate=1:tokens_per_minute=60,free:rate=1")
+    keys = write_key_file(loads, tmp_path / "keys")
+    server = SpawnedServer(["--engine", "simulated", "--mode", "batch", "--api-key-file", str(keys)])
+    try:
+        headers = {"Authorization": "Bearer bench-free"}
+        model = asyncio.run(served_model(server.url, headers))
+        asyncio.run(warm_up(server.url, model, Workload(max_tokens=8), loads))
+        metrics = httpx.get(f"{server.url}/metrics", headers=headers, timeout=10).text
+    finally:
+        server.stop()
+    assert f'tokenmill_tenant_admitted_total{{tenant="free"}} {float(len(PROMPTS))}' in metrics
+    assert 'tenant="metered"' not in metrics.split("tokenmill_tenant_admitted_total")[1].split("# HELP")[0]
+    generated = f'tokenmill_tenant_tokens_total{{kind="generated",tenant="free"}} {float(len(PROMPTS))}'
+    assert generated in metrics  # one token each

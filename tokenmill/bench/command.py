@@ -254,6 +254,7 @@ def _run_tenants(args: argparse.Namespace) -> int:
         """Every round on the same server, the alone phases then the together one: a later round
         meets what the earlier ones left behind (cached prompts, a grown KV cache) in both."""
         model = await served_model(url, loads[0].headers)
+        await tenants.warm_up(url, model, workload, loads)
         for round_number in range(1, rounds + 1):
             phases = [("alone", [load for load in loads if load.name == name]) for name in alone]
             for phase, phase_loads in [*phases, ("together", loads)]:
