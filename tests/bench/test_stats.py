@@ -110,3 +110,30 @@ def test_the_json_workload_asks_for_the_schema_and_lets_the_grammar_end_the_answ
     assert {k: v for k, v in constrained.items() if k not in ("response_format", "ignore_eos")} == {
         k: v for k, v in plain.items() if k != "ignore_eos"
     }  # otherwise the same requests: the comparison is of the constraint alone
+
+
+async def test_a_refused_closed_loop_client_waits_before_its_next_request(monkeypatch):
+    """A 503 with Retry-After 0.3 s: the client's next request comes no sooner, and the wait
+    never runs past the run's end (a 1 s run, each refusal asking for 0.3 s: 3-4 requests, not
+    hundreds)."""
+    import time
+
+    from tokenmill.bench import loadgen
+    from tokenmill.bench.workload import Workload
+
+    sends: list[float] = []
+    retry_after = 0.3
+
+    async def refused(client, body, run_started):
+        sends.append(time.perf_counter() - run_started)
+        record = RequestRecord(started=sends[-1], status="rejected", http_status=503)
+        record.retry_after = retry_after
+        return record
+
+    monkeypatch.setattr(loadgen, "stream_one", refused)
+    records, _ = await loadgen.closed_loop("http://127.0.0.1:9", "m", Workload.from_spec("4"), 1, None, duration=1.0)
+    assert 3 <= len(records) <= 4
+    assert all(b - a >= 0.29 for a, b in itertools.pairwise(sends))
+    retry_after, started = 20.0, time.perf_counter()  # longer than the run: the run still ends on time
+    records, _ = await loadgen.closed_loop("http://127.0.0.1:9", "m", Workload.from_spec("4"), 1, None, duration=0.5)
+    assert len(records) == 1 and time.perf_counter() - started < 1.5

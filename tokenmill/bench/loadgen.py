@@ -1,4 +1,5 @@
-"""Closed-loop load over HTTP: N clients, each sending its next request when the last one ends."""
+"""Closed-loop load over HTTP: N clients, each sending its next request when the last one ends
+(after a refusal, when tokenmill's client would: see `_backoff`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import httpx
 
 from tokenmill.bench.stats import RequestRecord
 from tokenmill.bench.workload import Workload
-from tokenmill.client.policy import parse_retry_after
+from tokenmill.client.policy import RetryPolicy, parse_retry_after
 from tokenmill.client.streaming import sse_event
 
 # error events that refuse a stream still queued after its headers came: refused, not lost
@@ -119,6 +120,20 @@ class Progress:
             sys.stderr.write("\r" + " " * 100 + "\r")
 
 
+_RETRY = RetryPolicy()
+
+
+def _backoff(refused: int, retry_after: float | None, run_started: float, duration: float | None) -> float:
+    """How long a closed-loop client waits after its `refused`-th refusal in a row: tokenmill's
+    client policy (exponential backoff with full jitter, at least the server's Retry-After, at
+    most RetryPolicy.max_retry_after), never past the end of the run. Sending again at once, as
+    this loop once did, turns an overload into a storm of refusals that measures nothing."""
+    wait = _RETRY.delay(refused, min(retry_after or 0.0, _RETRY.max_retry_after))
+    if duration is not None:
+        wait = min(wait, max(0.0, duration - (time.perf_counter() - run_started)))
+    return wait
+
+
 def _within(run_started: float, duration: float | None) -> bool:
     return duration is None or time.perf_counter() - run_started < duration
 
@@ -154,9 +169,14 @@ async def closed_loop(
         async def client_loop(number: int) -> None:
             nonlocal next_index
             await asyncio.sleep(ramp_up * number / concurrency)
+            refused = 0  # in a row: a refused client waits before its next request, as clients do
             while (requests is None or next_index < requests) and _within(run_started, duration):
                 index, next_index = next_index, next_index + 1
-                records.append(await stream_one(client, workload.request_body(index, model), run_started))
+                record = await stream_one(client, workload.request_body(index, model), run_started)
+                records.append(record)
+                refused = refused + 1 if record.status == "rejected" else 0
+                if refused:
+                    await asyncio.sleep(_backoff(refused, record.retry_after, run_started, duration))
 
         with Progress(f"concurrency {concurrency}", requests, records):
             await asyncio.gather(*(client_loop(number) for number in range(concurrency)))
