@@ -117,3 +117,21 @@ def test_kv_streams_give_every_sequence_a_window_and_are_the_llama_cpp_engines_a
     assert Settings(engine="llamacpp", mode="batch", kv_tokens=4096).kv_budget() == 4096
     with pytest.raises(ValueError, match="kv-streams"):
         Settings(engine="simulated", mode="batch", kv_streams=True)
+
+
+def test_a_cached_prompt_that_cannot_be_written_back_is_computed_and_not_counted(monkeypatch):
+    """With a stream per sequence a cached prompt is a host copy written back into the slot; if
+    llama.cpp refuses it, the prompt is computed from its start, answers the same, counts no hit,
+    and its entry is dropped (nothing would ever restore from it)."""
+    import llama_cpp
+
+    engine = _engine(kv_streams=True, prefix_cache=True)
+    first, _ = _run_together(engine, [PROMPTS[0]], 6, logprobs=1)
+    hits = engine.prefix_cache_stats().hit_tokens
+    monkeypatch.setattr(llama_cpp, "llama_state_seq_set_data_ext", lambda *args: 0)
+    seq = _sequence(engine, PROMPTS[0], 6)
+    engine.add_sequence(seq)
+    assert seq.num_computed == 0 and engine.prefix_cache_stats().hit_tokens == hits
+    engine.remove_sequence(seq)
+    again, _ = _run_together(engine, [PROMPTS[0]], 6, logprobs=1)
+    assert len(first[0]) == 6 and again == first and engine.prefix_cache_stats().hit_tokens == hits

@@ -69,6 +69,16 @@ def test_reuse_leaves_the_last_prompt_token_to_compute_and_counts():
     assert (stats.queried_tokens, stats.hit_tokens, stats.cached_tokens) == (6, 3, 4)
 
 
+def test_a_reuse_the_engine_could_not_copy_counts_no_hit_and_drops_the_entry():
+    cache = index()
+    cache.store([1, 2, 3, 4])
+    holder, shared = cache.reuse([1, 2, 3, 4])
+    cache.lost(holder, shared)
+    stats = cache.stats()
+    assert (stats.queried_tokens, stats.hit_tokens, stats.cached_tokens) == (4, 0, 0)
+    assert holder in cache.holders and cache.reuse([1, 2, 3, 4]) is None
+
+
 def test_an_engine_short_of_cells_drops_the_oldest_entry_first():
     cache = index(holders=3)
     a = cache.store([1, 1])

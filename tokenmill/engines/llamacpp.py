@@ -262,6 +262,9 @@ class LlamaCppEngine:
             holder, shared = found
             if self._kv.restore(holder, slot, shared):
                 seq.num_computed = seq.num_cached = shared
+            else:  # no copy to write back (only with --kv-streams): the prompt is computed
+                prefix.lost(holder, shared)
+                self._kv.drop(holder)
 
     def _remember(
         self, prefix: PrefixIndex, seq: Sequence, slot: int, tokens: int, answer_from: int | None = None

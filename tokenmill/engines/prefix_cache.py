@@ -161,6 +161,16 @@ class PrefixIndex:
         self.holders.append(victim.holder)
         return victim.holder
 
+    def lost(self, holder: int, shared: int) -> None:
+        """The engine could not copy `holder`'s cells after `reuse()` offered `shared` of them:
+        they were computed, not served, and an entry with nothing to copy is dropped."""
+        self._hits -= shared
+        for entry in self.entries:
+            if entry.holder == holder:
+                self.entries.remove(entry)
+                self.holders.append(holder)
+                return
+
     def stats(self) -> PrefixCacheStats:
         return PrefixCacheStats(self._queried, self._hits, self.cached_tokens, self._answers_skipped)
 
