@@ -93,8 +93,9 @@ class Settings(BaseSettings):
         ge=0,
         description="Batch mode: while a light tenant (an API key running at most half its share of the batch) "
         "is active, the keys over their share feed at most this many decode rows per step, taking turns, and as many "
-        "prompt tokens; 0: no limit. Low keeps the light key's latency near what it is alone where "
-        "a step costs per token (llama.cpp on CPU); raise it where batching is cheap (torch, GPUs).",
+        "prompt tokens; 0: no limit. Low keeps the light key's latency near what it is alone; higher gives the "
+        "flooding keys more throughput where batching is cheap (torch, GPUs): torch on 2 CPU cores, 8 rows gave the "
+        "flood 2.7x the tokens and the light key a p99 1.8x its own alone instead of 1.6x.",
     )
 
     prefix_cache: bool = Field(
