@@ -84,6 +84,14 @@ def test_rounds_repeat_every_phase_on_one_server_and_give_each_rounds_ratio(tmp_
         assert len(mine) == r["sent"] and sum(q["status"] == "ok" for q in mine) == r["ok"]
     summary = (out / "tenants.md").read_text()
     assert "median" in summary and summary.count(" | 1 | quiet | ") == 1
+    # quiet sends the same requests at the same moments alone and beside busy: one load, compared
+    for n in (1, 2):
+        alone, together = (
+            [q["started_s"] for q in requests if (q["round"], q["phase"], q["tenant"]) == (n, phase, "quiet")]
+            for phase in ("alone", "together")
+        )
+        assert abs(len(alone) - len(together)) <= 1 and len(alone) >= 2
+        assert all(abs(a - b) < 0.1 for a, b in zip(alone, together, strict=False))
 
 
 def test_alone_ratios_pair_each_round_with_its_own_alone_phase():

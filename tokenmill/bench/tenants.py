@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import math
 import multiprocessing
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -89,10 +90,7 @@ async def run_tenants(
     context = multiprocessing.get_context("spawn")
     loop = asyncio.get_running_loop()
     with ProcessPoolExecutor(len(loads), mp_context=context) as pool:
-        jobs = [
-            loop.run_in_executor(pool, _one_tenant, url, model, workload, load, number, duration)
-            for number, load in enumerate(loads)
-        ]
+        jobs = [loop.run_in_executor(pool, _one_tenant, url, model, workload, load, duration) for load in loads]
         results = await asyncio.gather(*jobs)
     return {load.name: records for load, records in zip(loads, results, strict=True)}
 
@@ -112,15 +110,22 @@ async def warm_up(url: str, model: str, workload: Workload, loads: list[TenantLo
             await stream_one(client, body, 0.0)
 
 
-def _one_tenant(
-    url: str, model: str, workload: Workload, load: TenantLoad, number: int, duration: float
-) -> list[RequestRecord]:
+def tenant_seed(name: str) -> int:
+    """A tenant's seed for its prompts and arrivals: from its name, so that it sends the same
+    requests at the same moments alone and beside the others (a seed from its place in a phase's
+    list gave a tenant alone another Poisson sequence than together: what was compared was then
+    two loads, not one load with and without the others)."""
+    return zlib.crc32(name.encode())
+
+
+def _one_tenant(url: str, model: str, workload: Workload, load: TenantLoad, duration: float) -> list[RequestRecord]:
     """One tenant's load, in its own process (its records' times count from its own start)."""
     headers = load.headers
-    shifted = replace(workload, seed=workload.seed + 1009 * number)
+    seed = tenant_seed(load.name)
+    shifted = replace(workload, seed=workload.seed + seed)
     if load.rate is not None:
         records, _ = asyncio.run(
-            open_loop(url, model, shifted, load.rate, None, duration=duration, seed=7 + number, headers=headers)
+            open_loop(url, model, shifted, load.rate, None, duration=duration, seed=seed, headers=headers)
         )
     else:
         assert load.concurrency is not None
