@@ -121,8 +121,8 @@ class Settings(BaseSettings):
         True,
         description="Once the model is loaded, freeze what is alive out of Python's garbage collector's sight "
         "(gc.freeze), in the server, the engine process and process mode's workers: a full collection then no "
-        "longer walks the ~90,000 start-up objects, a 26-33 ms pause of the event loop or the step loop here. --no-gc-freeze: collect as "
-        "Python does by default.",
+        "longer walks the ~90,000 start-up objects, a 26-33 ms pause of the event loop or the step loop here. "
+        "--no-gc-freeze: collect as Python does by default.",
     )
     engine_restart_limit: int = Field(
         5,

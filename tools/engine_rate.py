@@ -18,15 +18,17 @@ from tokenmill.engines.model_files import default_model_path
 from tokenmill.engines.sequence import Sequence, prepare_sequence
 from tokenmill.engines.torchlm.engine import TorchEngine
 from tokenmill.generation import GenerationRequest
-from tokenmill.runners.scheduler import Scheduler, SchedulerConfig
+from tokenmill.runners.engine_core import EngineCore
+from tokenmill.runners.scheduler import SchedulerConfig
 from tokenmill.sampling import SamplingParams
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
 def closed_loop(engine: TorchEngine, concurrency: int, tokens: int, requests: int) -> tuple[float, float]:
-    """(output tokens/s, mean step ms) over `requests` requests, `concurrency` running at once."""
-    scheduler = Scheduler(SchedulerConfig(max_batch=concurrency, kv_tokens=concurrency * 512, max_step_tokens=512))
+    """(output tokens/s, mean step ms) over `requests` requests, `concurrency` running at once,
+    stepped by batch mode's own EngineCore."""
+    core = EngineCore(engine, SchedulerConfig(max_batch=concurrency, kv_tokens=concurrency * 512, max_step_tokens=512))
     sent = done = steps = 0
 
     def new() -> Sequence:
@@ -36,19 +38,15 @@ def closed_loop(engine: TorchEngine, concurrency: int, tokens: int, requests: in
         return prepare_sequence(GenerationRequest(str(sent), params, prompt=PROMPT), engine.tokenizer)
 
     for _ in range(concurrency):
-        scheduler.add(new())
+        core.add(new())
     started = time.perf_counter()
     while done < requests:
-        for seq in scheduler.admit():
-            engine.add_sequence(seq)
-        chunks = scheduler.plan()
-        outcome = scheduler.postprocess(chunks, engine.step(chunks))
+        report = core.step()
         steps += 1
-        for seq in outcome.finished:
-            engine.remove_sequence(seq)
+        for _ in report.settled:
             done += 1
             if sent < requests:
-                scheduler.add(new())
+                core.add(new())
     seconds = time.perf_counter() - started
     return done * tokens / seconds, 1000 * seconds / steps
 

@@ -155,10 +155,7 @@ class PrefixIndex:
         if not victims:
             return None
         victim = min(victims, key=lambda entry: entry.last_used)
-        self.entries.remove(victim)
-        if victim.answer_from is not None and not victim.answer_unused:
-            self._answer_ended(reused=False)
-        self.holders.append(victim.holder)
+        self._drop(victim)
         return victim.holder
 
     def lost(self, holder: int, shared: int) -> None:
@@ -167,9 +164,15 @@ class PrefixIndex:
         self._hits -= shared
         for entry in self.entries:
             if entry.holder == holder:
-                self.entries.remove(entry)
-                self.holders.append(holder)
+                self._drop(entry)
                 return
+
+    def _drop(self, entry: CachedPrompt) -> None:
+        """Forget `entry` and free its holder; an answer nobody resent before it went counts as unused."""
+        self.entries.remove(entry)
+        if entry.answer_from is not None and not entry.answer_unused:
+            self._answer_ended(reused=False)
+        self.holders.append(entry.holder)
 
     def stats(self) -> PrefixCacheStats:
         return PrefixCacheStats(self._queried, self._hits, self.cached_tokens, self._answers_skipped)

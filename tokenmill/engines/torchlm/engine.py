@@ -75,6 +75,11 @@ class TorchEngine:
         # projection at 1 row), slower than the dense fp32 matmul it would replace.
         if self.device.type != "cpu" or DTYPES[dtype] != torch.bfloat16:
             four_bit_rows = 0
+        # On a CPU, a step with a single decode row attends it like a one-token prompt chunk:
+        # block-wise attention's fixed cost (about twenty small ops a layer) is what such a step
+        # would pay. On CUDA the chunk's path was the dearer one: on an H200 one row took 1.54x an
+        # 8-row block-wise step that way, and 0.96x block-wise (two runs, docs/benchmarks.md).
+        self._chunk_decode_rows = FEW_DECODE_ROWS if self.device.type == "cpu" else 0
         checkpoint = load_checkpoint(model_path, DTYPES[dtype], self.device, four_bit=four_bit_rows > 0)
         window = min(context_window, checkpoint.config.trained_context)
         self.tokenizer = load_tokenizer(model_path, window)
@@ -178,12 +183,7 @@ class TorchEngine:
         sample_rows: list[int] = []
         sampled: list[Chunk] = []
         tensor = functools.partial(torch.tensor, dtype=torch.long, device=self.device)
-        # On a CPU, a step with a single decode row attends it like a one-token prompt chunk:
-        # block-wise attention's fixed cost (about twenty small ops a layer) is what such a step
-        # would pay. On CUDA the chunk's path was the dearer one: on an H200 one row took 1.54x an
-        # 8-row block-wise step that way, and 0.96x block-wise (two runs, docs/benchmarks.md).
-        few = FEW_DECODE_ROWS if self.device.type == "cpu" else 0
-        blockwise = sum(1 for c in chunks if c.num_tokens == 1) > few
+        blockwise = sum(1 for c in chunks if c.num_tokens == 1) > self._chunk_decode_rows
         for chunk in chunks:
             seq, start, n = chunk.seq, chunk.seq.num_computed, chunk.num_tokens
             table, row = self.cache.table(seq.seq_id), len(token_ids)
