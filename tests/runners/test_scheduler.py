@@ -171,6 +171,28 @@ def test_a_light_tenants_newcomer_is_prefilled_in_a_step_of_its_own_beside_a_flo
     assert light.num_pending == 1  # its prompt is in, its first token sampled
 
 
+def test_a_light_newcomer_whose_prompt_was_cached_also_gets_a_step_of_its_own():
+    """A prefix-cache hit leaves a newcomer one prompt token to feed, a row like a decode: its first
+    token still comes from a step of its own (the light tenant's other rows wait too), not from
+    one that carries the flood."""
+    s = Scheduler(SchedulerConfig(max_batch=16, kv_tokens=100_000, max_step_tokens=64, over_share_rows=2))
+    flood = [tenant_seq("flood", prompt_len=1) for _ in range(10)]
+    earlier = tenant_seq("light", prompt_len=1)
+    for x in [*flood, earlier]:
+        s.add(x)
+    run_step(s)  # earlier's own first step
+    run_step(s)
+    light = tenant_seq("light", prompt_len=40)
+    s.add(light)
+    assert s.admit() == [light]
+    light.num_computed = light.num_cached = 39  # what an engine's prefix cache does on add_sequence
+    first = s.plan()
+    assert [(c.seq, c.num_tokens) for c in first] == [(light, 1)]
+    s.postprocess(first, [7])
+    following = s.plan()  # the others are back: two flood rows in turn, and both light sequences
+    assert {earlier, light} <= {c.seq for c in following} and len(following) == 4
+
+
 def test_tenants_near_their_parts_share_steps_as_usual():
     """Two tenants both saturating (each near its part) never make the other sit out a step, and
     neither does a tenant alone: only a light tenant beside a heavy one does."""

@@ -10,8 +10,9 @@ Between tenants (generation.Share), where a step costs about as much as the toke
 light tenant (running at most half its weighted part of the batch, or nothing but within the last
 RECENT_S seconds) beside tenants over their part would wait for, and then share, steps as heavy as
 the flood around it. So while one is about:
-- a step that prefills its prompt carries the light tenants' prompts alone, so its first token
-  costs its own prefill. Every decode waits that one step, never two in a row;
+- a step that brings in its newcomer carries the light tenants' newcomers alone, so a first token
+  costs its own prefill (one row when the prompt was cached). Every other row waits that one
+  step, never two in a row;
 - the other steps carry at most `over_share_rows` of the over-share tenants' decode rows, taking
   turns, and as many of their prompt tokens, so its wait for the step in flight stays short too.
 Tenants near their parts (both saturating) and a tenant alone are scheduled as above, unchanged.
@@ -99,10 +100,13 @@ class Scheduler:
         prefilling = [seq for seq in self.running if seq.num_pending > 1]
         light, over = self._light_and_over(now)
         beside_light = bool(light and over)
-        yielding = beside_light and not self._yielded_last_step and any(s.share.group in light for s in prefilling)
+        # a light newcomer: its prompt still to feed, or only its last token (the rest was cached)
+        newcomers = [seq for seq in self.running if seq.num_generated == 0 and seq.share.group in light]
+        yielding = beside_light and not self._yielded_last_step and bool(newcomers)
         self._yielded_last_step = yielding
-        if yielding:  # the light tenants' prompts alone: every decode waits this one step
-            decoding, prefilling = [], [seq for seq in prefilling if seq.share.group in light]
+        if yielding:  # the light tenants' newcomers alone: every other row waits this one step
+            decoding = [seq for seq in newcomers if seq.num_pending == 1]
+            prefilling = [seq for seq in newcomers if seq.num_pending > 1]
         # what the over-share tenants may feed: decode rows, and as many prompt tokens
         capped = beside_light and self.config.over_share_rows > 0
         rows = prefill = self.config.over_share_rows if capped else self.config.max_step_tokens
