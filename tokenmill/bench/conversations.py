@@ -19,8 +19,7 @@ import random
 import time
 from dataclasses import dataclass
 
-import httpx
-
+from tokenmill.bench.http1 import Http1Client
 from tokenmill.bench.loadgen import stream_one
 from tokenmill.bench.stats import percentile
 from tokenmill.bench.workload import NOTE_TOOL, PROMPTS
@@ -85,9 +84,7 @@ class TurnRecord:
 
 async def run_conversations(url: str, model: str, spec: Conversations) -> tuple[list[TurnRecord], float]:
     records: list[TurnRecord] = []
-    limits = httpx.Limits(max_connections=spec.count + 4)
-    timeout = httpx.Timeout(connect=10, read=300, write=30, pool=300)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as client:
+    async with Http1Client(url, timeout=300, max_connections=spec.count + 4) as client:
 
         async def conversation(number: int) -> None:
             rng = random.Random(spec.seed + number)

@@ -11,6 +11,7 @@ from typing import Self
 
 import httpx
 
+from tokenmill.bench.http1 import ConnectionDropped, Http1Client
 from tokenmill.bench.stats import RequestRecord
 from tokenmill.bench.workload import Workload
 from tokenmill.client.policy import RetryPolicy, parse_retry_after
@@ -21,7 +22,7 @@ REFUSED_WHILE_QUEUED = {"server_overloaded": 503, "rate_limit_error": 429}
 
 
 async def stream_one(
-    client: httpx.AsyncClient, body: dict, run_started: float, text: list[str] | None = None
+    client: Http1Client, body: dict, run_started: float, text: list[str] | None = None
 ) -> RequestRecord:
     """Stream one chat completion and time it; `text`, if given, collects the answer's content.
     A request whose connection the server closed before answering (a kept-alive connection it had
@@ -31,32 +32,31 @@ async def stream_one(
     try:
         try:
             await _stream(client, body, started, record, text)
-        except httpx.RemoteProtocolError:
-            if record.http_status is not None:  # it was answered: the failure is the server's
-                raise
+        except ConnectionDropped:
             await _stream(client, body, started, record, text)
-    except httpx.TimeoutException as error:
+    except TimeoutError as error:
         record.status, record.error = "timeout", repr(error)
-    except httpx.HTTPError as error:
+    except OSError as error:  # ConnectionError, ProtocolError
         record.error = repr(error)
     return record
 
 
 async def _stream(
-    client: httpx.AsyncClient, body: dict, started: float, record: RequestRecord, text: list[str] | None
+    client: Http1Client, body: dict, started: float, record: RequestRecord, text: list[str] | None
 ) -> None:
     last = None
     counted = 0
-    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+    async with client.post("/v1/chat/completions", body) as response:
         record.http_status = response.status_code
         if response.status_code in (429, 503):
+            await response.read()  # to its end, so the connection is kept for the next request
             record.status = "rejected"
             record.retry_after = parse_retry_after(response.headers.get("retry-after"))
             return
         if response.status_code != 200:
-            record.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+            record.error = f"HTTP {response.status_code}: {(await response.read())[:200]!r}"
             return
-        async for line in response.aiter_lines():
+        async for line in response.lines():
             chunk = sse_event(line)
             if not isinstance(chunk, dict):
                 continue  # [DONE], blank separators, comments
@@ -156,8 +156,7 @@ async def closed_loop(
     `ramp_up` starts the clients evenly over that many seconds instead of all at once: with fixed
     output lengths, clients that start together stay in lock-step, so every wave of replacements
     reaches the server as one burst, for the whole run."""
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout, headers=headers) as client:
+    async with Http1Client(base_url, headers, timeout, max_connections=concurrency) as client:
         if warmup:
             await asyncio.gather(
                 *(stream_one(client, workload.request_body(-1 - i, model), 0.0) for i in range(warmup))
@@ -199,8 +198,7 @@ async def open_loop(
     if requests is None and duration is None:
         raise ValueError("an open loop needs --requests or --duration to stop")
     rng = random.Random(seed)
-    limits = httpx.Limits(max_connections=10_000, max_keepalive_connections=1_000)
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout, headers=headers) as client:
+    async with Http1Client(base_url, headers, timeout) as client:
         records: list[RequestRecord] = []
         in_flight: list[asyncio.Task] = []
         run_started = time.perf_counter()

@@ -22,8 +22,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import httpx
-
+from tokenmill.bench.http1 import Http1Client
 from tokenmill.bench.loadgen import closed_loop, open_loop, stream_one
 from tokenmill.bench.report import rule
 from tokenmill.bench.stats import RequestRecord, median_and_range, percentile
@@ -103,7 +102,7 @@ async def warm_up(url: str, model: str, workload: Workload, loads: list[TenantLo
     load = next((load for load in loads if not dict(load.key_file_fields).keys() & _QUOTA_FIELDS), None)
     if load is None:
         return
-    async with httpx.AsyncClient(base_url=url, timeout=60, headers=load.headers) as client:
+    async with Http1Client(url, load.headers, timeout=60) as client:
         for index in range(len(PROMPTS)):
             body = workload.request_body(index, model) | {"max_tokens": 1}
             body["messages"][-1]["content"] = PROMPTS[index]
