@@ -167,3 +167,34 @@ def test_a_prompt_sent_again_without_its_answer_shrinks_its_entry_back_to_the_pr
     # that outcome counts: with none resent, the next answers are mostly not cached
     skipped = [cache.store([*prompt, 9, i], answer_from=len(prompt)) is None for i in range(8)]
     assert sum(skipped) == 7
+
+
+def test_while_answers_are_not_resent_a_prompt_keeps_one_entry_whatever_its_answers():
+    """A single-turn flood sends each of a few prompts from many sequences at once: a probe's
+    answer for a prompt whose entry already carries another answer replaces it, instead of taking
+    a holder of its own and pushing out some other prompt (another key's, which then misses)."""
+    cache = index(holders=3, budget=1000)
+    prompts = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]
+    for prompt in prompts:
+        cache.store(prompt)
+    prompt = prompts[0]
+    cache.store([*prompt, 8, 8], answer_from=len(prompt))  # nothing known yet: cached
+    cache.reuse(prompt)  # the prompt again, without that answer: answers are not resent here
+    skipped = [cache.store([*prompt, 8, i], answer_from=len(prompt)) is None for i in range(30)]
+    assert cache.stats().answers_skipped == sum(skipped) > 0  # not paying: only probes are cached
+    assert sorted(e.tokens[:4] for e in cache.entries) == sorted(prompts)  # no other prompt pushed out
+    entry = next(e for e in cache.entries if e.tokens[:4] == prompt)
+    last = cache.store([*prompt, 7, 7], answer_from=len(prompt))
+    while last is None:
+        last = cache.store([*prompt, 7, 7], answer_from=len(prompt))
+    assert last == Store(entry.holder, 4, 6) and entry.tokens == [*prompt, 7, 7]
+
+
+def test_while_answers_are_resent_two_conversations_opening_alike_keep_both_answers():
+    cache = index(holders=3, budget=1000)
+    opening = [1, 2, 3]
+    cache.store(opening)
+    first = cache.store([*opening, 50, 51], answer_from=3)
+    second = cache.store([*opening, 60, 61], answer_from=3)
+    assert first is not None and second is not None and second.holder != first.holder
+    assert sorted(e.tokens for e in cache.entries) == [[*opening, 50, 51], [*opening, 60, 61]]

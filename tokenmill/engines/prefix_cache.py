@@ -129,6 +129,16 @@ class PrefixIndex:
                     entry.tokens, entry.answer_from, entry.answer_unused = tokens, None, False
                     return Store(entry.holder, len(tokens), len(tokens))
                 return None
+            if answer_from is not None and entry.answer_from == answer_from <= shared and not self._answers_pay():
+                # the same prompt with another answer, while answers are not resent: the new
+                # answer replaces the entry's. A second entry would push out another prompt (in a
+                # single-turn flood, a light key's cached prompt: measured, its 12-token prefill)
+                evicted = self._make_room(len(tokens) - len(entry.tokens), keep=entry, need_holder=False)
+                if not entry.answer_unused:
+                    self._answer_ended(reused=False)
+                entry.tokens, entry.answer_unused = tokens, False
+                self._touch(entry)
+                return Store(entry.holder, shared, len(tokens), evicted)
             if shared == len(entry.tokens):  # the prompt extends this entry: grow it in place
                 evicted = self._make_room(len(tokens) - len(entry.tokens), keep=entry, need_holder=False)
                 entry.tokens, entry.answer_from = tokens, answer_from  # (reuse() saw any answer resent)
@@ -190,11 +200,15 @@ class PrefixIndex:
             evicted.append(holder)
         return tuple(evicted)
 
-    def _caching_answer(self) -> bool:
-        """Whether to cache this finished answer: yes while at least one in ANSWER_WORTH of those
-        whose fate is known was resent (or none is known yet), else one in ANSWER_PROBE."""
+    def _answers_pay(self) -> bool:
+        """Whether at least one in ANSWER_WORTH of the cached answers whose fate is known was
+        resent (or none is known yet)."""
         reused, unused = self._answers_reused, self._answers_unused
-        if reused * ANSWER_WORTH >= reused + unused:
+        return reused * ANSWER_WORTH >= reused + unused
+
+    def _caching_answer(self) -> bool:
+        """Whether to cache this finished answer: yes while answers pay, else one in ANSWER_PROBE."""
+        if self._answers_pay():
             return True
         self._since_probe += 1
         if self._since_probe < ANSWER_PROBE:
