@@ -89,13 +89,14 @@ class Settings(BaseSettings):
         512, ge=1, description="Batch mode: most tokens fed to the model in one step (prefill is chunked to fit)."
     )
     over_share_rows: int = Field(
-        2,
+        1,
         ge=0,
         description="Batch mode: while a light tenant (an API key running at most half its share of the batch) "
         "is active, the keys over their share feed at most this many decode rows per step, taking turns, and as many "
-        "prompt tokens; 0: no limit. Low keeps the light key's latency near what it is alone; higher gives the "
-        "flooding keys more throughput where batching is cheap (torch, GPUs): torch on 2 CPU cores, 8 rows gave the "
-        "flood 2.7x the tokens and the light key a p99 1.8x its own alone instead of 1.6x.",
+        "prompt tokens; 0: no limit. Low keeps the light key's latency near what it is alone (llama.cpp on 2 CPU "
+        "cores: its TTFT p99 1.2-1.4x its own alone with 1 row, 1.2-1.5x with 2, for a fifth fewer tokens to the "
+        "flood); higher gives the flooding keys more throughput where batching is cheap (torch, GPUs): torch on 2 "
+        "CPU cores, 8 rows gave the flood 2.7x the tokens of 2 rows and the light key a p99 1.8x instead of 1.6x.",
     )
 
     prefix_cache: bool = Field(

@@ -129,7 +129,8 @@ class PrefixIndex:
                     entry.tokens, entry.answer_from, entry.answer_unused = tokens, None, False
                     return Store(entry.holder, len(tokens), len(tokens))
                 return None
-            if answer_from is not None and entry.answer_from == answer_from <= shared and not self._answers_pay():
+            same_prompt = answer_from is not None and entry.answer_from == answer_from and shared >= answer_from
+            if same_prompt and not self._answers_pay():
                 # the same prompt with another answer, while answers are not resent: the new
                 # answer replaces the entry's. A second entry would push out another prompt (in a
                 # single-turn flood, a light key's cached prompt: measured, its 12-token prefill)
