@@ -11,35 +11,15 @@ other request is a 503. Prints CPU milliseconds of this process per request and 
 from __future__ import annotations
 
 import asyncio
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
 
 from tokenmill.bench.http1 import Http1Client
 from tokenmill.bench.loadgen import stream_one
+from tokenmill.bench.spawn import SpawnedServer
 
 BODY = {"messages": [{"role": "user", "content": "Tell me a story about a dragon"}], "stream": True, "ignore_eos": True}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-async def wait_ready(url: str) -> None:
-    async with httpx.AsyncClient(base_url=url) as client:
-        for _ in range(600):
-            try:
-                if (await client.get("/ready")).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(0.2)
-    raise RuntimeError("the server did not get ready")
 
 
 async def per_refusal(url: str, requests: int = 300) -> tuple[float, float]:
@@ -83,27 +63,15 @@ async def per_token(url: str, tokens: int = 200) -> tuple[float, float]:
     return (middle - started) / tokens * 1000, (ended - middle) / tokens * 1000
 
 
-def serve(port: int, *flags: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "tokenmill", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    return subprocess.Popen([*command, "--mode", "batch", "--log-level", "error", *flags])
-
-
 def main() -> None:
     for label, flags, measure in [
         ("a refused request", ("--max-concurrency", "1", "--max-queue", "0"), per_refusal),
         ("a streamed token", (), per_token),
     ]:
-        port = free_port()
-        server = serve(port, *flags)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            asyncio.run(wait_ready(url))
+        with SpawnedServer(["--mode", "batch", *flags], log_level="error") as server:
             for _ in range(2):
-                httpx_ms, lean_ms = asyncio.run(measure(url))
+                httpx_ms, lean_ms = asyncio.run(measure(server.url))
                 print(f"CPU ms per {label}: httpx {httpx_ms:.2f}, tokenmill.bench.http1 {lean_ms:.2f}")
-        finally:
-            server.terminate()
-            server.wait()
 
 
 if __name__ == "__main__":
