@@ -38,10 +38,14 @@ def measure_baselines(levels: list[int], args: argparse.Namespace, settings: Set
     return results
 
 
-def ratio_table(rows: list[dict], baselines: dict) -> str:
+def ratio_table(rows: list[dict], baselines: dict, engine: str) -> str:
+    """HTTP rows over the in-process baselines, which ran `engine`: a row's target is a --modes
+    entry, MODE or ENGINE:MODE (a bare MODE serves the settings' engine), then any --serve-args."""
+
     def http(mode: str, level: int) -> float | None:
         for row in rows:
-            if row["target"].split()[0] == mode and row["concurrency"] == level:
+            row_engine, _, row_mode = row["target"].split()[0].rpartition(":")
+            if row_mode == mode and row_engine in ("", engine) and row["concurrency"] == level:
                 return row["output_tokens_per_s"]
         return None
 

@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
         from tokenmill.bench.baselines import measure_baselines, ratio_table
 
         baselines = measure_baselines([int(level) for level in levels], args, args.baseline_settings)
-        ratios = ratio_table(rows, baselines)
+        ratios = ratio_table(rows, baselines, args.baseline_settings.engine)
         print(ratios)
     if with_cpp:
         from tokenmill.bench import cpp
