@@ -62,24 +62,33 @@ def test_short_bench_against_simulated_server(tmp_path, capsys):
     assert "tok/s" in capsys.readouterr().out
 
 
-def test_rounds_measure_every_target_in_turn_and_keep_each_rounds_rows(tmp_path):
+def test_rounds_measure_each_level_on_every_target_back_to_back_in_turned_order(tmp_path):
     out = tmp_path / "results"
     serve = "--engine simulated --sim-ttft-ms 20 --sim-itl-ms 5"
-    argv = ["bench", "--spawn", "--modes", "async,batch", "--concurrency", "1", "--requests", "4"]
+    argv = ["bench", "--spawn", "--modes", "async,batch", "--concurrency", "1,2", "--requests", "4"]
     code = main([*argv, "--max-tokens", "4", "--rounds", "2", "--out", str(out), "--serve-args", serve])
     assert code == 0
     rows = json.loads((out / "results.json").read_text())
-    # all targets once, then all again: a drift of the machine falls on both alike
-    assert [(r["target"].split()[0], r["round"]) for r in rows] == [
-        ("async", 1),
-        ("batch", 1),
-        ("async", 2),
-        ("batch", 2),
+    # a level on both targets seconds apart, and neither always first: a drift of the machine falls
+    # on both alike
+    assert [(r["round"], r["concurrency"], r["target"].split()[0]) for r in rows] == [
+        (1, 1, "async"),
+        (1, 1, "batch"),
+        (1, 2, "async"),
+        (1, 2, "batch"),
+        (2, 1, "batch"),
+        (2, 1, "async"),
+        (2, 2, "batch"),
+        (2, 2, "async"),
     ]
+    # fresh servers each round, both up through it: one start per target and round
+    starts = {(r["round"], r["target"]): r["startup_s"] for r in rows}
+    assert len({(r["round"], r["target"], r["startup_s"]) for r in rows}) == len(starts) == 4
+    assert len(set(starts.values())) == 4
     assert all(r["ok"] == 4 for r in rows)
     assert "| round |" in (out / "results.md").read_text()
     latencies = json.loads((out / "requests.json").read_text())
-    assert sorted(len(v) for v in latencies.values()) == [8, 8]  # both rounds' requests per target
+    assert sorted(len(v) for v in latencies.values()) == [8, 8, 8, 8]  # both rounds' requests per target and level
 
 
 def test_open_loop_sends_poisson_arrivals_at_the_offered_rate(tmp_path):

@@ -107,3 +107,22 @@ def test_with_rounds_each_target_is_put_over_the_llama_server_of_its_own_round_a
         "| 3 | batch | 8 | 190.0 | 190.0 | 1.00x | 200.0 | 0.95x | 100 | 100 |",
     ]
     assert lines[-1] == "| batch | 8 | 1.00x (0.90-1.20) | 0.95x (0.90-1.20) |"
+
+
+def test_with_kernels_measured_each_round_each_ratio_uses_its_own_rounds(monkeypatch):
+    def not_again(*args):
+        raise AssertionError("the kernels were measured in the rounds: not again at the end")
+
+    monkeypatch.setattr(cpp, "batched_bench", not_again)
+    monkeypatch.setattr(cpp, "_served", lambda args: (Path("/m.gguf"), 2))
+    rows = [
+        {"target": target, "concurrency": 8, "output_tokens_per_s": rate, "ttft_p50": 0.1, "round": n}
+        for n, target, rate in [(1, "batch", 180.0), (1, cpp.SERVER_LABEL, 200.0)]
+        + [(2, cpp.SERVER_LABEL, 200.0), (2, "batch", 190.0)]
+    ]
+    kernels = {1: {8: 200.0}, 2: {8: 250.0}}  # the machine ran faster in round 2
+    table = cpp.compare(rows, [8], cpp.Workload(max_tokens=64), argparse.Namespace(), kernels)
+    assert table.splitlines()[2:4] == [
+        "| 1 | batch | 8 | 180.0 | 200.0 | 0.90x | 200.0 | 0.90x | 100 | 100 |",
+        "| 2 | batch | 8 | 190.0 | 200.0 | 0.95x | 250.0 | 0.76x | 100 | 100 |",
+    ]

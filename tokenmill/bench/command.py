@@ -5,15 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shlex
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 
-from tokenmill.bench import report
+from tokenmill.bench import report, targets
 from tokenmill.bench.lag import OwnLoopLag, lag_p99, scrape_lag_buckets
 from tokenmill.bench.loadgen import closed_loop, open_loop, served_model
 from tokenmill.bench.spawn import SpawnedServer
@@ -126,9 +124,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--rounds",
         type=int,
         default=1,
-        help="with --spawn and --concurrency: measure every target this many times, in turn (all of them "
-        "once, then again), and give --cpp-baselines' ratios per round and their median; with --tenants: run "
-        "the phases (alone, then together) this many times on each server, and give each --tenants-alone "
+        help="with --spawn and --concurrency: measure every target this many times, all of them up at once (fresh "
+        "servers each round) and each level on every target back to back, the order turned round every other "
+        "round; give --cpp-baselines' ratios per round and their median; with --tenants: run the phases (alone, then together) this many times on each server, and give each --tenants-alone "
         "tenant's TTFT p99 together over alone per round and their median. On a noisy machine one target "
         "moves between runs minutes apart [1]",
     )
@@ -162,16 +160,32 @@ def run(args: argparse.Namespace) -> int:
     with_cpp = bool(args.cpp_baselines and args.spawn and not open_loop_rates)
     cpp_slots = int(max(levels)) if with_cpp else None
     rounds = max(1, args.rounds) if args.spawn and not open_loop_rates else 1
-    for round_number in range(1, rounds + 1):
-        for url, label, server in _targets(args, cpp_slots=cpp_slots):
+    kernels_by_round: dict[int, dict[int, float]] = {}
+
+    def measured(row: dict, server: SpawnedServer | None, round_number: int | None) -> None:
+        if round_number is not None:
+            row["round"] = round_number
+        if server is not None:
+            row["peak_rss_mb"] = server.peak_rss_mb()
+            row["startup_s"] = server.startup_s
+            print(report.table([row]).splitlines()[-1], flush=True)
+        rows.append(row)
+
+    if rounds == 1:
+        for url, label, server in targets.one_at_a_time(args, cpp_slots=cpp_slots):
             for row in asyncio.run(_sweep(url, label, levels, workload, args, latencies)):
-                if rounds > 1:
-                    row["round"] = round_number
-                if server is not None:
-                    row["peak_rss_mb"] = server.peak_rss_mb()
-                    row["startup_s"] = server.startup_s
-                    print(report.table([row]).splitlines()[-1], flush=True)
-                rows.append(row)
+                measured(row, server, None)
+    else:  # each round: every target up at once, each level on all of them back to back (targets.py)
+        for round_number in range(1, rounds + 1):
+            with targets.all_at_once(args, cpp_slots=cpp_slots) as spawned:
+                for level in levels:
+                    for url, label, server in targets.alternating(spawned, round_number):
+                        (row,) = asyncio.run(_sweep(url, label, [level], workload, args, latencies))
+                        measured(row, server, round_number)
+            if with_cpp:  # the kernels alone in the same round, once its servers are down
+                from tokenmill.bench import cpp
+
+                kernels_by_round[round_number] = cpp.kernel_rates(levels, workload, args)
     print(report.table(rows))
     ratios = None
     if args.baselines and not open_loop_rates:
@@ -183,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
     if with_cpp:
         from tokenmill.bench import cpp
 
-        ratios = (ratios + "\n\n" if ratios else "") + cpp.compare(rows, levels, workload, args)
+        ratios = (ratios + "\n\n" if ratios else "") + cpp.compare(rows, levels, workload, args, kernels_by_round)
         print(ratios)
     if args.out:
         report.write(rows, args.out)
@@ -213,7 +227,7 @@ def _run_conversations(args: argparse.Namespace) -> int:
         return conversations.per_turn_rows(label, records, seconds)
 
     rows: list[dict] = []
-    for url, label, server in _targets(args):
+    for url, label, server in targets.one_at_a_time(args):
         measured = asyncio.run(measure(url, label))
         if server is not None:
             measured[-1]["peak_rss_mb"] = server.peak_rss_mb()
@@ -267,41 +281,13 @@ def _run_tenants(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory() as folder:
         key_file = tenants.write_key_file(loads, Path(folder) / "keys")
-        for url, label, _ in _targets(args, extra_flags=["--api-key-file", str(key_file)]):
+        for url, label, _ in targets.one_at_a_time(args, extra_flags=["--api-key-file", str(key_file)]):
             asyncio.run(measure(url, label))
     summary = tenants.alone_ratios(rows)
     _write_rows(args.out, "tenants", tenants.table(rows) + (f"\n\n{summary}" if summary else ""), rows)
     if args.out:  # every request, to see when the slow ones came
         (args.out / "tenants-requests.json").write_text(json.dumps(requests))
     return 0
-
-
-def _targets(
-    args: argparse.Namespace, extra_flags: list[str] | None = None, cpp_slots: int | None = None
-) -> Iterator[tuple[str, str, SpawnedServer | None]]:
-    """(url, label, server) for each server to measure: --url as given, or one tokenmill spawned per
-    --modes entry and --serve-args variant (plus `extra_flags`), then llama-server with `cpp_slots`
-    slots if given (--cpp-baselines), each stopped when the caller moves on."""
-    if args.url:
-        yield args.url, args.url, None
-        return
-    for entry in args.modes.split(","):
-        for extra in args.serve_args or [""]:
-            engine, _, mode = entry.rpartition(":")
-            flags = [
-                "--mode",
-                mode,
-                *(["--engine", engine] if engine else []),
-                *shlex.split(extra),
-                *(extra_flags or []),
-            ]
-            with SpawnedServer(flags, cpus=_cpu_list(args.server_cpus)) as server:
-                yield server.url, f"{entry} {extra}".strip(), server
-    if cpp_slots:
-        from tokenmill.bench import cpp
-
-        with cpp.llama_server_for(args, cpp_slots, _cpu_list(args.server_cpus)) as server:
-            yield server.url, cpp.SERVER_LABEL, server
 
 
 async def _sweep(
@@ -351,17 +337,6 @@ async def _sweep(
             measured = latencies.get(f"{target} @ {level}", []) + [r.latency for r in records if r.latency is not None]
             latencies[f"{target} @ {level}"] = sorted(measured)
     return rows
-
-
-def _cpu_list(spec: str | None) -> set[int] | None:
-    """'0-2,5' -> {0, 1, 2, 5}."""
-    if not spec:
-        return None
-    cpus: set[int] = set()
-    for part in spec.split(","):
-        low, _, high = part.partition("-")
-        cpus.update(range(int(low), int(high or low) + 1))
-    return cpus
 
 
 class NoisyNeighbours:

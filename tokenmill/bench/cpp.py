@@ -76,14 +76,26 @@ def llama_server_for(args: argparse.Namespace, slots: int, cpus: set[int] | None
     return llama_server(args.cpp_baselines, model, slots, threads, cpus)
 
 
-def compare(rows: list[dict], levels: list, workload: Workload, args: argparse.Namespace) -> str:
-    """Each tokenmill target over llama-server and over llama-batched-bench's decode rate, per level:
-    against the llama-server of the same round where the run had several (--rounds), then each
-    ratio's median over the rounds."""
+def kernel_rates(levels: list, workload: Workload, args: argparse.Namespace) -> dict[int, float]:
+    """llama-batched-bench's decode rate at each level, on the model and threads tokenmill serves."""
     model, threads = _served(args)
-    decode = batched_bench(
+    return batched_bench(
         args.cpp_baselines, model, [int(level) for level in levels], PROMPT_TOKENS, workload.max_tokens, threads
     )
+
+
+def compare(
+    rows: list[dict],
+    levels: list,
+    workload: Workload,
+    args: argparse.Namespace,
+    kernels_by_round: dict[int, dict[int, float]] | None = None,
+) -> str:
+    """Each tokenmill target over llama-server and over llama-batched-bench's decode rate, per level:
+    against the llama-server and the kernels of the same round where the run had several (--rounds
+    measures the kernels after each round: `kernels_by_round`; otherwise they run now), then each
+    ratio's median over the rounds."""
+    measured_now = None if kernels_by_round else kernel_rates(levels, workload, args)
     by_key = {(row["target"], row["concurrency"], row.get("round")): row for row in rows}
     header = (
         "| target | concurrency | tok/s | llama-server tok/s | ratio | batched-bench decode tok/s | ratio "
@@ -98,6 +110,7 @@ def compare(rows: list[dict], levels: list, workload: Workload, args: argparse.N
         server = by_key.get((SERVER_LABEL, level, round_number))
         if target == SERVER_LABEL or server is None:
             continue
+        decode = (kernels_by_round.get(round_number or 0, {}) if kernels_by_round else measured_now) or {}
         ours, theirs, kernels = row["output_tokens_per_s"], server["output_tokens_per_s"], decode.get(int(level))
         ratios.setdefault((target, level), []).append((ours / theirs, ours / kernels if kernels else None))
         lines.append(
