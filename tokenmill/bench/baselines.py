@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+from tokenmill.bench.targets import engine_and_mode
 from tokenmill.config import Settings
 
 
@@ -44,7 +45,7 @@ def ratio_table(rows: list[dict], baselines: dict, engine: str) -> str:
 
     def http(mode: str, level: int) -> float | None:
         for row in rows:
-            row_engine, _, row_mode = row["target"].split()[0].rpartition(":")
+            row_engine, row_mode = engine_and_mode(row["target"])
             if row_mode == mode and row_engine in ("", engine) and row["concurrency"] == level:
                 return row["output_tokens_per_s"]
         return None

@@ -126,8 +126,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="with --spawn and --concurrency: measure every target this many times, all of them up at once (fresh "
         "servers each round) and each level on every target back to back, the order turned round every other "
-        "round; give --cpp-baselines' ratios per round and their median; with --tenants: run the phases (alone, then together) this many times on each server, and give each --tenants-alone "
-        "tenant's TTFT p99 together over alone per round and their median. On a noisy machine one target "
+        "round; give --cpp-baselines' ratios per round and their median; with --tenants: run the phases (alone, "
+        "then together) this many times on each server, and give each --tenants-alone tenant's TTFT p99 together over alone per round and their median. On a noisy machine one target "
         "moves between runs minutes apart [1]",
     )
     parser.add_argument(
@@ -160,7 +160,9 @@ def run(args: argparse.Namespace) -> int:
     with_cpp = bool(args.cpp_baselines and args.spawn and not open_loop_rates)
     cpp_slots = int(max(levels)) if with_cpp else None
     rounds = max(1, args.rounds) if args.spawn and not open_loop_rates else 1
-    kernels_by_round: dict[int, dict[int, float]] = {}
+    if with_cpp:
+        from tokenmill.bench import cpp
+    kernels_by_round: dict[int | None, dict[int, float]] = {}
 
     def measured(row: dict, server: SpawnedServer | None, round_number: int | None) -> None:
         if round_number is not None:
@@ -183,8 +185,6 @@ def run(args: argparse.Namespace) -> int:
                         (row,) = asyncio.run(_sweep(url, label, [level], workload, args, latencies))
                         measured(row, server, round_number)
             if with_cpp:  # the kernels alone in the same round, once its servers are down
-                from tokenmill.bench import cpp
-
                 kernels_by_round[round_number] = cpp.kernel_rates(levels, workload, args)
     print(report.table(rows))
     ratios = None
@@ -195,8 +195,6 @@ def run(args: argparse.Namespace) -> int:
         ratios = ratio_table(rows, baselines, args.baseline_settings.engine)
         print(ratios)
     if with_cpp:
-        from tokenmill.bench import cpp
-
         ratios = (ratios + "\n\n" if ratios else "") + cpp.compare(rows, levels, workload, args, kernels_by_round)
         print(ratios)
     if args.out:

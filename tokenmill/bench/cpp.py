@@ -89,13 +89,13 @@ def compare(
     levels: list,
     workload: Workload,
     args: argparse.Namespace,
-    kernels_by_round: dict[int, dict[int, float]] | None = None,
+    kernels_by_round: dict[int | None, dict[int, float]] | None = None,
 ) -> str:
     """Each tokenmill target over llama-server and over llama-batched-bench's decode rate, per level:
     against the llama-server and the kernels of the same round where the run had several (--rounds
     measures the kernels after each round: `kernels_by_round`; otherwise they run now), then each
     ratio's median over the rounds."""
-    measured_now = None if kernels_by_round else kernel_rates(levels, workload, args)
+    measured_now = {} if kernels_by_round else kernel_rates(levels, workload, args)
     by_key = {(row["target"], row["concurrency"], row.get("round")): row for row in rows}
     header = (
         "| target | concurrency | tok/s | llama-server tok/s | ratio | batched-bench decode tok/s | ratio "
@@ -110,7 +110,7 @@ def compare(
         server = by_key.get((SERVER_LABEL, level, round_number))
         if target == SERVER_LABEL or server is None:
             continue
-        decode = (kernels_by_round.get(round_number or 0, {}) if kernels_by_round else measured_now) or {}
+        decode = kernels_by_round.get(round_number, {}) if kernels_by_round else measured_now
         ours, theirs, kernels = row["output_tokens_per_s"], server["output_tokens_per_s"], decode.get(int(level))
         ratios.setdefault((target, level), []).append((ours / theirs, ours / kernels if kernels else None))
         lines.append(

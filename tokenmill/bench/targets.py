@@ -48,11 +48,11 @@ def one_at_a_time(
 def all_at_once(args: argparse.Namespace, cpp_slots: int | None = None) -> Iterator[list[Target]]:
     """The spawned servers of `one_at_a_time`, all running until the block ends."""
     with ExitStack() as stack:
-        yield [
-            (server.url, spawn.label, server)
-            for spawn in _spawns(args, None, cpp_slots)
-            for server in [stack.enter_context(spawn.start())]
-        ]
+        running: list[Target] = []
+        for spawn in _spawns(args, None, cpp_slots):
+            server = stack.enter_context(spawn.start())
+            running.append((server.url, spawn.label, server))
+        yield running
 
 
 def alternating(targets: list[Target], round_number: int) -> list[Target]:
@@ -65,7 +65,7 @@ def _spawns(args: argparse.Namespace, extra_flags: list[str] | None, cpp_slots: 
     spawns: list[_Spawn] = []
     for entry in args.modes.split(","):
         for extra in args.serve_args or [""]:
-            engine, _, mode = entry.rpartition(":")
+            engine, mode = engine_and_mode(entry)
             flags = [
                 "--mode",
                 mode,
@@ -79,6 +79,13 @@ def _spawns(args: argparse.Namespace, extra_flags: list[str] | None, cpp_slots: 
 
         spawns.append(_Spawn(cpp.SERVER_LABEL, partial(cpp.llama_server_for, args, cpp_slots, cpus)))
     return spawns
+
+
+def engine_and_mode(label: str) -> tuple[str, str]:
+    """A --modes entry, or a spawned target's label (the entry, then any --serve-args), as
+    (engine, mode): 'torch:batch --x' -> ('torch', 'batch'), 'batch' -> ('', 'batch')."""
+    engine, _, mode = label.split()[0].rpartition(":")
+    return engine, mode
 
 
 def cpu_list(spec: str | None) -> set[int] | None:
