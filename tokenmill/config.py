@@ -193,6 +193,12 @@ class Settings(BaseSettings):
         None, description="Comma-separated origins allowed by CORS ('*' for any). Default: CORS off."
     )
     log_format: Literal["text", "json"] = Field("text", description="Access and server log format.")
+    lenient_fields: bool = Field(
+        False,
+        description="Drop request fields tokenmill does not know instead of refusing them with a 400 (each is "
+        "counted in tokenmill_ignored_fields_total). Fields of OpenAI's own shapes that change nothing here are "
+        "accepted either way; fields that would change the answer and are not built are refused either way.",
+    )
 
     # -- torch engine
     torch_dtype: Literal["bfloat16", "float32"] = Field(

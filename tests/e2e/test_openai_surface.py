@@ -204,6 +204,26 @@ async def test_json_object_mode_and_a_schema_that_cannot_compile(sdk):
     assert "schema" in refused.value.message
 
 
+async def test_json_object_with_a_schema_is_held_to_that_schema(sdk):
+    """Older instructor's JSON_SCHEMA mode: the schema beside json_object is honoured, not dropped."""
+    model = await _model(sdk)
+    schema = {
+        "type": "object",
+        "properties": {"river": {"type": "string", "maxLength": 30}, "length_km": {"type": "integer"}},
+        "required": ["river", "length_km"],
+        "additionalProperties": False,
+    }
+    reply = await sdk.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Name a long river."}],
+        response_format={"type": "json_object", "schema": schema},
+        max_tokens=60,
+        temperature=0,
+    )
+    answer = json.loads(reply.choices[0].message.content)
+    assert set(answer) == {"river", "length_km"} and isinstance(answer["length_km"], int), answer
+
+
 async def test_n_4_choices_come_back_indexed_and_differ_from_each_other(sdk):
     """Exact repetition with a seed is the simulated engine's test (tests/server/test_choices.py):
     on a real engine the choices' batch composition depends on when each joins the engine loop,
@@ -268,7 +288,8 @@ async def test_a_tool_call_round_trip_with_the_sdk_50_times_in_50(sdk, server):
                 results.append({"role": "tool", "tool_call_id": call.id, "content": result})
             answered = await sdk.chat.completions.create(
                 model=model,
-                messages=[*ASK_WEATHER, choice.message.model_dump(exclude_none=True), *results],
+                # the SDK's reply as it is, nulls and response-only fields included (refusal, audio, ...)
+                messages=[*ASK_WEATHER, choice.message.model_dump(), *results],
                 tools=[WEATHER_TOOL, TIME_TOOL],
                 tool_choice="none",
                 temperature=0.7,
@@ -315,6 +336,21 @@ async def test_streamed_tool_call_deltas_assemble_to_the_non_streamed_calls(sdk)
     assert [{"name": c["name"], "arguments": c["arguments"]} for _, c in sorted(calls.items())] == expected
     assert all(c["id"].startswith("call_") for c in calls.values())
     assert finish == whole.choices[0].finish_reason
+
+
+async def test_a_forced_call_cut_by_max_tokens_ends_with_length_and_no_tag_text(sdk):
+    model = await _model(sdk)
+    asked = {"model": model, "messages": ASK_WEATHER, "tools": [WEATHER_TOOL], "tool_choice": "required"}
+    reply = await sdk.chat.completions.create(**asked, max_tokens=6, temperature=0)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "length"
+    assert not choice.message.content and choice.message.tool_calls is None, choice.message
+    streamed, finish = "", None
+    async for chunk in await sdk.chat.completions.create(**asked, max_tokens=6, temperature=0, stream=True):
+        streamed += chunk.choices[0].delta.content or ""
+        assert not chunk.choices[0].delta.tool_calls
+        finish = chunk.choices[0].finish_reason or finish
+    assert (streamed, finish) == ("", "length")
 
 
 async def test_a_named_tool_choice_calls_that_tool(sdk):

@@ -118,7 +118,10 @@ BAD_CHAT_REQUESTS = [
     ),
     pytest.param({"messages": USER, "top_logprobs": 3}, "needs logprobs", None, id="top-logprobs-alone"),
     pytest.param(
-        {"messages": USER, "response_format": {"type": "xml"}}, "response_format type", None, id="response-format-type"
+        {"messages": USER, "response_format": {"type": "xml"}},
+        "'text', 'json_object' or 'json_schema'",
+        "response_format.type",
+        id="response-format-type",
     ),
     pytest.param(
         {"messages": USER, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},

@@ -77,3 +77,19 @@ def test_llama3_json_streams_plain_content_as_it_comes():
     parser = Llama3JsonParser()
     assert parser.feed("Hello") == ["Hello"]
     assert parser.feed(" there") == [" there"]
+
+
+@pytest.mark.parametrize("parser_type", [HermesParser, Llama3JsonParser])
+@pytest.mark.parametrize("cut_at", [11, 14, 40])
+def test_a_call_cut_short_by_max_tokens_is_dropped_not_sent_as_content(parser_type, cut_at):
+    """A call the model had no room to finish is no content: the client sees finish_reason length and
+    no tag text. Without the cut (the model stopped there), the text is content as before."""
+    whole = CALL if parser_type is HermesParser else '{"name": "get_weather", "parameters": {"city": "Oslo"}}'
+    text = "Checking.\n" + whole[:cut_at] if parser_type is HermesParser else whole[:cut_at]
+    for pieces in every_cut(text):
+        parser = parser_type()
+        out = [item for piece in pieces for item in parser.feed(piece)] + parser.finish(cut=True)
+        content = "".join(item for item in out if isinstance(item, str))
+        assert content == ("Checking." if parser_type is HermesParser else ""), pieces
+        assert not any(isinstance(item, ToolCall) for item in out)
+    assert parse(parser_type(), [text])[0].rstrip() == text.rstrip()

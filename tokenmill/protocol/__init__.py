@@ -1,10 +1,10 @@
 """The OpenAI-compatible wire format: request models (shapes only; `SamplingParams` checks the
 ranges) and response bodies. No I/O, no model code."""
 
+from tokenmill.protocol.chat import MAX_PROMPT_CHARS, ChatMessageIn
 from tokenmill.protocol.requests import (
-    MAX_PROMPT_CHARS,
+    CHAT_IGNORED_FIELDS,
     ChatCompletionRequest,
-    ChatMessageIn,
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
@@ -39,8 +39,10 @@ from tokenmill.protocol.responses import (
     new_id,
     now,
 )
+from tokenmill.protocol.strict import IgnoredField, StrictModel, lenient_fields
 
 __all__ = [
+    "CHAT_IGNORED_FIELDS",
     "MAX_PROMPT_CHARS",
     "AssistantMessage",
     "ChatChoice",
@@ -65,14 +67,17 @@ __all__ = [
     "ErrorResponse",
     "GenerateRequest",
     "GenerateResponse",
+    "IgnoredField",
     "ModelCard",
     "ModelList",
     "StreamOptions",
+    "StrictModel",
     "TokenizeRequest",
     "TokenizeResponse",
     "ToolCallDeltaOut",
     "ToolCallOut",
     "UsageOut",
+    "lenient_fields",
     "new_id",
     "now",
 ]

@@ -1,114 +1,36 @@
 """OpenAI-compatible request models, and the simple `/generate` body. No I/O.
 
 Requests are strict, like OpenAI's own API: wrong JSON types are rejected rather than coerced, and
-unknown arguments are refused by name. These models check shapes only; the ranges of sampling values
-are checked once, by `SamplingParams`, which every entry point builds. Features tokenmill does not implement yet are accepted only
-at their no-op values, so a client relying on them hears about it instead of silently getting
-something else.
+unknown arguments are refused by name (`protocol/strict.py` says which fields are accepted and ignored
+instead, and what `--lenient-fields` changes). These models check shapes only; the ranges of sampling
+values are checked once, by `SamplingParams`, which every entry point builds. Features that would
+change the answer and are not built are refused by name, so a client relying on them hears about it
+instead of silently getting something else.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from tokenmill.errors import InvalidRequest
-from tokenmill.generation import ChatMessage, ToolCall, ToolFunction
+from tokenmill.generation import ChatMessage, ToolFunction
+from tokenmill.protocol.chat import (
+    MAX_PROMPT_CHARS,
+    ChatMessageIn,
+    NamedToolChoice,
+    ResponseFormat,
+    ToolIn,
+)
+from tokenmill.protocol.strict import StrictModel
 from tokenmill.sampling import OutputGrammar, SamplingParams, choices
 from tokenmill.tools import ToolCallFormat
 
-MAX_PROMPT_CHARS = 1_000_000
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-
-
-class StreamOptions(_Strict):
+class StreamOptions(StrictModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM's extension: usage in every chunk (guidellm sends it)
-
-
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: str
-
-
-class FunctionCallIn(_Strict):
-    name: str
-    arguments: str  # a JSON object, as text
-
-    @field_validator("arguments")
-    @classmethod
-    def _json_object(cls, arguments: str) -> str:
-        try:
-            value = json.loads(arguments)
-        except ValueError:
-            raise ValueError("a tool call's arguments must be a JSON object, as text") from None
-        if not isinstance(value, dict):
-            raise ValueError("a tool call's arguments must be a JSON object, as text")  # noqa: TRY004 (pydantic wants ValueError)
-        return arguments
-
-
-class ToolCallIn(_Strict):
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCallIn
-
-
-class ChatMessageIn(_Strict):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = Field(None, max_length=MAX_PROMPT_CHARS)
-    name: str | None = None
-    tool_calls: list[ToolCallIn] | None = None  # an assistant turn's calls
-    tool_call_id: str | None = None  # a tool turn's answer to that call
-
-    @model_validator(mode="after")
-    def _fits_role(self) -> ChatMessageIn:
-        if self.tool_calls is not None and self.role != "assistant":
-            raise ValueError("only assistant messages carry tool_calls")
-        if (self.role == "tool") != (self.tool_call_id is not None):
-            raise ValueError("tool messages, and only they, need tool_call_id")
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError(f"a {self.role} message needs content")
-        return self
-
-    def text(self) -> str:
-        if self.content is None or isinstance(self.content, str):
-            return self.content or ""
-        return "".join(part.text for part in self.content)
-
-    def message(self) -> ChatMessage:
-        calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments) for c in self.tool_calls or ())
-        return ChatMessage(self.role, self.text(), self.name, calls, self.tool_call_id)
-
-
-class FunctionDefinition(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
-
-
-class ToolIn(_Strict):
-    type: Literal["function"]
-    function: FunctionDefinition
-
-    def declared(self) -> ToolFunction:
-        # no parameters: a function of no arguments (OpenAI's reading), not one of any arguments
-        parameters = self.function.parameters or {"type": "object", "properties": {}, "additionalProperties": False}
-        return ToolFunction(self.function.name, self.function.description or "", json.dumps(parameters))
-
-
-class NamedFunction(_Strict):
-    name: str
-
-
-class NamedToolChoice(_Strict):
-    type: Literal["function"]
-    function: NamedFunction
 
 
 # The fields tokenmill acts on itself even when it relays to an upstream API: the model (the
@@ -119,7 +41,7 @@ _ACTED_ON = frozenset(
 )
 
 
-class _SamplingFields(_Strict):
+class _SamplingFields(StrictModel):
     """Fields shared by chat and completions, and their translation to SamplingParams."""
 
     model: str | None = None
@@ -171,7 +93,7 @@ class _SamplingFields(_Strict):
 
     def relayed_fields(self) -> dict[str, Any]:
         """What an upstream API gets as the client sent it: every field given but those acted on here."""
-        return self.model_dump(mode="json", exclude_unset=True, exclude=set(_ACTED_ON))
+        return self.model_dump(mode="json", by_alias=True, exclude_unset=True, exclude=set(_ACTED_ON))
 
     def _grammar(self, tool_format: ToolCallFormat | None) -> OutputGrammar | None:
         return None
@@ -214,25 +136,68 @@ class _SamplingFields(_Strict):
         )
 
 
+# Chat fields of OpenAI's that do not change what a model served here generates, and why.
+CHAT_IGNORED_FIELDS = {
+    "store": "no completion is stored (OpenAI's dashboard feature)",
+    "metadata": "tags for OpenAI's stored completions",
+    "service_tier": "one tier here",
+    "prompt_cache_key": "the prefix cache finds shared prompt starts by itself",
+    "safety_identifier": "like user, an end-user id for OpenAI's abuse monitoring",
+    "reasoning_effort": "the models served here do not reason at a set effort",
+    "verbosity": "a GPT-5 control; the models served here take no such setting",
+    "prediction": "predicted output speeds OpenAI's answer up; it never changes the answer",
+    "modalities": "only ['text'] is accepted, which is what every answer is",
+}
+
+# Chat fields of OpenAI's that would change the answer and are not built, with what to send instead.
+_CHAT_REFUSED_FIELDS = {
+    "functions": "functions is the deprecated form of tools: send tools (and tool_choice) instead",
+    "function_call": "function_call is the deprecated form of tool_choice: send tools and tool_choice instead",
+    "audio": "this model gives no audio: only text answers are supported",
+    "web_search_options": "this server has no web search",
+}
+
+
 class ChatCompletionRequest(_SamplingFields):
+    IGNORED = frozenset(CHAT_IGNORED_FIELDS)
+
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: int | None = None
     tools: list[ToolIn] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    # accepted and ignored (CHAT_IGNORED_FIELDS)
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    prediction: dict[str, Any] | None = None
+    modalities: list[Literal["text", "audio"]] | None = None
+    # refused by name, with what to send instead (_CHAT_REFUSED_FIELDS)
+    functions: list[Any] | None = None
+    function_call: Any = None
+    audio: Any = None
+    web_search_options: Any = None
 
     @model_validator(mode="after")
     def _refuse_unsupported_chat(self) -> ChatCompletionRequest:
+        for name, why in _CHAT_REFUSED_FIELDS.items():
+            if getattr(self, name) is not None:
+                raise InvalidRequest(why, param=name)
+        if self.modalities is not None and self.modalities != ["text"]:
+            raise InvalidRequest("this model gives only text: modalities must be ['text']", param="modalities")
         if self.tool_choice not in (None, "none") and not self.tools:
             raise ValueError("tool_choice needs tools")
         named = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
         if named is not None and named not in {t.function.name for t in self.tools or ()}:
             raise ValueError(f"tool_choice names {named!r}, which is not among the tools")
-        schema = self._json_schema()  # a malformed response_format is refused here, with the request
-        if schema is not None and self.forced_tools():
+        if self._json_schema() is not None and self.forced_tools():
             raise ValueError("a forced tool call (tool_choice) cannot be combined with response_format")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
@@ -265,19 +230,7 @@ class ChatCompletionRequest(_SamplingFields):
 
     def _json_schema(self) -> str | None:
         """OpenAI's response_format, as the JSON schema the output must match (None: free text)."""
-        form = self.response_format
-        kind = None if form is None else form.get("type")
-        if form is None or kind == "text":
-            return None
-        if kind == "json_object":
-            return '{"type": "object"}'
-        if kind == "json_schema":
-            spec = form.get("json_schema")
-            schema = spec.get("schema") if isinstance(spec, dict) else None
-            if not isinstance(schema, dict):
-                raise ValueError("response_format json_schema needs json_schema.schema, a JSON schema object")
-            return json.dumps(schema)
-        raise ValueError(f"response_format type {kind!r} is not supported: use text, json_object or json_schema")
+        return None if self.response_format is None else self.response_format.json_schema_text()
 
     def _max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -317,7 +270,7 @@ class CompletionRequest(_SamplingFields):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
-class GenerateRequest(_Strict):
+class GenerateRequest(StrictModel):
     """Body of the simple `POST /generate` route."""
 
     prompt: str = Field(max_length=MAX_PROMPT_CHARS)
@@ -335,7 +288,7 @@ class GenerateRequest(_Strict):
         )
 
 
-class TokenizeRequest(_Strict):
+class TokenizeRequest(StrictModel):
     """vLLM's `/tokenize`: a prompt, or chat messages rendered through the model's template."""
 
     model: str | None = None
@@ -355,7 +308,7 @@ class TokenizeRequest(_Strict):
         return tuple(m.message() for m in self.messages)
 
 
-class DetokenizeRequest(_Strict):
+class DetokenizeRequest(StrictModel):
     model: str | None = None
     tokens: list[int] = Field(max_length=MAX_PROMPT_CHARS)
 
@@ -363,7 +316,7 @@ class DetokenizeRequest(_Strict):
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit
 
 
-class EmbeddingRequest(_Strict):
+class EmbeddingRequest(StrictModel):
     """OpenAI's `/v1/embeddings`: one input or a batch, as text or token ids."""
 
     input: str | list[str] | list[int] | list[list[int]]

@@ -95,6 +95,7 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None, *
         on_response=count_response,
         open_paths=OPEN_PATHS,
         metrics_path=METRICS_PATH,
+        lenient=settings.lenient_fields,
     )
     if settings.cors_origins:  # outermost, so preflight requests need no API key
         origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]

@@ -33,8 +33,9 @@ class ChoiceText:
             pieces.append(delta)
         return pieces
 
-    def finish(self) -> list[Piece]:
-        return [] if self._parser is None else self._numbered(self._parser.finish())
+    def finish(self, reason: FinishReason) -> list[Piece]:
+        """The rest of the choice, once it has ended for `reason`."""
+        return [] if self._parser is None else self._numbered(self._parser.finish(cut=reason == "length"))
 
     def finish_reason(self, reason: FinishReason) -> FinishReason:
         return "tool_calls" if self._calls and reason == "stop" else reason

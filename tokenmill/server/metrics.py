@@ -28,6 +28,13 @@ class Metrics:
         self.rejections = Counter(
             "tokenmill_rejections", "Requests refused before any work, by reason", ["reason"], registry=r
         )
+        self.ignored_fields = Counter(
+            "tokenmill_ignored_fields",
+            "Request fields accepted and ignored, by field ('unknown': a name tokenmill does not know, dropped "
+            "with --lenient-fields or an extra key on a text part)",
+            ["field"],
+            registry=r,
+        )
         self.aborts = Counter("tokenmill_aborts", "Generations stopped early, by reason", ["reason"], registry=r)
         self.prompt_tokens = Counter("tokenmill_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter(

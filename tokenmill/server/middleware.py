@@ -15,6 +15,7 @@ from collections.abc import Callable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenmill.errors import RequestTooLarge, TokenmillError, Unauthorized
+from tokenmill.protocol import lenient_fields
 from tokenmill.server.errors import error_body, error_headers, status_for
 from tokenmill.tenants import ANONYMOUS_TENANT, Tenant
 
@@ -37,7 +38,8 @@ async def _send_error(send: Send, error: TokenmillError, request_id: str) -> int
 
 class RequestContext:
     """Request id in and out, an access log line per request, auth (and the key's tenant, in
-    `scope["state"]["tenant"]`), and the body size limit."""
+    `scope["state"]["tenant"]`), the body size limit, and whether unknown body fields are dropped
+    (`--lenient-fields`) rather than refused."""
 
     def __init__(
         self,
@@ -50,6 +52,7 @@ class RequestContext:
         on_response: Callable[[Scope, int], None],
         open_paths: frozenset[str],
         metrics_path: str,
+        lenient: bool = False,
     ):
         self.app = app
         self._api_keys = [(key.encode(), tenant) for key, tenant in tenants.items()]
@@ -59,6 +62,7 @@ class RequestContext:
         self._on_response = on_response
         self._open_paths = open_paths
         self._metrics_path = metrics_path
+        self._lenient = lenient
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -90,7 +94,8 @@ class RequestContext:
                 error = RequestTooLarge(f"The request body exceeds {self._max_body} bytes.")
                 status_holder["status"] = await _send_error(send, error, request_id)
                 return
-            await self.app(scope, self._limited(receive), send_with_id)
+            with lenient_fields(self._lenient):
+                await self.app(scope, self._limited(receive), send_with_id)
         finally:
             self._log(scope, status_holder["status"], time.perf_counter() - started, request_id)
             self._on_response(scope, status_holder["status"])

@@ -30,6 +30,7 @@ from tokenmill.protocol import (
     GenerateResponse,
     ModelCard,
     ModelList,
+    StrictModel,
     TokenizeRequest,
     TokenizeResponse,
     new_id,
@@ -71,6 +72,12 @@ def _check_model(serving: Serving, model: str | None) -> str:
     return name
 
 
+def _count_ignored(serving: Serving, body: StrictModel) -> None:
+    """Fields given that change nothing: counted, so an operator sees what clients rely on."""
+    for field in body.ignored_fields():
+        serving.metrics.ignored_fields.labels(field.path if field.documented else "unknown").inc()
+
+
 def _client_gone(request: Request) -> Callable[[], Awaitable[None]]:
     return lambda: until_disconnected(request.receive)
 
@@ -105,6 +112,7 @@ async def _serve_choices(
     """Chat and text completions alike: admit the n choices, then stream them or build the body."""
     serving = _serving(request)
     model = _check_model(serving, body.model)
+    _count_ignored(serving, body)
     completion_id, created = new_id(id_prefix), now()
     choice_params = body.choice_params(tool_format)
     relay = body.relayed_fields() if serving.runner.relays else None
@@ -171,6 +179,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingRespo
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     runner = _serving(request).runner
     _check_model(_serving(request), body.model)
+    _count_ignored(_serving(request), body)
     tokens = runner.tokenize(body.prompt, body.chat_messages(), body.add_special_tokens)
     window = runner.request_tokenizer().context_window
     return TokenizeResponse(count=len(tokens), max_model_len=window, tokens=tokens)

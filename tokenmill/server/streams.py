@@ -104,7 +104,7 @@ def _chat_choice(
     index: int, result: Collected, tool_parser: Callable[[], ToolCallParser] | None, logprobs: bool
 ) -> ChatChoice:
     output = ChoiceText(tool_parser)
-    content, calls = whole([*output.feed(result.text, result.tool_calls), *output.finish()])
+    content, calls = whole([*output.feed(result.text, result.tool_calls), *output.finish(result.finished.reason)])
     return ChatChoice(
         index=index,
         message=AssistantMessage(
@@ -231,7 +231,7 @@ def chat_stream(
                 if logprobs is not None or (not pieces and running is not None):  # held-back text
                     yield chunk(index, ChatDelta(), usage=running, logprobs=logprobs)
             else:
-                for piece in outputs[index].finish():
+                for piece in outputs[index].finish(event.reason):
                     yield chunk(index, _chat_delta(piece))
                 usage.ends.append(event)
                 total = _total_usage(usage.ends) if continuous_usage else None

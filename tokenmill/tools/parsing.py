@@ -29,8 +29,10 @@ class ToolCallParser(Protocol):
 
     def feed(self, text: str) -> list[Parsed]: ...
 
-    def finish(self) -> list[Parsed]:
-        """The rest, at the end of the answer (an unterminated call still counts if its JSON is whole)."""
+    def finish(self, cut: bool = False) -> list[Parsed]:
+        """The rest, at the end of the answer (an unterminated call still counts if its JSON is whole).
+        `cut`: the answer was cut short (max_tokens), so an unterminated call whose JSON is not whole
+        was a call the model had no room to finish: it is dropped, never sent as content."""
 
 
 def new_call_id() -> str:
@@ -79,6 +81,10 @@ class _Output:
         self._held = ""
         self.calls += 1
         self._out.append(call)
+
+    def drop_held(self) -> None:
+        """What an unfinished call leaves: the whitespace before it is no content either."""
+        self._held = ""
 
     def take(self, final: bool = False) -> list[Parsed]:
         if final and self._held and not self.calls:
@@ -129,20 +135,22 @@ class HermesParser:
                 self._inside = True
         return self._output.take()
 
-    def finish(self) -> list[Parsed]:
+    def finish(self, cut: bool = False) -> list[Parsed]:
         if self._inside:
-            self._close(self._buffer, terminated=False)
+            self._close(self._buffer, terminated=False, cut=cut)
         else:
             self._output.content(self._buffer)
         self._buffer = ""
         return self._output.take(final=True)
 
-    def _close(self, body: str, terminated: bool) -> None:
+    def _close(self, body: str, terminated: bool, cut: bool = False) -> None:
         call = call_from_json(body.strip())
-        if call is None:  # not a call after all: the client gets the text as the model wrote it
-            self._output.content(self.START + body + (self.END if terminated else ""))
-        else:
+        if call is not None:
             self._output.call(call)
+        elif cut:  # an unfinished call, not content
+            self._output.drop_held()
+        else:  # not a call after all: the client gets the text as the model wrote it
+            self._output.content(self.START + body + (self.END if terminated else ""))
 
 
 class Llama3JsonParser:
@@ -175,11 +183,13 @@ class Llama3JsonParser:
                 self._buffer = ""
         return self._output.take()
 
-    def finish(self) -> list[Parsed]:
+    def finish(self, cut: bool = False) -> list[Parsed]:
         calls = self._calls(self._buffer.strip().removeprefix(self.TAG)) if self._mode == "call" else None
         if calls:
             for call in calls:
                 self._output.call(call)
+        elif self._mode == "call" and cut:  # an unfinished call, not content
+            self._output.drop_held()
         else:
             self._output.content(self._buffer)
         self._buffer = ""
