@@ -130,6 +130,7 @@ class TextDelta:
 class Finished:
     reason: FinishReason
     usage: Usage
+    stop_string: str | None = None  # which of the request's stop strings ended it (None: another reason)
 
 
 TokenEvent = TextDelta | Finished

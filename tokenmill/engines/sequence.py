@@ -114,7 +114,7 @@ class Sequence:
         self.finish_reason = reason
         usage = Usage(self.num_prompt_tokens, self.num_generated, self.num_cached)
         events: list[TokenEvent] = [self._delta(tail)] if tail or self._logprobs else []
-        events.append(Finished(reason=reason, usage=usage))
+        events.append(Finished(reason=reason, usage=usage, stop_string=self._stop.matched))
         return events
 
     def _delta(self, text: str) -> TextDelta:

@@ -14,6 +14,7 @@ class StopMatcher:
         self._stops = stops
         self._held = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string found
 
     def feed(self, text: str) -> str:
         if self.stopped:
@@ -21,8 +22,9 @@ class StopMatcher:
         if not self._stops:
             return text
         buffer = self._held + text
-        cut = min((i for i in (buffer.find(s) for s in self._stops) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(at, stop) for stop in self._stops if (at := buffer.find(stop)) >= 0]
+        if found:
+            cut, self.matched = min(found, key=lambda hit: hit[0])
             self.stopped = True
             self._held = ""
             return buffer[:cut]

@@ -19,7 +19,7 @@ from tokenmill.engines.base import Tokenizer
 from tokenmill.engines.prefix_cache import PrefixCacheStats
 from tokenmill.engines.sequence import Sequence, prepare_sequence
 from tokenmill.errors import EngineFailure, InvalidRequest, Overloaded, TokenmillError
-from tokenmill.generation import ChatMessage, Finished, GenerationRequest, TokenEvent
+from tokenmill.generation import ChatMessage, Finished, GenerationRequest, TokenEvent, ToolFunction
 from tokenmill.runners.embeddings import Embeddings, EmbeddingService
 from tokenmill.runners.restarts import RestartPolicy
 from tokenmill.tools import ToolCallFormat
@@ -179,10 +179,17 @@ class Runner(ABC):
             request, self.request_tokenizer(), self.limits.max_prompt_tokens, self.limits.max_tokens
         )
 
-    def tokenize(self, prompt: str | None, messages: tuple[ChatMessage, ...] | None, add_special: bool) -> list[int]:
-        """A prompt's token ids, or chat messages' through the model's template, assistant turn opened."""
+    def tokenize(
+        self,
+        prompt: str | None,
+        messages: tuple[ChatMessage, ...] | None,
+        add_special: bool,
+        tools: tuple[ToolFunction, ...] = (),
+    ) -> list[int]:
+        """A prompt's token ids, or chat messages' (and tools') through the model's template,
+        assistant turn opened: the prompt a generation of them would have."""
         tokenizer = self.request_tokenizer()
-        text = tokenizer.render_chat(messages) if messages is not None else (prompt or "")
+        text = tokenizer.render_chat(messages, tools) if messages is not None else (prompt or "")
         return tokenizer.encode(text, add_special)
 
     def detokenize(self, token_ids: list[int]) -> str:

@@ -1,4 +1,8 @@
-"""The one place where errors become HTTP: statuses, OpenAI-style bodies, exception handlers."""
+"""The one place where errors become HTTP: statuses, error bodies, exception handlers.
+
+Bodies are OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`), except under
+Anthropic's Messages API (`/v1/messages...`), whose clients read `{"type": "error", "error":
+{"type", "message"}}`. The status is the same either way."""
 
 from __future__ import annotations
 
@@ -54,6 +58,34 @@ def error_body(error: TokenmillError) -> dict:
     return ErrorResponse(error=detail).model_dump()
 
 
+ANTHROPIC_PREFIX = "/v1/messages"
+
+# Anthropic's error types, by the class of ours (most specific first, as status_for walks the MRO)
+_ANTHROPIC_TYPES: dict[type[TokenmillError], str] = {
+    RequestTooLarge: "request_too_large",
+    Unauthorized: "authentication_error",
+    InvalidRequest: "invalid_request_error",
+    ModelNotFound: "not_found_error",
+    Overloaded: "overloaded_error",
+    QuotaExceeded: "rate_limit_error",
+    DeadlineExceeded: "timeout_error",
+}
+
+
+def speaks_anthropic(path: str) -> bool:
+    return path == ANTHROPIC_PREFIX or path.startswith(ANTHROPIC_PREFIX + "/")
+
+
+def anthropic_error_body(error: TokenmillError) -> dict:
+    kind = next((_ANTHROPIC_TYPES[cls] for cls in type(error).__mro__ if cls in _ANTHROPIC_TYPES), "api_error")
+    return {"type": "error", "error": {"type": kind, "message": error.message}}
+
+
+def error_body_for(path: str, error: TokenmillError) -> dict:
+    """The error's body in the wire format the route at `path` speaks."""
+    return anthropic_error_body(error) if speaks_anthropic(path) else error_body(error)
+
+
 def error_headers(error: TokenmillError) -> dict[str, str]:
     if isinstance(error, RetryLater):
         return {"Retry-After": str(max(1, math.ceil(error.retry_after)))}
@@ -62,18 +94,24 @@ def error_headers(error: TokenmillError) -> dict[str, str]:
     return {}
 
 
-def error_response(error: TokenmillError) -> JSONResponse:
-    return JSONResponse(error_body(error), status_code=status_for(error), headers=error_headers(error))
+def error_response(error: TokenmillError, path: str = "") -> JSONResponse:
+    return JSONResponse(error_body_for(path, error), status_code=status_for(error), headers=error_headers(error))
 
 
-def _plain_error(status: int, message: str, error_type: str, code: str | None = None) -> JSONResponse:
+def _plain_error(path: str, status: int, message: str, error_type: str, code: str | None = None) -> JSONResponse:
+    """An HTTP-level refusal (unknown path, wrong method) or an unexpected failure."""
+    if speaks_anthropic(path):
+        kind = "not_found_error" if status == 404 else "invalid_request_error" if status < 500 else "api_error"
+        return JSONResponse({"type": "error", "error": {"type": kind, "message": message}}, status_code=status)
     detail = ErrorDetail(message=message, type=error_type, code=code)
     return JSONResponse(ErrorResponse(error=detail).model_dump(), status_code=status)
 
 
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     """A sentence a person understands, and the offending parameter, from pydantic's error list."""
-    first = exc.errors()[0]
+    # the most specific error: a union's members each report one, and the member the value was
+    # meant for (a list of blocks, say) reports it deepest, where `str` only says "a valid string"
+    first = max(exc.errors(), key=lambda error: len(error.get("loc", ())))
     location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query")]
     # pydantic reports union members as extra path parts ('str', 'list[...]'): drop them.
     location = [
@@ -97,23 +135,25 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TokenmillError)
-    async def _tokenmill_error(_: Request, exc: TokenmillError) -> JSONResponse:
-        return error_response(exc)
+    async def _tokenmill_error(request: Request, exc: TokenmillError) -> JSONResponse:
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = validation_message(exc)
-        return error_response(InvalidRequest(message, param=param))
+        return error_response(InvalidRequest(message, param=param), request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        response = _plain_error(exc.status_code, str(exc.detail), error_type)
+        response = _plain_error(request.url.path, exc.status_code, str(exc.detail), error_type)
         for name, value in (exc.headers or {}).items():
             response.headers[name] = value
         return response
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return _plain_error(500, "The server had an internal error.", "server_error", "internal_error")
+        return _plain_error(
+            request.url.path, 500, "The server had an internal error.", "server_error", "internal_error"
+        )

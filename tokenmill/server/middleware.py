@@ -16,14 +16,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenmill.errors import RequestTooLarge, TokenmillError, Unauthorized
 from tokenmill.protocol import lenient_fields
-from tokenmill.server.errors import error_body, error_headers, status_for
+from tokenmill.server.errors import error_body_for, error_headers, speaks_anthropic, status_for
 from tokenmill.tenants import ANONYMOUS_TENANT, Tenant
 
 access_log = logging.getLogger("tokenmill.access")
 
 
-async def _send_error(send: Send, error: TokenmillError, request_id: str) -> int:
-    body = json.dumps(error_body(error)).encode()
+async def _send_error(send: Send, error: TokenmillError, request_id: str, path: str) -> int:
+    body = json.dumps(error_body_for(path, error)).encode()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
@@ -84,15 +84,13 @@ class RequestContext:
         try:
             tenant = self._tenant(scope["path"], headers)
             if tenant is None:
-                status_holder["status"] = await _send_error(
-                    send, Unauthorized("Missing or invalid API key: send 'Authorization: Bearer <key>'."), request_id
-                )
+                status_holder["status"] = await _send_error(send, _no_key(scope["path"]), request_id, scope["path"])
                 return
             scope["state"]["tenant"] = tenant
             declared = headers.get(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > self._max_body:
                 error = RequestTooLarge(f"The request body exceeds {self._max_body} bytes.")
-                status_holder["status"] = await _send_error(send, error, request_id)
+                status_holder["status"] = await _send_error(send, error, request_id, scope["path"])
                 return
             with lenient_fields(self._lenient):
                 await self.app(scope, self._limited(receive), send_with_id)
@@ -105,7 +103,8 @@ class RequestContext:
         if not self._api_keys or path in self._open_paths or (path == self._metrics_path and not self._protect_metrics):
             return ANONYMOUS_TENANT
         given = headers.get(b"authorization", b"")
-        token = given[7:] if given[:7].lower() == b"bearer " else b""
+        # a bearer token, or Anthropic's x-api-key header (its SDK sends only that)
+        token = given[7:] if given[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
         # compare against every key, always, in constant time per key (no early exit)
         matches = [tenant for key, tenant in self._api_keys if hmac.compare_digest(token, key)]
         return matches[0] if matches and token else None
@@ -146,6 +145,15 @@ class RequestContext:
                 fields["duration_ms"],
                 request_id,
             )
+
+
+def _no_key(path: str) -> Unauthorized:
+    how = (
+        "'x-api-key: <key>' or 'Authorization: Bearer <key>'"
+        if speaks_anthropic(path)
+        else "'Authorization: Bearer <key>'"
+    )
+    return Unauthorized(f"Missing or invalid API key: send {how}.")
 
 
 def _clean_request_id(raw: bytes | None) -> str | None:

@@ -22,6 +22,13 @@ from tokenmill.server.streams import failure_event
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's code: nobody is listening any more
 
+# (request id, why) -> the end of a stream refused after its headers went out, in its wire format
+RefusalFrame = Callable[[str, Exception], bytes]
+
+
+def openai_refusal(request_id: str, error: Exception) -> bytes:
+    return failure_event(request_id, error) + DONE
+
 
 async def until_disconnected(receive: Receive) -> None:
     """Completes when the client closes the connection (reads and drops any request body left)."""
@@ -103,10 +110,12 @@ async def stream_response(
     start: Awaitable[list[Generation]],
     render: Callable[[list[Generation]], AsyncIterator[bytes]],
     ping_interval: float,
+    refused: RefusalFrame = openai_refusal,
 ) -> GenerationResponse | QueuedStreamResponse:
     """The response of a streamed request: `start` admits it, `render` turns its generations
     into SSE bytes. A refusal at once is still an HTTP status; a request that waits past one ping
-    interval gets its headers and pings while it waits (a proxy would cut a silent connection)."""
+    interval gets its headers and pings while it waits (a proxy would cut a silent connection),
+    and a refusal after that is the stream's last event (`refused`, in the stream's format)."""
     if not ping_interval:
         generations = await start
         return GenerationResponse(generations, stream=render(generations))
@@ -117,7 +126,7 @@ async def stream_response(
         starting.cancel()
         raise
     if not starting.done():
-        return QueuedStreamResponse(request_id, starting, render, ping_interval)
+        return QueuedStreamResponse(request_id, starting, render, ping_interval, refused)
     generations = starting.result()
     return GenerationResponse(generations, stream=render(generations), ping_interval=ping_interval)
 
@@ -134,8 +143,10 @@ class QueuedStreamResponse(Response):
         starting: asyncio.Future[list[Generation]],
         render: Callable[[list[Generation]], AsyncIterator[bytes]],
         ping_interval: float,
+        refused: RefusalFrame = openai_refusal,
     ):
         self._request_id = request_id
+        self._refused = refused
         self._starting = starting
         self._render = render
         self._interval = ping_interval
@@ -147,8 +158,7 @@ class QueuedStreamResponse(Response):
             try:
                 generations = await asyncio.shield(self._starting)
             except Exception as error:  # noqa: BLE001 -- refused after it was queued: the stream says so
-                yield failure_event(self._request_id, error)
-                yield DONE
+                yield self._refused(self._request_id, error)
                 return
             async for chunk in self._render(generations):  # framed by its renderer, [DONE] included
                 yield chunk

@@ -36,9 +36,17 @@ from tokenmill.protocol import (
     new_id,
     now,
 )
+from tokenmill.protocol.anthropic import AnthropicMessageOut, CountTokensRequest, MessagesRequest, TokenCount
 from tokenmill.sampling import SamplingParams
-from tokenmill.server import streams
-from tokenmill.server.responses import GenerationResponse, QueuedStreamResponse, stream_response, until_disconnected
+from tokenmill.server import anthropic, streams
+from tokenmill.server.responses import (
+    GenerationResponse,
+    QueuedStreamResponse,
+    RefusalFrame,
+    openai_refusal,
+    stream_response,
+    until_disconnected,
+)
 from tokenmill.server.serving import Generation, Serving
 from tokenmill.tenants import ANONYMOUS_TENANT, Tenant
 from tokenmill.tools import ToolCallFormat
@@ -108,6 +116,7 @@ async def _serve_choices(
     stream: streams.StreamRenderer,
     answer: streams.BodyRenderer,
     tool_format: ToolCallFormat | None = None,
+    refused: RefusalFrame = openai_refusal,
 ) -> GenerationResponse | QueuedStreamResponse:
     """Chat and text completions alike: admit the n choices, then stream them or build the body."""
     serving = _serving(request)
@@ -131,19 +140,50 @@ async def _serve_choices(
     def render(generations: list[Generation]) -> AsyncIterator[bytes]:
         return stream(generations, completion_id, created, model, body.include_usage, body.continuous_usage)
 
-    return await stream_response(completion_id, start, render, serving.ping_interval)
+    return await stream_response(completion_id, start, render, serving.ping_interval, refused)
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
-async def chat_completions(body: ChatCompletionRequest, request: Request):
+async def _serve_chat(
+    request: Request,
+    body: ChatCompletionRequest,
+    id_prefix: str,
+    stream: Callable[..., AsyncIterator[bytes]],
+    answer: Callable[..., Awaitable[Any]],
+    refused: RefusalFrame = openai_refusal,
+) -> GenerationResponse | QueuedStreamResponse:
+    """A chat request in any wire format: `stream` and `answer` render it (given the tool parser)."""
     tools = body.offered_tools()
     # the model's own call syntax: its prompt section, its grammar and its parser (None: an upstream API's)
     tool_format = _serving(request).runner.tool_call_format() if tools else None
     parser = tool_format.parser if tool_format is not None else None
     prompt = {"messages": body.chat_messages(), "tools": tools}
-    stream = functools.partial(streams.chat_stream, tool_parser=parser)
-    answer = functools.partial(streams.chat_completion, tool_parser=parser)
-    return await _serve_choices(request, body, "chatcmpl", prompt, stream, answer, tool_format)
+    stream = functools.partial(stream, tool_parser=parser)
+    answer = functools.partial(answer, tool_parser=parser)
+    return await _serve_choices(request, body, id_prefix, prompt, stream, answer, tool_format, refused)
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    return await _serve_chat(request, body, "chatcmpl", streams.chat_stream, streams.chat_completion)
+
+
+@router.post("/v1/messages", response_model=AnthropicMessageOut, responses=_ERRORS)
+async def messages(body: MessagesRequest, request: Request):
+    """Anthropic's Messages API: the chat path, rendered in Anthropic's shapes."""
+    _count_ignored(_serving(request), body)
+    return await _serve_chat(
+        request, body.to_chat(), "msg", anthropic.message_stream, anthropic.message_body, anthropic.error_event
+    )
+
+
+@router.post("/v1/messages/count_tokens", response_model=TokenCount, responses=_ERRORS)
+async def count_message_tokens(body: CountTokensRequest, request: Request) -> TokenCount:
+    """The prompt a /v1/messages request with these turns, system prompt and tools would have."""
+    serving = _serving(request)
+    chat = body.to_chat()
+    _check_model(serving, chat.model)
+    tokens = serving.runner.tokenize(None, chat.chat_messages(), True, chat.offered_tools())
+    return TokenCount(input_tokens=len(tokens))
 
 
 @router.post("/v1/completions", response_model=Completion, responses=_ERRORS)
