@@ -37,8 +37,9 @@ from tokenmill.protocol import (
     now,
 )
 from tokenmill.protocol.anthropic import AnthropicMessageOut, CountTokensRequest, MessagesRequest, TokenCount
+from tokenmill.protocol.responses_api import ResponseObject, ResponsesRequest
 from tokenmill.sampling import SamplingParams
-from tokenmill.server import anthropic, streams
+from tokenmill.server import anthropic, responses_api, streams
 from tokenmill.server.responses import (
     GenerationResponse,
     QueuedStreamResponse,
@@ -174,6 +175,15 @@ async def messages(body: MessagesRequest, request: Request):
     return await _serve_chat(
         request, body.to_chat(), "msg", anthropic.message_stream, anthropic.message_body, anthropic.error_event
     )
+
+
+@router.post("/v1/responses", response_model=ResponseObject, responses=_ERRORS)
+async def responses(body: ResponsesRequest, request: Request):
+    """OpenAI's Responses API, stateless: the chat path, rendered as a response object."""
+    _count_ignored(_serving(request), body)
+    stream = functools.partial(responses_api.response_stream, asked=body)
+    answer = functools.partial(responses_api.response_body, asked=body)
+    return await _serve_chat(request, body.to_chat(), "resp", stream, answer, responses_api.refusal_event)
 
 
 @router.post("/v1/messages/count_tokens", response_model=TokenCount, responses=_ERRORS)

@@ -1,0 +1,250 @@
+"""A chat generation as an OpenAI Responses API object, and its event stream.
+
+Content and calls come out of the same `ChoiceText` as in chat completions: a run of text becomes a
+`message` output item, each call a `function_call` item. The stream uses OpenAI's event names, each
+with its `sequence_number`: `response.created`, `response.in_progress`, per item
+`response.output_item.added` (and for text `response.content_part.added`, `response.output_text.delta`
+..., `response.output_text.done`, `response.content_part.done`; for a call
+`response.function_call_arguments.delta` and `.done`), `response.output_item.done`, then
+`response.completed` (or `response.incomplete` when cut by `max_output_tokens`) carrying the whole
+response, the same object the plain call returns. A failure mid-stream is an `error` event.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Literal
+
+from tokenmill.errors import EngineFailure, TokenmillError
+from tokenmill.generation import Finished, TextDelta
+from tokenmill.protocol.responses_api import (
+    IncompleteDetails,
+    InputTokensDetails,
+    OutputFunctionCall,
+    OutputMessage,
+    OutputText,
+    ResponseObject,
+    ResponsesRequest,
+    ResponseUsage,
+)
+from tokenmill.server.choice_text import ChoiceText, Piece
+from tokenmill.server.serving import Generation
+from tokenmill.server.sse import json_event
+from tokenmill.server.streams import collect
+from tokenmill.tools import ToolCallParser
+
+log = logging.getLogger(__name__)
+
+ItemStatus = Literal["completed", "incomplete", "in_progress"]
+
+
+def _item_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def _echoed_choice(asked: ResponsesRequest) -> str | dict[str, Any]:
+    choice = asked.tool_choice
+    if choice is None or isinstance(choice, str):
+        return choice or "auto"
+    return choice.model_dump()
+
+
+def _frame(asked: ResponsesRequest, response_id: str, created: int, model: str) -> ResponseObject:
+    """The response as it starts: the request's settings echoed, no output yet."""
+    chat_tools = [{"type": "function", **t.model_dump(exclude={"type"}, exclude_none=True)} for t in asked.tools or ()]
+    return ResponseObject(
+        id=response_id,
+        created_at=created,
+        status="in_progress",
+        model=model,
+        output=[],
+        instructions=asked.instructions,
+        tools=chat_tools,
+        tool_choice=_echoed_choice(asked),
+        parallel_tool_calls=asked.parallel_tool_calls is not False,
+        temperature=asked.temperature,
+        top_p=asked.top_p,
+        max_output_tokens=asked.max_output_tokens,
+        text=asked.text.model_dump(by_alias=True, exclude_none=True) if asked.text else {"format": {"type": "text"}},
+        metadata=asked.metadata or {},
+    )
+
+
+def _finish(response: ResponseObject, finished: Finished) -> ResponseObject:
+    usage = finished.usage
+    cut = finished.reason == "length"
+    return response.model_copy(
+        update={
+            "status": "incomplete" if cut else "completed",
+            "incomplete_details": IncompleteDetails(reason="max_output_tokens") if cut else None,
+            "usage": ResponseUsage(
+                input_tokens=usage.prompt_tokens,
+                input_tokens_details=InputTokensDetails(cached_tokens=usage.cached_tokens),
+                output_tokens=usage.completion_tokens,
+                total_tokens=usage.total_tokens,
+            ),
+        }
+    )
+
+
+def _items(pieces: Sequence[Piece], status: ItemStatus) -> list[OutputMessage | OutputFunctionCall]:
+    items: list[OutputMessage | OutputFunctionCall] = []
+    for piece in pieces:
+        if isinstance(piece, str):
+            if items and isinstance(items[-1], OutputMessage):
+                items[-1].content[0].text += piece
+            else:
+                items.append(OutputMessage(id=_item_id("msg"), status=status, content=[OutputText(text=piece)]))
+        else:
+            call_id = piece.id or _item_id("call")
+            items.append(
+                OutputFunctionCall(id=_item_id("fc"), call_id=call_id, name=piece.name or "", arguments=piece.arguments)
+            )
+    return items
+
+
+async def response_body(
+    generations: Sequence[Generation],
+    response_id: str,
+    created: int,
+    model: str,
+    tool_parser: Callable[[], ToolCallParser] | None = None,
+    *,
+    asked: ResponsesRequest,
+) -> ResponseObject:
+    (generation,) = generations
+    result = await collect(generation)
+    output = ChoiceText(tool_parser)
+    pieces = [*output.feed(result.text, result.tool_calls), *output.finish(result.finished.reason)]
+    status: ItemStatus = "incomplete" if result.finished.reason == "length" else "completed"
+    frame = _frame(asked, response_id, created, model).model_copy(update={"output": _items(pieces, status)})
+    return _finish(frame, result.finished)
+
+
+class _Events:
+    """Numbered events, and the output item being written."""
+
+    def __init__(self) -> None:
+        self._number = 0
+        self.items: list[OutputMessage | OutputFunctionCall] = []
+        self._text: OutputMessage | None = None
+
+    def event(self, kind: str, **payload: Any) -> bytes:
+        body = {"type": kind, "sequence_number": self._number, **payload}
+        self._number += 1
+        return json_event(body, event=kind)
+
+    def piece(self, piece: Piece) -> list[bytes]:
+        if isinstance(piece, str):
+            out: list[bytes] = []
+            if self._text is None:
+                self._text, out = self._open_text()
+            message = self._text
+            message.content[0].text += piece
+            where = {"item_id": message.id, "output_index": self.items.index(message), "content_index": 0}
+            return [*out, self.event("response.output_text.delta", **where, delta=piece, logprobs=[])]
+        out = self.close_text()
+        call = OutputFunctionCall(
+            id=_item_id("fc"),
+            call_id=piece.id or _item_id("call"),
+            name=piece.name or "",
+            arguments="",
+            status="in_progress",
+        )
+        self.items.append(call)
+        index = len(self.items) - 1
+        out.append(self.event("response.output_item.added", output_index=index, item=call.model_dump()))
+        where = {"item_id": call.id, "output_index": index}
+        out.append(self.event("response.function_call_arguments.delta", **where, delta=piece.arguments))
+        call.arguments, call.status = piece.arguments, "completed"
+        out.append(
+            self.event("response.function_call_arguments.done", **where, name=call.name, arguments=call.arguments)
+        )
+        out.append(self.event("response.output_item.done", output_index=index, item=call.model_dump()))
+        return out
+
+    def _open_text(self) -> tuple[OutputMessage, list[bytes]]:
+        message = OutputMessage(id=_item_id("msg"), status="in_progress", content=[OutputText(text="")])
+        self.items.append(message)
+        index = len(self.items) - 1
+        empty = OutputText(text="").model_dump()
+        return message, [
+            self.event("response.output_item.added", output_index=index, item=message.model_dump() | {"content": []}),
+            self.event(
+                "response.content_part.added", item_id=message.id, output_index=index, content_index=0, part=empty
+            ),
+        ]
+
+    def close_text(self, status: ItemStatus = "completed") -> list[bytes]:
+        if self._text is None:
+            return []
+        message, self._text = self._text, None
+        message.status = status
+        index = self.items.index(message)
+        where = {"item_id": message.id, "output_index": index, "content_index": 0}
+        part = message.content[0]
+        return [
+            self.event("response.output_text.done", **where, text=part.text, logprobs=[]),
+            self.event("response.content_part.done", **where, part=part.model_dump()),
+            self.event("response.output_item.done", output_index=index, item=message.model_dump()),
+        ]
+
+
+def response_stream(
+    generations: Sequence[Generation],
+    response_id: str,
+    created: int,
+    model: str,
+    include_usage: bool,
+    continuous_usage: bool = False,
+    tool_parser: Callable[[], ToolCallParser] | None = None,
+    *,
+    asked: ResponsesRequest,
+) -> AsyncIterator[bytes]:
+    (generation,) = generations
+    frame = _frame(asked, response_id, created, model)
+    events = _Events()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield events.event("response.created", response=frame.model_dump())
+        yield events.event("response.in_progress", response=frame.model_dump())
+        output = ChoiceText(tool_parser)
+        async for event in generation.events():
+            if isinstance(event, TextDelta):
+                for piece in output.feed(event.text, event.tool_calls):
+                    for chunk in events.piece(piece):
+                        yield chunk
+                continue
+            for piece in output.finish(event.reason):
+                for chunk in events.piece(piece):
+                    yield chunk
+            for chunk in events.close_text("incomplete" if event.reason == "length" else "completed"):
+                yield chunk
+            done = _finish(frame.model_copy(update={"output": events.items}), event)
+            kind = "response.incomplete" if done.status == "incomplete" else "response.completed"
+            yield events.event(kind, response=done.model_dump())
+            return
+
+    async def guarded() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in body():
+                yield chunk
+        except Exception as error:  # noqa: BLE001 -- never end a stream silently: the client reads why
+            yield error_event(events, response_id, error)
+
+    return guarded()
+
+
+def error_event(events: _Events | None, response_id: str, error: Exception) -> bytes:
+    if not isinstance(error, TokenmillError):
+        log.error("stream %s failed", response_id, exc_info=error)
+        error = EngineFailure(f"generation failed: {type(error).__name__}")
+    numbered = events or _Events()
+    return numbered.event("error", code=error.code or error.error_type, message=error.message, param=error.param)
+
+
+def refusal_event(response_id: str, error: Exception) -> bytes:
+    """A stream refused after its headers went out (queued, then a timeout or a drain)."""
+    return error_event(None, response_id, error)
