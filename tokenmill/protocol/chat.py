@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from tokenmill.generation import ChatMessage, ToolCall, ToolFunction
+from tokenmill.json_schema import closed_objects
 from tokenmill.protocol.strict import StrictModel
 
 MAX_PROMPT_CHARS = 1_000_000
@@ -185,9 +186,10 @@ class ResponseFormat(StrictModel):
         return self
 
     def json_schema_text(self) -> str | None:
-        """The JSON schema the output must match, as text (None: free text)."""
+        """The JSON schema the output must match, as text (None: free text); objects that list
+        their properties are closed (`tokenmill.json_schema`)."""
         if self.type == "text":
             return None
         if self.type == "json_object":
-            return json.dumps(self.schema_) if self.schema_ is not None else '{"type": "object"}'
-        return json.dumps(self.json_schema.schema_ if self.json_schema is not None else None)
+            return json.dumps(closed_objects(self.schema_)) if self.schema_ is not None else '{"type": "object"}'
+        return json.dumps(closed_objects(self.json_schema.schema_ if self.json_schema is not None else None))

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from tokenmill.generation import ToolCall, ToolFunction
+from tokenmill.json_schema import closed_objects
 from tokenmill.tools.parsing import HermesParser, Llama3JsonParser, ToolCallParser
 
 # Calls are written the way the model saw them in its prompt and training (Python's json.dumps
@@ -55,7 +56,7 @@ def _call_schema(tool: ToolFunction, arguments_key: str, definitions: dict[str, 
         "type": "object",
         "properties": {
             "name": {"const": tool.name},
-            arguments_key: _hoisted(json.loads(tool.parameters), f"{tool.name}.", definitions),
+            arguments_key: _hoisted(closed_objects(json.loads(tool.parameters)), f"{tool.name}.", definitions),
         },
         "required": ["name", arguments_key],
         "additionalProperties": False,
