@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tokenmill.errors import InvalidRequest
 from tokenmill.protocol.chat import MAX_PROMPT_CHARS
@@ -221,15 +221,6 @@ class _Conversation(StrictModel):
                 fields["parallel_tool_calls"] = False
         return fields
 
-    @staticmethod
-    def _as_chat(fields: dict[str, Any]) -> ChatCompletionRequest:
-        try:
-            return ChatCompletionRequest.model_validate(fields)
-        except ValidationError as error:  # a combination Anthropic's shapes allow and chat does not
-            first = error.errors()[0]
-            message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
-            raise InvalidRequest(message) from None
-
 
 class MessagesRequest(_Conversation):
     """The body of `POST /v1/messages`."""
@@ -279,14 +270,16 @@ class MessagesRequest(_Conversation):
                 "type": "json_schema",
                 "json_schema": {"name": "output", "schema": form.schema_},
             }
-        return self._as_chat(fields | {key: value for key, value in extra.items() if value is not None})
+        return ChatCompletionRequest.translated(
+            fields | {key: value for key, value in extra.items() if value is not None}
+        )
 
 
 class CountTokensRequest(_Conversation):
     """The body of `POST /v1/messages/count_tokens`."""
 
     def to_chat(self) -> ChatCompletionRequest:
-        return self._as_chat(self._chat_fields())
+        return ChatCompletionRequest.translated(self._chat_fields())
 
 
 # -- responses

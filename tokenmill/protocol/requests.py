@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from tokenmill.errors import InvalidRequest
 from tokenmill.generation import ChatMessage, ToolFunction
@@ -202,6 +202,16 @@ class ChatCompletionRequest(_SamplingFields):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
         return self
+
+    @classmethod
+    def translated(cls, fields: dict[str, Any]) -> ChatCompletionRequest:
+        """Another API's request (Anthropic's, Responses), once written as chat fields; a
+        combination that API's shapes allow and chat's do not is a 400 saying why."""
+        try:
+            return cls.model_validate(fields)
+        except ValidationError as error:  # the most specific error, as server/errors reports one
+            first = max(error.errors(), key=lambda e: len(e.get("loc", ())))
+            raise InvalidRequest(str(first.get("msg", "invalid request")).removeprefix("Value error, ")) from None
 
     def _logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None

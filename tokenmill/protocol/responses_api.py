@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tokenmill.errors import InvalidRequest
 from tokenmill.protocol.chat import MAX_PROMPT_CHARS
@@ -265,11 +265,7 @@ class ResponsesRequest(StrictModel):
             fields["response_format"] = {"type": "json_schema", "json_schema": schema}
         elif form is not None:
             fields["response_format"] = {"type": form.type}
-        try:
-            return ChatCompletionRequest.model_validate(fields)
-        except ValidationError as error:
-            first = max(error.errors(), key=lambda e: len(e.get("loc", ())))
-            raise InvalidRequest(str(first.get("msg", "invalid request")).removeprefix("Value error, ")) from None
+        return ChatCompletionRequest.translated(fields)
 
 
 # -- the response object

@@ -11,11 +11,9 @@ output tokens) and `message_stop`; a failure mid-stream is an `error` event, and
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 
-from tokenmill.errors import EngineFailure, TokenmillError
-from tokenmill.generation import Finished, TextDelta, ToolCallDelta
+from tokenmill.generation import Finished, ToolCallDelta
 from tokenmill.protocol.anthropic import (
     AnthropicMessageOut,
     AnthropicUsage,
@@ -23,14 +21,12 @@ from tokenmill.protocol.anthropic import (
     TextBlockOut,
     ToolUseBlockOut,
 )
-from tokenmill.server.choice_text import ChoiceText, Piece
+from tokenmill.server.choice_text import ChoiceText, Piece, pieces_of
 from tokenmill.server.errors import anthropic_error_body
 from tokenmill.server.serving import Generation
 from tokenmill.server.sse import json_event
-from tokenmill.server.streams import collect
+from tokenmill.server.streams import collect, guarded, stream_error
 from tokenmill.tools import ToolCallParser
-
-log = logging.getLogger(__name__)
 
 
 def stop_reason(finished: Finished, called: bool) -> StopReason:
@@ -91,11 +87,8 @@ def _event(kind: str, payload: dict) -> bytes:
 
 
 def error_event(request_id: str, error: Exception) -> bytes:
-    """A failure, as the stream's last event (logged like the chat stream's when unexpected)."""
-    if not isinstance(error, TokenmillError):
-        log.error("stream %s failed", request_id, exc_info=error)
-        error = EngineFailure(f"generation failed: {type(error).__name__}")
-    return _event("error", {"error": anthropic_error_body(error)["error"]})
+    """A failure, as the stream's last event."""
+    return _event("error", {"error": anthropic_error_body(stream_error(request_id, error))["error"]})
 
 
 class _Blocks:
@@ -149,16 +142,13 @@ def message_stream(
         start |= {"content": [], "stop_reason": None, "stop_sequence": None}
         start["usage"] = {"input_tokens": prompt_tokens, "output_tokens": 0}
         yield _event("message_start", {"message": start})
-        output, blocks = ChoiceText(tool_parser), _Blocks()
-        async for event in generation.events():
-            if isinstance(event, TextDelta):
-                for piece in output.feed(event.text, event.tool_calls):
-                    for chunk in blocks.piece(piece):
-                        yield chunk
-                continue
-            for piece in output.finish(event.reason):
-                for chunk in blocks.piece(piece):
+        blocks = _Blocks()
+        async for item in pieces_of(generation.events(), ChoiceText(tool_parser)):
+            if not isinstance(item, Finished):
+                for chunk in blocks.piece(item):
                     yield chunk
+                continue
+            event = item
             for chunk in blocks.close():
                 yield chunk
             delta = {"stop_reason": stop_reason(event, blocks.called), "stop_sequence": event.stop_string}
@@ -167,11 +157,4 @@ def message_stream(
             yield _event("message_stop", {})
             return
 
-    async def guarded() -> AsyncIterator[bytes]:
-        try:
-            async for chunk in body():
-                yield chunk
-        except Exception as error:  # noqa: BLE001 -- never end a stream silently: the client reads why
-            yield error_event(message_id, error)
-
-    return guarded()
+    return guarded(message_id, body, error_event)

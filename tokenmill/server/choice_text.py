@@ -8,9 +8,9 @@ streamed answer and a whole one carry identical calls.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
-from tokenmill.generation import FinishReason, ToolCall, ToolCallDelta
+from tokenmill.generation import Finished, FinishReason, TextDelta, TokenEvent, ToolCall, ToolCallDelta
 from tokenmill.tools import ToolCallParser
 
 Piece = str | ToolCallDelta
@@ -49,6 +49,20 @@ class ChoiceText:
                 pieces.append(ToolCallDelta(self._calls, item.arguments, item.id, item.name))
                 self._calls += 1
         return pieces
+
+
+async def pieces_of(events: AsyncIterator[TokenEvent], output: ChoiceText) -> AsyncIterator[Piece | Finished]:
+    """A choice's content and calls as they can be told apart, then its Finished event: what a
+    renderer in any wire format walks."""
+    async for event in events:
+        if isinstance(event, TextDelta):
+            for piece in output.feed(event.text, event.tool_calls):
+                yield piece
+            continue
+        for piece in output.finish(event.reason):
+            yield piece
+        yield event
+        return
 
 
 def whole(pieces: Sequence[Piece]) -> tuple[str, list[ToolCall]]:

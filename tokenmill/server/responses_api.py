@@ -12,13 +12,11 @@ response, the same object the plain call returns. A failure mid-stream is an `er
 
 from __future__ import annotations
 
-import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Literal
 
-from tokenmill.errors import EngineFailure, TokenmillError
-from tokenmill.generation import Finished, TextDelta
+from tokenmill.generation import Finished
 from tokenmill.protocol.responses_api import (
     IncompleteDetails,
     InputTokensDetails,
@@ -29,13 +27,11 @@ from tokenmill.protocol.responses_api import (
     ResponsesRequest,
     ResponseUsage,
 )
-from tokenmill.server.choice_text import ChoiceText, Piece
+from tokenmill.server.choice_text import ChoiceText, Piece, pieces_of
 from tokenmill.server.serving import Generation
 from tokenmill.server.sse import json_event
-from tokenmill.server.streams import collect
+from tokenmill.server.streams import collect, guarded, stream_error
 from tokenmill.tools import ToolCallParser
-
-log = logging.getLogger(__name__)
 
 ItemStatus = Literal["completed", "incomplete", "in_progress"]
 
@@ -210,16 +206,12 @@ def response_stream(
     async def body() -> AsyncIterator[bytes]:
         yield events.event("response.created", response=frame.model_dump())
         yield events.event("response.in_progress", response=frame.model_dump())
-        output = ChoiceText(tool_parser)
-        async for event in generation.events():
-            if isinstance(event, TextDelta):
-                for piece in output.feed(event.text, event.tool_calls):
-                    for chunk in events.piece(piece):
-                        yield chunk
-                continue
-            for piece in output.finish(event.reason):
-                for chunk in events.piece(piece):
+        async for item in pieces_of(generation.events(), ChoiceText(tool_parser)):
+            if not isinstance(item, Finished):
+                for chunk in events.piece(item):
                     yield chunk
+                continue
+            event = item
             for chunk in events.close_text("incomplete" if event.reason == "length" else "completed"):
                 yield chunk
             done = _finish(frame.model_copy(update={"output": events.items}), event)
@@ -227,20 +219,11 @@ def response_stream(
             yield events.event(kind, response=done.model_dump())
             return
 
-    async def guarded() -> AsyncIterator[bytes]:
-        try:
-            async for chunk in body():
-                yield chunk
-        except Exception as error:  # noqa: BLE001 -- never end a stream silently: the client reads why
-            yield error_event(events, response_id, error)
-
-    return guarded()
+    return guarded(response_id, body, lambda request_id, error: error_event(events, request_id, error))
 
 
 def error_event(events: _Events | None, response_id: str, error: Exception) -> bytes:
-    if not isinstance(error, TokenmillError):
-        log.error("stream %s failed", response_id, exc_info=error)
-        error = EngineFailure(f"generation failed: {type(error).__name__}")
+    error = stream_error(response_id, error)
     numbered = events or _Events()
     return numbered.event("error", code=error.code or error.error_type, message=error.message, param=error.param)
 

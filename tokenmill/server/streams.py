@@ -173,23 +173,40 @@ class _Usage:
         return UsageOut.of(Usage(self._prompt, sum(self._generated)))
 
 
-async def _guarded(request_id: str, body: Callable[[], AsyncIterator[bytes]]) -> AsyncIterator[bytes]:
-    """Shared frame of every stream: an error event on failure, [DONE] last."""
+async def guarded(
+    request_id: str,
+    body: Callable[[], AsyncIterator[bytes]],
+    failure: Callable[[str, Exception], bytes],
+    end: bytes = b"",
+) -> AsyncIterator[bytes]:
+    """The frame of every stream, in any wire format: `failure`'s event when the body fails (never
+    a silent end), then `end`."""
     try:
         async for chunk in body():
             yield chunk
-    except Exception as error:  # noqa: BLE001 -- never let a stream end silently: failure_event logs it
-        yield failure_event(request_id, error)
-    yield DONE
+    except Exception as error:  # noqa: BLE001 -- the client reads why, and stream_error logs it
+        yield failure(request_id, error)
+    if end:
+        yield end
+
+
+def _guarded(request_id: str, body: Callable[[], AsyncIterator[bytes]]) -> AsyncIterator[bytes]:
+    """OpenAI's frame: an error event on failure, [DONE] last."""
+    return guarded(request_id, body, failure_event, DONE)
+
+
+def stream_error(request_id: str, error: Exception) -> TokenmillError:
+    """What a failed stream tells its client: the error itself, or (an unexpected one, logged) an
+    engine failure."""
+    if isinstance(error, TokenmillError):
+        return error
+    log.error("stream %s failed", request_id, exc_info=error)
+    return EngineFailure(f"generation failed: {type(error).__name__}")
 
 
 def failure_event(request_id: str, error: Exception) -> bytes:
-    """The error event that ends a failed stream: the error's own body, or (an unexpected one,
-    logged) an engine failure."""
-    if isinstance(error, TokenmillError):
-        return json_event(error_body(error))
-    log.error("stream %s failed", request_id, exc_info=error)
-    return json_event(error_body(EngineFailure(f"generation failed: {type(error).__name__}")))
+    """The error event that ends a failed OpenAI-format stream."""
+    return json_event(error_body(stream_error(request_id, error)))
 
 
 def chat_stream(
