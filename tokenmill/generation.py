@@ -90,6 +90,7 @@ class TopLogprob:
     token: str
     token_bytes: tuple[int, ...]
     logprob: float
+    token_id: int | None = None  # None: from an upstream API, which reports no ids
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +101,17 @@ class TokenLogprob:
     token_bytes: tuple[int, ...]
     logprob: float
     top: tuple[TopLogprob, ...] = ()
+    rank: int | None = None  # 1 + how many tokens the model ranked higher (reported for prompt tokens)
+    token_id: int | None = None  # None: from an upstream API, which reports no ids
+
+
+@dataclass(frozen=True, slots=True)
+class PromptLogprobs:
+    """A scored prompt: its first token (nothing precedes it, so nothing scores it), then one entry
+    per further prompt token, in order."""
+
+    first: TopLogprob  # its logprob is 0.0 and means nothing: the wire formats send null
+    scored: tuple[TokenLogprob, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,12 +130,15 @@ class TextDelta:
     """New text for the client; never a broken UTF-8 character, never part of a stop string.
     `logprobs`: one entry per token generated since the last delta, when the request asked.
     `generated`: the tokens generated so far, this delta's included (0 where unknown).
-    `tool_calls`: calls an upstream API streamed (local models' calls are parsed from the text)."""
+    `tool_calls`: calls an upstream API streamed (local models' calls are parsed from the text).
+    `prompt_logprobs`: when the request asked for them, the first delta (empty text, before any
+    token) carries the prompt's."""
 
     text: str
     logprobs: tuple[TokenLogprob, ...] = ()
     generated: int = 0
     tool_calls: tuple[ToolCallDelta, ...] = ()
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,11 +48,17 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     # None: no log-probabilities; k >= 0: the chosen token's, and the k most likely alternatives
     logprobs: int | None = None
+    # None: the prompt is not scored; k >= 0: each prompt token's log-probability (and the k most
+    # likely alternatives at its position), the whole prompt computed (no prefix cache)
+    prompt_logprobs: int | None = None
     grammar: OutputGrammar | None = None  # constrained decoding: the output must match it
 
     def __post_init__(self) -> None:
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise InvalidRequest("max_tokens must be at least 1", param="max_tokens")
+        if self.max_tokens is not None and self.max_tokens < (0 if self.prompt_logprobs is not None else 1):
+            raise InvalidRequest(
+                "max_tokens must be at least 1 (0, to score a prompt and generate nothing, takes echo or prompt_logprobs on /v1/completions)",
+                param="max_tokens",
+            )
         _check_finite(self.temperature, "temperature")
         if not 0.0 <= self.temperature <= 2.0:
             raise InvalidRequest("temperature must be between 0 and 2", param="temperature")
@@ -96,6 +102,8 @@ class SamplingParams:
             raise InvalidRequest(f"ignore_eos cannot be combined with {self.grammar.param}", param="ignore_eos")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidRequest(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequest(f"prompt_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="prompt_logprobs")
 
     @property
     def greedy(self) -> bool:

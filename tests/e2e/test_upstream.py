@@ -95,6 +95,19 @@ async def test_an_unreachable_upstream_is_a_clear_502():
         assert events(streamed.text)[-1]["error"]["code"] == "upstream_unreachable"
 
 
+async def test_echo_is_done_here_and_prompt_scoring_is_refused_by_name():
+    """The upstream is never reached: echo's text is this server's to add, and the prompt's
+    logprobs are a local engine's (an upstream reports none through this server)."""
+    async with asgi_client(front("http://127.0.0.1:1", upstream_model="m")) as client:
+        for body in (
+            {"prompt": "hi", "echo": True, "logprobs": 1, "max_tokens": 0},
+            {"prompt": "hi", "prompt_logprobs": 2, "max_tokens": 3},
+        ):
+            refused = await client.post("/v1/completions", json=body)
+            assert refused.status_code == 400, refused.text
+            assert refused.json()["error"]["param"] == "prompt_logprobs"
+
+
 def test_upstream_refuses_other_modes_at_start_up():
     with pytest.raises(ValidationError, match="async only"):
         Settings(engine="upstream", mode="batch", upstream_url="http://127.0.0.1:1")

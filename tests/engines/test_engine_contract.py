@@ -311,3 +311,58 @@ def test_a_prompt_repeated_without_its_answer_gives_the_answer_cells_back_and_st
                 break
     finally:
         engine.close()
+
+
+SCORED = "The quick brown fox jumps over the lazy dog. Paris is the capital of France, and Rome of Italy."
+
+
+def _scored(engine, prompt: str = SCORED, **params):
+    """A scored prompt's (sequence, its PromptLogprobs, every event)."""
+    request = GenerationRequest(request_id="t", params=SamplingParams(temperature=0, **params), prompt=prompt)
+    seq = prepare_sequence(request, engine.tokenizer)
+    events = list(generate(engine, seq, lambda: False))
+    opening = events[0]
+    assert isinstance(opening, TextDelta) and opening.text == "" and opening.prompt_logprobs is not None
+    return seq, opening.prompt_logprobs, events
+
+
+def test_a_scored_prompt_has_one_entry_per_token_with_its_rank_and_alternatives(engine):
+    import math
+
+    seq, prompt, events = _scored(engine, max_tokens=0, prompt_logprobs=5)
+    ids = seq.token_ids[: seq.num_prompt_tokens]
+    assert prompt.first.token_id == ids[0] and len(prompt.scored) == len(ids) - 1
+    assert [entry.token_id for entry in prompt.scored] == ids[1:]
+    for entry in prompt.scored:
+        assert len(entry.top) == 5 and [t.logprob for t in entry.top] == sorted(
+            (t.logprob for t in entry.top), reverse=True
+        )
+        assert entry.logprob <= 0 and sum(math.exp(t.logprob) for t in entry.top) <= 1 + 1e-6
+        ranked_above = sum(1 for t in entry.top if t.logprob > entry.logprob)
+        assert entry.rank is not None and (entry.rank == ranked_above + 1 or (entry.rank > 5 and ranked_above == 5))
+        if entry.rank == 1:  # the most likely token: the top alternative is itself (near ties aside)
+            assert entry.top[0].token_id == entry.token_id or entry.top[0].logprob == pytest.approx(entry.logprob)
+    # max_tokens 0: nothing is generated
+    assert [type(e).__name__ for e in events] == ["TextDelta", "Finished"]
+    assert events[-1].reason == "length" and events[-1].usage.completion_tokens == 0
+
+
+def test_a_scored_prompt_is_computed_whole_even_when_its_start_is_cached(request, engine):
+    """The prefix cache would skip the shared start's logits: a scored prompt takes nothing from it."""
+    cached = BUILD[request.node.callspec.params["engine"]](prefix_cache_tokens=1024)
+    try:
+        complete(cached, SCORED, temperature=0, max_tokens=4)  # the prompt is cached now
+        seq, prompt, events = _scored(cached, max_tokens=3, prompt_logprobs=0)
+        assert seq.num_cached == 0 and events[-1].usage.cached_tokens == 0
+        assert len(prompt.scored) == seq.num_prompt_tokens - 1
+        _, fresh, _ = _scored(engine, max_tokens=3, prompt_logprobs=0)
+        assert [e.logprob for e in prompt.scored] == pytest.approx([e.logprob for e in fresh.scored], abs=0.05)
+    finally:
+        cached.close()
+
+
+def test_the_answer_after_a_scored_prompt_is_the_unscored_answer(engine):
+    _, _, events = _scored(engine, max_tokens=12, prompt_logprobs=2, ignore_eos=True)
+    text, _ = complete(engine, SCORED, temperature=0, max_tokens=12, ignore_eos=True)
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == text
+    assert events[-1].usage.completion_tokens == 12

@@ -151,3 +151,33 @@ def test_logprobs_equal_llama_cpp_llamas():
     finally:
         reference.close()
         engine.close()
+
+
+@pytest.mark.parametrize("step_tokens", [512, 7])
+def test_prompt_logprobs_equal_llama_cpp_llamas_logits(step_tokens):
+    """The reference is llama_cpp.Llama(logits_all=True)'s logits after evaluating the prompt: the
+    row at position p scores token p + 1. (Its own create_completion(echo=True) scores each token
+    with the logits after that token, one place late: at " fox" after "The quick brown" it
+    reports -7.0 where these logits give -1.5.) In chunks of 7 the prompt spans several steps."""
+    from tests.engines.test_engine_contract import _scored
+
+    engine = LlamaCppEngine(
+        default_model_path(), context_window=2048, threads=2, prefix_cache=False, max_step_tokens=step_tokens
+    )
+    with portable_llama():
+        reference = llama_cpp.Llama(
+            str(default_model_path()), n_ctx=2048, n_threads=2, flash_attn=True, verbose=False, logits_all=True
+        )
+    try:
+        seq, prompt, _ = _scored(engine, max_tokens=0, prompt_logprobs=3)
+        tokens = seq.token_ids[: seq.num_prompt_tokens]
+        reference.eval(tokens)
+        expected = llama_cpp.Llama.logits_to_logprobs(reference.scores[: len(tokens)])
+        for position, entry in enumerate(prompt.scored):
+            row = expected[position]
+            assert entry.logprob == pytest.approx(float(row[tokens[position + 1]]), abs=2e-3)
+            assert [t.logprob for t in entry.top] == pytest.approx(sorted(row.tolist(), reverse=True)[:3], abs=2e-3)
+            assert entry.rank is not None and abs(entry.rank - 1 - int((row > row[tokens[position + 1]]).sum())) <= 1
+    finally:
+        reference.close()
+        engine.close()

@@ -317,3 +317,27 @@ def test_a_request_needing_the_whole_cache_takes_the_cached_prompts_blocks():
     # the earlier entries were given up; the cache now holds the big prompt alone
     assert engine.prefix_cache_stats().cached_tokens == big.num_prompt_tokens
     engine.remove_sequence(big)
+
+
+@pytest.mark.parametrize("step_tokens", [512, 7])
+def test_prompt_logprobs_match_transformers_log_softmax(reference, step_tokens):
+    """Each prompt token scored by the logits one position before it, in one step or in chunks of 7."""
+    from tests.engines.test_engine_contract import _scored
+
+    engine = TorchEngine(default_model_path(), context_window=1024, threads=2, max_step_tokens=step_tokens)
+    seq, prompt, _ = _scored(engine, max_tokens=0, prompt_logprobs=5)
+    tokens = seq.token_ids[: seq.num_prompt_tokens]
+    with torch.inference_mode():
+        expected = reference(torch.tensor([tokens])).logits[0].float().log_softmax(dim=-1)
+    diffs, top_diffs, ranks = [], [], []
+    for position, entry in enumerate(prompt.scored):
+        row = expected[position]
+        target = tokens[position + 1]
+        diffs.append(abs(entry.logprob - row[target].item()))
+        top_diffs += [abs(t.logprob - v) for t, v in zip(entry.top, row.topk(5).values.tolist(), strict=True)]
+        ranks.append((entry.rank, 1 + int((row > row[target]).sum())))
+    # bf16 activations against an fp32 reference, as for sampled tokens' logprobs
+    assert max(diffs) < 0.25 and sum(diffs) / len(diffs) < 0.06, diffs
+    assert sum(top_diffs) / len(top_diffs) < 0.08
+    # the same rank, give or take the near ties that bf16 reorders among thousands of unlikely tokens
+    assert all(abs(got - want) <= 1 + 0.1 * want for got, want in ranks), ranks

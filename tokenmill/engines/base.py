@@ -71,6 +71,7 @@ class SampledLogprobs:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...]  # the k most likely tokens, most likely first
+    rank: int | None = None  # 1 + how many tokens score higher (computed for prompt tokens only)
 
 
 class StepEngine(Protocol):
@@ -86,7 +87,10 @@ class StepEngine(Protocol):
 
     def step(self, chunks: Seq[Chunk]) -> list[int | None]:
         """One forward pass. Returns, per chunk, the sampled next token, or None for a partial prefill.
-        For a sequence whose params ask for logprobs, first `seq.note_logprobs(...)` the token's."""
+        For a sequence whose params ask for logprobs, first `seq.note_logprobs(...)` the token's;
+        for one that asks for prompt_logprobs, `seq.note_prompt_logprobs(...)` every prompt token
+        the chunk predicts (`engines.logprobs.scored_positions`). Such a sequence takes nothing
+        from a prefix cache: its whole prompt is computed."""
 
     def remove_sequence(self, seq: Sequence) -> None:
         """Free everything `seq` held (its KV cells, its sampler). Safe to call twice."""

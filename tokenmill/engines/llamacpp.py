@@ -33,7 +33,9 @@ from collections.abc import Sequence as Seq
 from pathlib import Path
 
 import llama_cpp
+import numpy as np
 
+from tokenmill.engines import logprobs
 from tokenmill.engines.base import Chunk
 from tokenmill.engines.chat_template import ChatTemplate
 from tokenmill.engines.llamacpp_kv import KVLayout, SharedCache, Slots, StreamPerSequence
@@ -223,6 +225,11 @@ class LlamaCppEngine:
             params.n_ctx, params.n_seq_max = (kv_tokens or window) + cache_budget, max_sequences + holders
         params.kv_unified = not kv_streams
         params.n_batch = params.n_ubatch = max_step_tokens
+        # a scored prompt (prompt_logprobs) wants the logits of every row of its chunk; the library's
+        # default is one per sequence. The output buffer grows only when a step asks (RSS unchanged).
+        # At least one output per sequence id: the context reserves for that many at start.
+        params.n_outputs_max = max(max_step_tokens, params.n_seq_max)
+        params.n_outputs_max_per_seq = max_step_tokens
         params.n_threads = params.n_threads_batch = threads
         params.no_perf = True
         self._ctx = llama_cpp.llama_init_from_model(self._model, params)
@@ -253,7 +260,7 @@ class LlamaCppEngine:
             if self._constrained is None:
                 self._constrained = Constrained(self.tokenizer.structured_tokenizer(), self._n_vocab, self._threads)
             self._constrained.add(seq)
-        if self._prefix is not None and seq.num_computed == 0:
+        if self._prefix is not None and seq.num_computed == 0 and seq.params.prompt_logprobs is None:
             self._reuse_prefix(self._prefix, seq, slot)
 
     def _reuse_prefix(self, prefix: PrefixIndex, seq: Sequence, slot: int) -> None:
@@ -298,19 +305,28 @@ class LlamaCppEngine:
         if sum(c.num_tokens for c in chunks) > self.max_chunk_tokens:
             raise ValueError("a step may carry at most max_chunk_tokens tokens")
         sample_rows: list[int | None] = [None] * len(chunks)
+        scored: list[tuple[Sequence, int, range]] = []  # prompt positions scored: (seq, first row, positions)
         for i, slot in self._slots.order_by_slot(chunks):
             chunk = chunks[i]
             seq, start = chunk.seq, chunk.seq.num_computed
+            first_row = n
             for offset, token in enumerate(seq.token_ids[start : start + chunk.num_tokens]):
                 batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, start + offset, 1
                 batch.seq_id[n][0], batch.logits[n] = slot, False
                 n += 1
-            batch.logits[n - 1] = chunk.completes_sequence_input
+            positions = logprobs.scored_positions(seq, start, chunk.num_tokens)
+            if positions:
+                scored.append((seq, first_row, positions))
+                for row in range(first_row, first_row + len(positions)):
+                    batch.logits[row] = True
+            batch.logits[n - 1] = chunk.completes_sequence_input or batch.logits[n - 1]
             sample_rows[i] = n - 1 if chunk.completes_sequence_input else None
         batch.n_tokens = n
         status = llama_cpp.llama_decode(self._ctx, batch)
         if status != 0:
             raise EngineFailure(f"llama_decode failed (status {status})")
+        for seq, first_row, positions in scored:
+            self._score_prompt(seq, first_row, positions)
         if self._prefix is not None:
             for chunk in chunks:
                 if chunk.completes_prompt:
@@ -321,6 +337,17 @@ class LlamaCppEngine:
         masks = None if self._constrained is None else self._constrained.mask_rows([seq for seq, _ in sampled])
         tokens = iter(self._rows.sample(self._ctx, sampled, masks, self._constrained))
         return [None if row is None else next(tokens) for row in sample_rows]
+
+    def _score_prompt(self, seq: Sequence, first_row: int, positions: range) -> None:
+        """The prompt tokens that the logits of batch rows `first_row ...` predict."""
+        rows = np.stack(
+            [
+                np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, first_row + i), shape=(self._n_vocab,))
+                for i in range(len(positions))
+            ]
+        )
+        targets = seq.token_ids[positions.start + 1 : positions.stop + 1]
+        seq.note_prompt_logprobs(logprobs.score_rows(rows, targets, seq.params.prompt_logprobs or 0))
 
     def close(self) -> None:
         self._rows.close()

@@ -18,6 +18,7 @@ from tokenmill.generation import (
     Finished,
     FinishReason,
     GenerationRequest,
+    PromptLogprobs,
     Share,
     TextDelta,
     TokenEvent,
@@ -64,6 +65,8 @@ class Sequence:
         self._stop = StopMatcher(params.stop)
         self._sampled_logprobs: SampledLogprobs | None = None  # the engine's, for the next token
         self._logprobs: list[TokenLogprob] = []  # tokens' entries not yet sent with a delta
+        self._prompt_scores: list[SampledLogprobs] = []  # the engine's, for prompt tokens 1, 2, ...
+        self._scoring_prompt = params.prompt_logprobs is not None  # until the prompt's entries are out
 
     @property
     def num_generated(self) -> int:
@@ -87,8 +90,34 @@ class Sequence:
         """The engine's log-probabilities for the token it returns next (when params ask for them)."""
         self._sampled_logprobs = sampled
 
+    def note_prompt_logprobs(self, scored: list[SampledLogprobs]) -> None:
+        """The engine's log-probabilities of the next prompt tokens (when params ask for them)."""
+        self._prompt_scores.extend(scored)
+
     def append_token(self, token_id: int) -> list[TokenEvent]:
         """Record a sampled token; return what the client should see because of it."""
+        if self._scoring_prompt:
+            return self._after_scored_prompt(token_id)
+        return self._append(token_id)
+
+    def _after_scored_prompt(self, token_id: int) -> list[TokenEvent]:
+        """The first token after a scored prompt: the prompt's entries go out first, in a delta of
+        their own; with max_tokens 0 the sample is not part of the answer and the sequence ends."""
+        if len(self._prompt_scores) != self.num_prompt_tokens - 1:
+            raise RuntimeError(
+                f"the engine scored {len(self._prompt_scores)} of {self.num_prompt_tokens - 1} prompt tokens"
+            )
+        first = self.token_ids[0]
+        text, raw = self._text_of(first)
+        scored = tuple(self._logprob_entry(entry) for entry in self._prompt_scores)
+        self._prompt_scores, self._scoring_prompt = [], False
+        opening = TextDelta("", (), 0, prompt_logprobs=PromptLogprobs(TopLogprob(text, raw, 0.0, first), scored))
+        if self.max_new_tokens == 0:
+            self._sampled_logprobs = None
+            return [opening, *self._finish("length")]
+        return [opening, *self._append(token_id)]
+
+    def _append(self, token_id: int) -> list[TokenEvent]:
         self.token_ids.append(token_id)
         sampled, self._sampled_logprobs = self._sampled_logprobs, None
         if self._tokenizer.is_end_of_generation(token_id) and not self.params.ignore_eos:
@@ -124,13 +153,13 @@ class Sequence:
         entries, self._logprobs = tuple(self._logprobs), []
         return TextDelta(text, entries, self.num_generated)
 
-    def _logprob_entry(self, sampled: SampledLogprobs) -> TokenLogprob:
-        def text_of(token_id: int) -> tuple[str, tuple[int, ...]]:
-            raw = self._tokenizer.token_bytes(token_id)
-            return raw.decode("utf-8", errors="replace"), tuple(raw)
+    def _text_of(self, token_id: int) -> tuple[str, tuple[int, ...]]:
+        raw = self._tokenizer.token_bytes(token_id)
+        return raw.decode("utf-8", errors="replace"), tuple(raw)
 
-        top = tuple(TopLogprob(*text_of(token), logprob) for token, logprob in sampled.top)
-        return TokenLogprob(*text_of(sampled.token_id), sampled.logprob, top)
+    def _logprob_entry(self, sampled: SampledLogprobs) -> TokenLogprob:
+        top = tuple(TopLogprob(*self._text_of(token), logprob, token) for token, logprob in sampled.top)
+        return TokenLogprob(*self._text_of(sampled.token_id), sampled.logprob, top, sampled.rank, sampled.token_id)
 
 
 def prepare_sequence(
@@ -175,7 +204,7 @@ def prepare_sequence(
     window = tokenizer.context_window
     room = window - len(prompt_ids)
     requested = request.params.max_tokens
-    if room < 1 or (requested is not None and requested > room):
+    if room < (0 if requested == 0 else 1) or (requested is not None and requested > room):
         asked = f" and {requested} for the completion" if requested is not None else ""
         raise ContextLengthExceeded(
             f"This model's maximum context length is {window} tokens; the request has "

@@ -33,6 +33,7 @@ from typing import Literal
 
 import numpy as np
 
+from tokenmill.engines import logprobs
 from tokenmill.engines.base import Chunk, SampledLogprobs
 from tokenmill.engines.chat_template import written_out
 from tokenmill.engines.prefix_cache import PrefixCacheStats
@@ -210,6 +211,8 @@ class SimulatedEngine:
         self._burn(started, self._cost(prefills, self._ttft_s) + self._cost(decodes, self._itl_s))
         if fault == "bad_token":
             return [EOS_ID + 1000 if c.completes_sequence_input else None for c in chunks]
+        for chunk in chunks:
+            self._score_prompt(chunk.seq, chunk.num_tokens)
         return [self._next_token(c.seq) if c.completes_sequence_input else None for c in chunks]
 
     def prefix_cache_stats(self) -> PrefixCacheStats:
@@ -239,6 +242,18 @@ class SimulatedEngine:
             top = tuple((t, flat) for t in [token, *others])[: seq.params.logprobs]
             seq.note_logprobs(SampledLogprobs(token, flat, top))
         return token
+
+    @staticmethod
+    def _score_prompt(seq: Sequence, tokens: int) -> None:
+        positions = logprobs.scored_positions(seq, seq.num_computed, tokens)
+        if positions:  # the same flat distribution: every token ranks first among equals
+            flat, k = -math.log(len(_VOCAB) + 1), seq.params.prompt_logprobs or 0
+            targets = seq.token_ids[positions.start + 1 : positions.stop + 1]
+
+            def top(token: int) -> tuple[tuple[int, float], ...]:
+                return tuple((t, flat) for t in [token, *(o for o in range(k) if o != token)][:k])
+
+            seq.note_prompt_logprobs([SampledLogprobs(t, flat, top(t), 1) for t in targets])
 
     def _choose(self, seq: Sequence) -> int:
         state = self._states[seq.seq_id]

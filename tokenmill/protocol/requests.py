@@ -10,6 +10,7 @@ instead of silently getting something else.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -35,9 +36,10 @@ class StreamOptions(StrictModel):
 
 # The fields tokenmill acts on itself even when it relays to an upstream API: the model (the
 # upstream's own), streaming (always streamed upstream), n (one upstream request per choice), the
-# length and seed (per choice, within --max-tokens-limit) and its own timeout.
+# length and seed (per choice, within --max-tokens-limit), its own timeout, and echo.
 _ACTED_ON = frozenset(
     {"model", "stream", "stream_options", "n", "timeout", "max_tokens", "max_completion_tokens", "seed", "priority"}
+    | {"echo"}  # the prompt is sent back by this server
 )
 
 
@@ -91,6 +93,9 @@ class _SamplingFields(StrictModel):
     def _logprobs(self) -> int | None:
         return None
 
+    def _prompt_logprobs(self) -> int | None:
+        return None
+
     def relayed_fields(self) -> dict[str, Any]:
         """What an upstream API gets as the client sent it: every field given but those acted on here."""
         return self.model_dump(mode="json", by_alias=True, exclude_unset=True, exclude=set(_ACTED_ON))
@@ -132,6 +137,7 @@ class _SamplingFields(StrictModel):
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             logit_bias=self._logit_bias(),
             logprobs=self._logprobs(),
+            prompt_logprobs=self._prompt_logprobs(),
             grammar=self._grammar(tool_format),
         )
 
@@ -249,12 +255,25 @@ class ChatCompletionRequest(_SamplingFields):
         return tuple(m.message() for m in self.messages)
 
 
+@dataclass(frozen=True, slots=True)
+class Echo:
+    """What a completion sends back of its prompt: its text ahead of the answer's (`echo`), its
+    tokens ahead of the answer's in the logprobs lists (`echo` with `logprobs`: that many
+    alternatives each), and vLLM's `prompt_logprobs` list (that many alternatives each)."""
+
+    text: str | None = None
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+
+
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] = Field(max_length=MAX_PROMPT_CHARS)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
     logprobs: int | None = None  # the completions API's form: how many alternatives per token
+    # vLLM's extension: each prompt token's log-probability, and this many alternatives
+    prompt_logprobs: int | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -265,16 +284,32 @@ class CompletionRequest(_SamplingFields):
 
     @model_validator(mode="after")
     def _refuse_unsupported_completion(self) -> CompletionRequest:
-        if self.echo:
-            raise ValueError("echo is not supported")
         if self.suffix:
             raise ValueError("suffix is not supported")
         if self.best_of not in (None, 1):
             raise ValueError("best_of is not supported")
+        if self.max_tokens == 0 and not (self.echo or self.prompt_logprobs is not None):
+            raise ValueError(
+                "max_tokens 0 generates nothing: it takes echo (or prompt_logprobs) to score the prompt instead"
+            )
         return self
 
     def _logprobs(self) -> int | None:
         return self.logprobs
+
+    def _prompt_logprobs(self) -> int | None:
+        """How many alternatives the scored prompt needs (None: the prompt is not scored)."""
+        asked = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None) if k is not None]
+        if asked:
+            return max(asked)
+        return 0 if self.echo and self.max_tokens == 0 else None  # the prompt alone, computed once
+
+    def echo_of(self) -> Echo:
+        return Echo(
+            text=self.prompt_text() if self.echo else None,
+            logprobs=self.logprobs if self.echo else None,
+            prompt_logprobs=self.prompt_logprobs,
+        )
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]

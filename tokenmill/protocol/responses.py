@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, model_serializer
 
-from tokenmill.generation import FinishReason, TokenLogprob, ToolCall, ToolCallDelta, Usage
+from tokenmill.generation import FinishReason, PromptLogprobs, TokenLogprob, ToolCall, ToolCallDelta, Usage
 
 
 class PromptTokensDetails(BaseModel):
@@ -65,25 +65,74 @@ class ChatLogprobs(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
-    """The legacy completions form: parallel lists, alternatives as {token: logprob}."""
+    """The legacy completions form: parallel lists, alternatives as {token: logprob}, the chosen
+    token's among them ("up to logprobs + 1 elements", as OpenAI documents). With `echo` the
+    prompt's tokens come first, the very first with null (nothing precedes it to score it)."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
     @classmethod
-    def of(cls, entries: tuple[TokenLogprob, ...] | list[TokenLogprob], offset: int = 0) -> CompletionLogprobs:
-        offsets = []
+    def of(
+        cls,
+        entries: tuple[TokenLogprob, ...] | list[TokenLogprob],
+        offset: int = 0,
+        prompt: PromptLogprobs | None = None,
+        prompt_top: int = 0,
+    ) -> CompletionLogprobs:
+        """`offset`: where the entries' text starts in the choice's text. `prompt` (echo): the
+        scored prompt goes first, from offset 0, with its `prompt_top` alternatives."""
+        tokens: list[str] = []
+        chosen: list[float | None] = []
+        tops: list[dict[str, float] | None] = []
+        offsets: list[int] = []
+        if prompt is not None:
+            tokens.append(prompt.first.token)
+            chosen.append(None)
+            tops.append(None)
+            offsets.append(0)
+            at = len(prompt.first.token)
+            for e in prompt.scored:
+                tokens.append(e.token)
+                chosen.append(e.logprob)
+                tops.append(_alternatives(e, prompt_top))
+                offsets.append(at)
+                at += len(e.token)
         for e in entries:
+            tokens.append(e.token)
+            chosen.append(e.logprob)
+            tops.append(_alternatives(e, len(e.top)))
             offsets.append(offset)
             offset += len(e.token)
-        return cls(
-            tokens=[e.token for e in entries],
-            token_logprobs=[e.logprob for e in entries],
-            top_logprobs=[{t.token: t.logprob for t in e.top} for e in entries],
-            text_offset=offsets,
-        )
+        return cls(tokens=tokens, token_logprobs=chosen, top_logprobs=tops, text_offset=offsets)
+
+
+def _alternatives(entry: TokenLogprob, k: int) -> dict[str, float]:
+    alternatives = {t.token: t.logprob for t in entry.top[:k]}
+    alternatives.setdefault(entry.token, entry.logprob)
+    return alternatives
+
+
+class PromptTokenLogprob(BaseModel):
+    """vLLM's form of one token's entry in `prompt_logprobs`, keyed by token id."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str
+
+
+def prompt_logprobs_of(prompt: PromptLogprobs, top: int) -> list[dict[str, PromptTokenLogprob] | None]:
+    """vLLM's `prompt_logprobs`: null for the first token, then per token {id: entry}: the token
+    itself with its rank, and the `top` most likely tokens at that position (rank 1, 2, ...)."""
+    out: list[dict[str, PromptTokenLogprob] | None] = [None]
+    for e in prompt.scored:
+        entry = {str(e.token_id): PromptTokenLogprob(logprob=e.logprob, rank=e.rank, decoded_token=e.token)}
+        for rank, t in enumerate(e.top[:top], start=1):
+            entry.setdefault(str(t.token_id), PromptTokenLogprob(logprob=t.logprob, rank=rank, decoded_token=t.token))
+        out.append(entry)
+    return out
 
 
 class FunctionCallOut(BaseModel):
@@ -174,6 +223,14 @@ class CompletionChoice(BaseModel):
     text: str
     finish_reason: FinishReason | None = None
     logprobs: CompletionLogprobs | None = None
+    prompt_logprobs: list[dict[str, PromptTokenLogprob] | None] | None = None  # vLLM's, when asked
+
+    @model_serializer(mode="wrap")
+    def _prompt_logprobs_when_asked(self, handler) -> dict[str, object]:
+        body = handler(self)
+        if self.prompt_logprobs is None:
+            body.pop("prompt_logprobs", None)
+        return body
 
 
 class Completion(BaseModel):

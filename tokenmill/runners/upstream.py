@@ -118,6 +118,12 @@ class UpstreamRunner(Runner):
         limit = self.limits.max_tokens
         if limit is not None and (request.params.max_tokens or 0) > limit:
             raise InvalidRequest(f"max_tokens may be at most {limit} on this server.", param="max_tokens")
+        if request.params.prompt_logprobs is not None:
+            raise InvalidRequest(
+                "prompt log-probabilities (echo with logprobs, prompt_logprobs, max_tokens 0) are computed by a "
+                "local engine; an upstream API does not report them through this server",
+                param="prompt_logprobs",
+            )
         handle = RequestHandle(request.request_id, on_abort=lambda: task.cancel())
         task = asyncio.create_task(self._relay(request, handle))
         self._tasks.add(task)

@@ -199,7 +199,10 @@ async def count_message_tokens(body: CountTokensRequest, request: Request) -> To
 @router.post("/v1/completions", response_model=Completion, responses=_ERRORS)
 async def completions(body: CompletionRequest, request: Request):
     prompt = {"prompt": body.prompt_text()}
-    return await _serve_choices(request, body, "cmpl", prompt, streams.completion_stream, streams.text_completion)
+    echo = body.echo_of()
+    stream = functools.partial(streams.completion_stream, echo=echo)
+    answer = functools.partial(streams.text_completion, echo=echo)
+    return await _serve_choices(request, body, "cmpl", prompt, stream, answer)
 
 
 @router.post("/v1/embeddings", response_model=EmbeddingResponse, responses=_ERRORS)

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from tokenmill.errors import EngineFailure, TokenmillError
-from tokenmill.generation import Finished, TextDelta, TokenEvent, TokenLogprob, ToolCallDelta, Usage
+from tokenmill.generation import Finished, PromptLogprobs, TextDelta, TokenEvent, TokenLogprob, ToolCallDelta, Usage
 from tokenmill.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -29,6 +29,8 @@ from tokenmill.protocol import (
     ToolCallOut,
     UsageOut,
 )
+from tokenmill.protocol.requests import Echo
+from tokenmill.protocol.responses import prompt_logprobs_of
 from tokenmill.server.choice_text import ChoiceText, Piece, whole
 from tokenmill.server.errors import error_body
 from tokenmill.server.serving import Generation
@@ -36,6 +38,7 @@ from tokenmill.server.sse import DONE, data_event, json_event
 from tokenmill.tools import ToolCallParser
 
 log = logging.getLogger(__name__)
+NO_ECHO = Echo()
 
 # (generations, completion id, created, model, include_usage, continuous_usage) -> SSE bytes
 StreamRenderer = Callable[[Sequence[Generation], str, int, str, bool, bool], AsyncIterator[bytes]]
@@ -51,6 +54,7 @@ class Collected:
     finished: Finished
     logprobs: list[TokenLogprob]
     tool_calls: list[ToolCallDelta]
+    prompt: PromptLogprobs | None = None  # when the request had the prompt scored
 
 
 async def collect(generation: Generation) -> Collected:
@@ -58,13 +62,15 @@ async def collect(generation: Generation) -> Collected:
     parts: list[str] = []
     logprobs: list[TokenLogprob] = []
     calls: list[ToolCallDelta] = []
+    prompt: PromptLogprobs | None = None
     async for event in generation.events():
         if isinstance(event, TextDelta):
             parts.append(event.text)
             logprobs.extend(event.logprobs)
             calls.extend(event.tool_calls)
+            prompt = event.prompt_logprobs or prompt
         else:
-            return Collected("".join(parts), event, logprobs, calls)
+            return Collected("".join(parts), event, logprobs, calls, prompt)
     raise EngineFailure("the generation ended without a finish event")
 
 
@@ -117,7 +123,7 @@ def _chat_choice(
 
 
 async def text_completion(
-    generations: Sequence[Generation], completion_id: str, created: int, model: str
+    generations: Sequence[Generation], completion_id: str, created: int, model: str, echo: Echo = NO_ECHO
 ) -> Completion:
     results = await asyncio.gather(*(collect(g) for g in generations))
     return Completion(
@@ -125,16 +131,35 @@ async def text_completion(
         created=created,
         model=model,
         choices=[
-            CompletionChoice(
-                index=index,
-                text=result.text,
-                finish_reason=result.finished.reason,
-                logprobs=CompletionLogprobs.of(result.logprobs) if _asked_logprobs(generation) else None,
-            )
+            _completion_choice(index, result, echo, _asked_logprobs(generation))
             for index, (generation, result) in enumerate(zip(generations, results, strict=True))
         ],
         usage=_total_usage([result.finished for result in results]),
     )
+
+
+def _completion_choice(index: int, result: Collected, echo: Echo, logprobs: bool) -> CompletionChoice:
+    return CompletionChoice(
+        index=index,
+        text=(echo.text or "") + result.text,
+        finish_reason=result.finished.reason,
+        logprobs=_echoed_logprobs(result.logprobs, echo, result.prompt) if logprobs else None,
+        prompt_logprobs=_vllm_prompt_logprobs(echo, result.prompt),
+    )
+
+
+def _echoed_logprobs(
+    entries: Sequence[TokenLogprob], echo: Echo, prompt: PromptLogprobs | None, offset: int = 0
+) -> CompletionLogprobs:
+    if echo.logprobs is None:
+        return CompletionLogprobs.of(list(entries), offset)
+    return CompletionLogprobs.of(list(entries), offset + len(echo.text or ""), prompt, echo.logprobs)
+
+
+def _vllm_prompt_logprobs(echo: Echo, prompt: PromptLogprobs | None) -> list | None:
+    if echo.prompt_logprobs is None or prompt is None:
+        return None
+    return prompt_logprobs_of(prompt, echo.prompt_logprobs)
 
 
 async def interleave(generations: Sequence[Generation]) -> AsyncIterator[tuple[int, TokenEvent]]:
@@ -272,26 +297,49 @@ def completion_stream(
     model: str,
     include_usage: bool,
     continuous_usage: bool = False,
+    echo: Echo = NO_ECHO,
 ) -> AsyncIterator[bytes]:
     with_usage = include_usage or continuous_usage
     offsets = [0] * len(generations)  # the completions form gives each token's offset in its text
 
-    def chunk(index: int, text: str, finish=None, usage=None, choices=True, logprobs=None) -> bytes:
+    def chunk(index: int, text: str, finish=None, usage=None, choices=True, logprobs=None, prompt=None) -> bytes:
         body = Completion(
             id=completion_id,
             created=created,
             model=model,
-            choices=[CompletionChoice(index=index, text=text, finish_reason=finish, logprobs=logprobs)]
+            choices=[
+                CompletionChoice(
+                    index=index, text=text, finish_reason=finish, logprobs=logprobs, prompt_logprobs=prompt
+                )
+            ]
             if choices
             else [],
             usage=usage,
         )
         return data_event(body.model_dump_json(exclude=None if with_usage else {"usage"}))
 
+    def echoed(index: int, event: TextDelta) -> bytes:
+        """The first chunk of a scored prompt's choice: the prompt's text and its logprobs."""
+        assert event.prompt_logprobs is not None
+        logprobs = None
+        if echo.logprobs is not None and _asked_logprobs(generations[index]):
+            logprobs = _echoed_logprobs((), echo, event.prompt_logprobs)
+        offsets[index] = len(echo.text or "")  # the answer's text follows the prompt's
+        prompt = _vllm_prompt_logprobs(echo, event.prompt_logprobs)
+        return chunk(index, echo.text or "", logprobs=logprobs, prompt=prompt)
+
     async def body() -> AsyncIterator[bytes]:
         usage = _Usage(generations)
+        if echo.text is not None and generations[0].params.prompt_logprobs is None:
+            for index in range(len(generations)):  # nothing to wait for: the prompt's text goes first
+                yield chunk(index, echo.text)
+                offsets[index] = len(echo.text)
         async for index, event in interleave(generations):
             if isinstance(event, TextDelta):
+                if event.prompt_logprobs is not None:
+                    yield echoed(index, event)
+                    if not event.text and not event.logprobs:
+                        continue
                 logprobs = CompletionLogprobs.of(event.logprobs, offsets[index]) if event.logprobs else None
                 offsets[index] += sum(len(entry.token) for entry in event.logprobs)
                 running = usage.running(index, event) if continuous_usage else None

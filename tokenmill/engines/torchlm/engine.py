@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from tokenmill.engines.base import Chunk
+from tokenmill.engines import logprobs
+from tokenmill.engines.base import Chunk, SampledLogprobs
 from tokenmill.engines.prefix_cache import HOLDERS, PrefixCacheStats, PrefixIndex
 from tokenmill.engines.sequence import Sequence, SequenceStatus
 from tokenmill.engines.structured import Constrained, structured_tokenizer
@@ -105,7 +106,7 @@ class TorchEngine:
     def add_sequence(self, seq: Sequence) -> None:
         self.cache.add(seq.seq_id)
         self.sampler.add(seq.seq_id, seq.params)
-        if self._prefix is not None and seq.num_computed == 0:
+        if self._prefix is not None and seq.num_computed == 0 and seq.params.prompt_logprobs is None:
             found = self._prefix.reuse(seq.token_ids[: seq.num_prompt_tokens])
             if found is not None:
                 holder, shared = found
@@ -134,8 +135,11 @@ class TorchEngine:
         for chunk in chunks:
             self.cache.ensure(chunk.seq.seq_id, chunk.seq.num_computed + chunk.num_tokens)
         # decode rows (one token each) go first: the model attends them as one batch
-        inputs, sampled_chunks = self._pack(sorted(chunks, key=lambda c: c.num_tokens != 1))
+        inputs, sampled_chunks, scored = self._pack(sorted(chunks, key=lambda c: c.num_tokens != 1))
         logits = self.model.forward(inputs, self.cache)  # writes every token's KV even when nothing is sampled
+        if scored:
+            self._score_prompts(logits[len(sampled_chunks) :], scored)
+            logits = logits[: len(sampled_chunks)]
         if self._prefix is not None:
             for chunk in chunks:
                 if chunk.completes_prompt:
@@ -173,7 +177,34 @@ class TorchEngine:
     def prefix_cache_stats(self) -> PrefixCacheStats:
         return self._prefix.stats() if self._prefix is not None else PrefixCacheStats()
 
-    def _pack(self, chunks: list[Chunk]) -> tuple[StepInputs, list[Chunk]]:
+    @staticmethod
+    def _score_prompts(logits: torch.Tensor, scored: list[tuple[Sequence, range]]) -> None:
+        """`logits`: the scored prompt positions' rows, sequence after sequence, as `_pack` listed them."""
+        log_probs = logits.log_softmax(dim=-1)
+        row = 0
+        for seq, positions in scored:
+            rows = log_probs[row : row + len(positions)]
+            row += len(positions)
+            targets = torch.tensor(seq.token_ids[positions.start + 1 : positions.stop + 1], device=rows.device)
+            chosen = rows.gather(1, targets[:, None])
+            ranks = ((rows > chosen).sum(dim=1) + 1).tolist()
+            k = seq.params.prompt_logprobs or 0
+            top_values, top_ids = rows.topk(k, dim=-1) if k else (rows[:, :0], rows[:, :0].long())
+            seq.note_prompt_logprobs(
+                [
+                    SampledLogprobs(target, value, tuple(zip(ids, values, strict=True)), rank)
+                    for target, value, ids, values, rank in zip(
+                        targets.tolist(),
+                        chosen[:, 0].tolist(),
+                        top_ids.tolist(),
+                        top_values.tolist(),
+                        ranks,
+                        strict=True,
+                    )
+                ]
+            )
+
+    def _pack(self, chunks: list[Chunk]) -> tuple[StepInputs, list[Chunk], list[tuple[Sequence, range]]]:
         block = self.cache.block
         token_ids: list[int] = []
         positions: list[int] = []
@@ -182,6 +213,8 @@ class TorchEngine:
         prefills: list[PrefillChunk] = []
         sample_rows: list[int] = []
         sampled: list[Chunk] = []
+        scored_rows: list[int] = []  # after the sample rows: prompt positions whose logits score a prompt token
+        scored: list[tuple[Sequence, range]] = []
         tensor = functools.partial(torch.tensor, dtype=torch.long, device=self.device)
         blockwise = sum(1 for c in chunks if c.num_tokens == 1) > self._chunk_decode_rows
         for chunk in chunks:
@@ -200,6 +233,10 @@ class TorchEngine:
             if chunk.completes_sequence_input:
                 sample_rows.append(row + n - 1)
                 sampled.append(chunk)
+            predicting = logprobs.scored_positions(seq, start, n)
+            if predicting:
+                scored_rows.extend(range(row, row + len(predicting)))
+                scored.append((seq, predicting))
         position_tensor = tensor(positions)
         decode = self._decode_batch(decode_reads) if decode_reads else None
         inputs = StepInputs(
@@ -209,9 +246,9 @@ class TorchEngine:
             offsets=position_tensor % block,
             decode=decode,
             prefills=prefills,
-            sample_rows=tensor(sample_rows),
+            sample_rows=tensor(sample_rows + scored_rows),
         )
-        return inputs, sampled
+        return inputs, sampled, scored
 
     def _decode_batch(self, reads: list[tuple[list[int], int]]) -> DecodeBatch:
         """Which row reads which block, and how many of its cells: blocks below the highest one
