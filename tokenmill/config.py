@@ -193,6 +193,13 @@ class Settings(BaseSettings):
         None, description="Comma-separated origins allowed by CORS ('*' for any). Default: CORS off."
     )
     log_format: Literal["text", "json"] = Field("text", description="Access and server log format.")
+    reasoning_parser: Literal["auto", "think", "none"] = Field(
+        "auto",
+        description="How a model's reasoning is split from its answer (reasoning_content, Anthropic thinking "
+        "blocks, Responses reasoning items): 'auto' where the model's chat template writes <think> tags (the "
+        "default model's does not), 'think' for <think>...</think> whatever the template, 'none' to leave "
+        "the text as written.",
+    )
     lenient_fields: bool = Field(
         False,
         description="Drop request fields tokenmill does not know instead of refusing them with a 400 (each is "

@@ -65,6 +65,8 @@ class GenerationRequest:
     prompt: str | None = None
     messages: tuple[ChatMessage, ...] | None = None
     tools: tuple[ToolFunction, ...] = ()  # rendered into the chat template's prompt
+    # the last message is the assistant's answer begun (a prefill): the model continues it
+    continue_final: bool = False
     # upstream mode: the client's request fields this server does not act on, relayed as sent
     relay: Mapping[str, Any] | None = None
     share: Share = DEFAULT_SHARE
@@ -72,6 +74,8 @@ class GenerationRequest:
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("exactly one of prompt or messages must be given")
+        if self.continue_final and not (self.messages and self.messages[-1].role == "assistant"):
+            raise ValueError("continue_final needs an assistant message last")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,8 @@
 """The OpenAI fields beyond plain text, through the official SDK, on real `tokenmill serve`
 processes with the default model in batch mode, in both engines: structured outputs, logprobs,
-penalties and logit_bias, vLLM's continuous usage stats, cached prompt tokens, /tokenize."""
+penalties and logit_bias, vLLM's continuous usage stats, cached prompt tokens, /tokenize, prompt
+scoring (echo), and reasoning split off (`--reasoning-parser think`: the default model never writes
+the tags by itself, so only a prefill that opens them makes reasoning)."""
 
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ MESSAGES = [
 def server(request):
     if request.param == "torch":
         pytest.importorskip("torch")
-    with SpawnedServer(["--engine", request.param, "--max-batch", "8", "--context-window", "2048"]) as server:
+    args = ["--engine", request.param, "--max-batch", "8", "--context-window", "2048", "--reasoning-parser", "think"]
+    with SpawnedServer(args) as server:
         server.engine = request.param
         yield server
 
@@ -447,3 +450,31 @@ async def test_echo_scores_a_prompt_as_the_answer_was_scored_when_generated(sdk,
     assert [
         v for c in streamed if c.choices and c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs
     ] == (whole.choices[0].logprobs.token_logprobs)
+
+
+async def test_a_prefill_that_opens_the_thinking_comes_back_as_reasoning_content(sdk):
+    """vLLM's continue_final_message: the model continues "<think>" (an assistant prefill); what it
+    thinks is reasoning_content, streamed as it is in the body, and never content."""
+    model = await _model(sdk)
+    asked = {
+        "model": model,
+        "messages": [
+            {"role": "user", "content": "Is 17 a prime number?"},
+            {"role": "assistant", "content": "<think>\nLet me check the divisors of 17."},
+        ],
+        "max_tokens": 40,
+        "temperature": 0,
+        "extra_body": {"continue_final_message": True},
+    }
+    await sdk.chat.completions.create(**{**asked, "max_tokens": 1})  # warm the prefix cache: both below reuse it alike
+    whole = (await sdk.chat.completions.create(**asked)).choices[0].message
+    thought = whole.model_extra["reasoning_content"]
+    assert thought and "<think>" not in thought and "</think>" not in thought
+    assert "</think>" not in (whole.content or "") and "<think>" not in (whole.content or "")
+    streamed_thought, streamed_content = "", ""
+    async for chunk in await sdk.chat.completions.create(**asked, stream=True):
+        if chunk.choices:
+            delta = chunk.choices[0].delta
+            streamed_thought += (delta.model_extra or {}).get("reasoning_content") or ""
+            streamed_content += delta.content or ""
+    assert (streamed_thought, streamed_content) == (thought, whole.content or "")

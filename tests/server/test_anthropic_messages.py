@@ -145,7 +145,7 @@ async def test_fields_that_change_nothing_are_accepted_and_counted(client):
     ("change", "says"),
     [
         ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, "takes no images"),
-        ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking is not supported"),
+        ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "needs a model that reasons"),
         ({"tools": [{"type": "bash_20250124", "name": "bash"}]}, "only custom tools"),
         ({"mcp_servers": [{"type": "url", "url": "http://127.0.0.1:1", "name": "x"}]}, "no MCP servers"),
         (

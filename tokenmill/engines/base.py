@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from tokenmill.generation import ChatMessage, ToolFunction
+from tokenmill.reasoning import ReasoningFormat
 from tokenmill.tools import ToolCallFormat
 
 if TYPE_CHECKING:
@@ -31,6 +32,10 @@ class Tokenizer(Protocol):
     @property
     def tool_call_format(self) -> ToolCallFormat:
         """How this model writes tool calls (the prompt section, the grammar, the parser)."""
+
+    @property
+    def reasoning_format(self) -> ReasoningFormat | None:
+        """How this model writes its reasoning (None: it writes none apart from its answer)."""
 
     @property
     def vocab_size(self) -> int:

@@ -17,6 +17,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from tokenmill.errors import InvalidRequest
 from tokenmill.generation import ChatMessage, ToolFunction
+from tokenmill.reasoning import ReasoningFormat
+from tokenmill.reasoning import format_for_template as reasoning_format_for
 from tokenmill.tools import ToolCallFormat, declaration, format_for_template, template_renders_tools
 
 # Used only for models that carry no template of their own.
@@ -34,6 +36,7 @@ class ChatTemplate:
         self._special = {"bos_token": bos_token, "eos_token": eos_token}
         self._native_tools = template_renders_tools(source)
         self.tool_format: ToolCallFormat = format_for_template(source)
+        self.reasoning_format: ReasoningFormat | None = reasoning_format_for(source)
 
     def render(self, messages: Sequence[ChatMessage], tools: Sequence[ToolFunction] = ()) -> str:
         extra: dict[str, Any] = {}

@@ -45,6 +45,7 @@ from tokenmill.engines.sequence import Sequence, SequenceStatus
 from tokenmill.engines.structured import Constrained
 from tokenmill.errors import EngineFailure
 from tokenmill.generation import ChatMessage, ToolFunction
+from tokenmill.reasoning import ReasoningFormat
 from tokenmill.tools import ToolCallFormat
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,10 @@ class LlamaCppTokenizer:
     @property
     def tool_call_format(self) -> ToolCallFormat:
         return self._template.tool_format
+
+    @property
+    def reasoning_format(self) -> ReasoningFormat | None:
+        return self._template.reasoning_format
 
     @property
     def vocab_size(self) -> int:

@@ -15,6 +15,7 @@ from tokenmill.engines.stopping import StopMatcher
 from tokenmill.errors import ContextLengthExceeded, InvalidRequest
 from tokenmill.generation import (
     DEFAULT_SHARE,
+    ChatMessage,
     Finished,
     FinishReason,
     GenerationRequest,
@@ -23,6 +24,7 @@ from tokenmill.generation import (
     TextDelta,
     TokenEvent,
     TokenLogprob,
+    ToolFunction,
     TopLogprob,
     Usage,
 )
@@ -162,6 +164,17 @@ class Sequence:
         return TokenLogprob(*self._text_of(sampled.token_id), sampled.logprob, top, sampled.rank, sampled.token_id)
 
 
+def chat_prompt(
+    tokenizer: Tokenizer, messages: tuple[ChatMessage, ...], tools: tuple[ToolFunction, ...], continue_final: bool
+) -> str:
+    """The prompt of a chat: the template's, the assistant's turn opened, and with `continue_final`
+    the last (assistant) message's text written into that turn for the model to continue, as
+    llama.cpp's server and vLLM's `continue_final_message` do."""
+    if not continue_final:
+        return tokenizer.render_chat(messages, tools)
+    return tokenizer.render_chat(messages[:-1], tools) + messages[-1].content
+
+
 def prepare_sequence(
     request: GenerationRequest,
     tokenizer: Tokenizer,
@@ -170,7 +183,7 @@ def prepare_sequence(
 ) -> Sequence:
     """Render, tokenize and size-check a request; raises InvalidRequest before any model work."""
     if request.messages is not None:
-        text = tokenizer.render_chat(request.messages, request.tools)
+        text = chat_prompt(tokenizer, request.messages, request.tools, request.continue_final)
     else:
         assert request.prompt is not None
         text = request.prompt

@@ -143,6 +143,10 @@ class SimulatedTokenizer:
         return FORMATS["hermes"]
 
     @property
+    def reasoning_format(self) -> None:
+        return None  # its words hold no tags
+
+    @property
     def vocab_size(self) -> int:
         return EOS_ID + 1
 

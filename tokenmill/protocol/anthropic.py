@@ -195,11 +195,10 @@ class _Conversation(StrictModel):
     tool_choice: AnthropicToolChoice | None = None
     thinking: Thinking | None = None
 
-    @model_validator(mode="after")
-    def _refuse_thinking(self) -> _Conversation:
-        if self.thinking is not None and self.thinking.type != "disabled":
-            raise InvalidRequest("extended thinking is not supported by the models served here", param="thinking")
-        return self
+    @property
+    def thinking_asked(self) -> bool:
+        """Extended thinking asked for: only a model that reasons can give it (the route checks)."""
+        return self.thinking is not None and self.thinking.type != "disabled"
 
     def _chat_fields(self) -> dict[str, Any]:
         system = self.system if isinstance(self.system, str) or self.system is None else _joined(self.system)
@@ -207,6 +206,8 @@ class _Conversation(StrictModel):
         for message in self.messages:
             messages += message.chat_messages()
         fields: dict[str, Any] = {"model": self.model, "messages": messages}
+        if messages and messages[-1]["role"] == "assistant" and not messages[-1].get("tool_calls"):
+            fields["continue_final_message"] = True  # Anthropic's prefill: the answer continues it
         if self.tools:
             fields["tools"] = [
                 {
@@ -262,6 +263,8 @@ class MessagesRequest(_Conversation):
     def to_chat(self) -> ChatCompletionRequest:
         """The same request as a chat completion, one choice."""
         fields = self._chat_fields() | {"max_tokens": self.max_tokens, "stream": self.stream}
+        # a reasoning model thinks whether asked or not; "disabled" leaves its thinking out
+        fields["include_reasoning"] = self.thinking is None or self.thinking.type != "disabled"
         extra: dict[str, Any] = {"stop": self.stop_sequences, "temperature": self.temperature, "top_p": self.top_p}
         extra["top_k"] = self.top_k
         form = self.output_config.format if self.output_config is not None else None
@@ -297,6 +300,14 @@ class TextBlockOut(BaseModel):
     text: str
 
 
+class ThinkingBlockOut(BaseModel):
+    """A reasoning model's thinking (`--reasoning-parser`); unsigned: nothing here checks it later."""
+
+    type: Literal["thinking"] = "thinking"
+    thinking: str
+    signature: str = ""
+
+
 class ToolUseBlockOut(BaseModel):
     type: Literal["tool_use"] = "tool_use"
     id: str
@@ -312,7 +323,7 @@ class AnthropicMessageOut(BaseModel):
     type: Literal["message"] = "message"
     role: Literal["assistant"] = "assistant"
     model: str
-    content: list[TextBlockOut | ToolUseBlockOut]
+    content: list[TextBlockOut | ThinkingBlockOut | ToolUseBlockOut]
     stop_reason: StopReason | None
     stop_sequence: str | None = None
     usage: AnthropicUsage

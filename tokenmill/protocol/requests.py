@@ -175,6 +175,13 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    # a reasoning model's thinking (`--reasoning-parser`): sent as reasoning_content unless
+    # include_reasoning is false (vLLM's field); reasoning_format "none" leaves it in the content
+    # as written (llama.cpp's server's field)
+    include_reasoning: bool = True
+    reasoning_format: Literal["auto", "deepseek", "none"] | None = None
+    # vLLM's: the last (assistant) message is the answer begun, and the model continues it (a prefill)
+    continue_final_message: bool = False
     # accepted and ignored (CHAT_IGNORED_FIELDS)
     store: bool | None = None
     metadata: dict[str, str] | None = None
@@ -207,6 +214,10 @@ class ChatCompletionRequest(_SamplingFields):
             raise ValueError("a forced tool call (tool_choice) cannot be combined with response_format")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
+        if self.continue_final_message:
+            last = self.messages[-1]
+            if last.role != "assistant" or last.tool_calls:
+                raise ValueError("continue_final_message needs an assistant message last, with text and no tool_calls")
         return self
 
     @classmethod

@@ -171,7 +171,15 @@ class ToolCallDeltaOut(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning_content: str | None = None  # vLLM's, llama.cpp's and DeepSeek's name
     tool_calls: list[ToolCallOut] | None = None
+
+    @model_serializer(mode="wrap")
+    def _reasoning_when_there_is_some(self, handler) -> dict[str, object]:
+        body = handler(self)
+        if self.reasoning_content is None:
+            body.pop("reasoning_content", None)
+        return body
 
 
 class ChatChoice(BaseModel):
@@ -193,12 +201,18 @@ class ChatCompletion(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[ToolCallDeltaOut] | None = None
 
     @model_serializer
     def _only_present(self) -> dict[str, object]:
         # OpenAI omits absent delta fields rather than sending nulls.
-        present = (("role", self.role), ("content", self.content), ("tool_calls", self.tool_calls))
+        present = (
+            ("role", self.role),
+            ("content", self.content),
+            ("reasoning_content", self.reasoning_content),
+            ("tool_calls", self.tool_calls),
+        )
         return {k: v for k, v in present if v is not None}
 
 

@@ -302,6 +302,21 @@ class OutputMessage(BaseModel):
     content: list[OutputText]
 
 
+class ReasoningText(BaseModel):
+    type: Literal["reasoning_text"] = "reasoning_text"
+    text: str
+
+
+class OutputReasoning(BaseModel):
+    """A reasoning model's thinking (`--reasoning-parser`), as its text (no summary is written)."""
+
+    type: Literal["reasoning"] = "reasoning"
+    id: str
+    summary: list[Any] = []
+    content: list[ReasoningText]
+    status: Literal["completed", "incomplete", "in_progress"] = "completed"
+
+
 class OutputFunctionCall(BaseModel):
     type: Literal["function_call"] = "function_call"
     id: str
@@ -321,7 +336,7 @@ class ResponseObject(BaseModel):
     created_at: int
     status: Literal["completed", "incomplete", "in_progress", "failed"]
     model: str
-    output: list[OutputMessage | OutputFunctionCall]
+    output: list[OutputMessage | OutputReasoning | OutputFunctionCall]
     incomplete_details: IncompleteDetails | None = None
     error: dict[str, Any] | None = None
     instructions: str | None = None

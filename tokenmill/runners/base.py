@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 
 from tokenmill.engines.base import Tokenizer
 from tokenmill.engines.prefix_cache import PrefixCacheStats
-from tokenmill.engines.sequence import Sequence, prepare_sequence
+from tokenmill.engines.sequence import Sequence, chat_prompt, prepare_sequence
 from tokenmill.errors import EngineFailure, InvalidRequest, Overloaded, TokenmillError
 from tokenmill.generation import ChatMessage, Finished, GenerationRequest, TokenEvent, ToolFunction
+from tokenmill.reasoning import ReasoningFormat, ReasoningSetup
 from tokenmill.runners.embeddings import Embeddings, EmbeddingService
 from tokenmill.runners.restarts import RestartPolicy
 from tokenmill.tools import ToolCallFormat
@@ -174,6 +175,15 @@ class Runner(ABC):
         """How the served model writes tool calls; None where an upstream API parses its own."""
         return self.request_tokenizer().tool_call_format
 
+    def reasoning(self, named: ReasoningFormat | None = None) -> ReasoningSetup | None:
+        """How the served model writes its reasoning (`named`, else what its chat template says),
+        and whether its chat prompt opens it; None where it writes none."""
+        tokenizer = self.request_tokenizer()
+        fmt = named or tokenizer.reasoning_format
+        if fmt is None:
+            return None
+        return ReasoningSetup(fmt, fmt.opened_by(tokenizer.render_chat((ChatMessage("user", "hi"),))))
+
     def prepare(self, request: GenerationRequest) -> Sequence:
         return prepare_sequence(
             request, self.request_tokenizer(), self.limits.max_prompt_tokens, self.limits.max_tokens
@@ -185,11 +195,12 @@ class Runner(ABC):
         messages: tuple[ChatMessage, ...] | None,
         add_special: bool,
         tools: tuple[ToolFunction, ...] = (),
+        continue_final: bool = False,
     ) -> list[int]:
         """A prompt's token ids, or chat messages' (and tools') through the model's template,
         assistant turn opened: the prompt a generation of them would have."""
         tokenizer = self.request_tokenizer()
-        text = tokenizer.render_chat(messages, tools) if messages is not None else (prompt or "")
+        text = chat_prompt(tokenizer, messages, tools, continue_final) if messages is not None else (prompt or "")
         return tokenizer.encode(text, add_special)
 
     def detokenize(self, token_ids: list[int]) -> str:

@@ -43,6 +43,7 @@ from tokenmill.generation import (
     TopLogprob,
     Usage,
 )
+from tokenmill.reasoning import ReasoningFormat
 from tokenmill.runners.base import RequestHandle, Runner, RunnerStats
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,9 @@ class UpstreamRunner(Runner):
 
     def tool_call_format(self) -> None:
         return None  # the upstream API renders the tools and parses its model's calls itself
+
+    def reasoning(self, named: ReasoningFormat | None = None) -> None:
+        return None  # the upstream API splits its model's reasoning itself
 
     def stats(self) -> RunnerStats:
         return RunnerStats(running=len(self._tasks), waiting=0, kv_tokens_used=0, kv_tokens_capacity=0)

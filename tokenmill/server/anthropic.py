@@ -19,14 +19,15 @@ from tokenmill.protocol.anthropic import (
     AnthropicUsage,
     StopReason,
     TextBlockOut,
+    ThinkingBlockOut,
     ToolUseBlockOut,
 )
+from tokenmill.reasoning import Reasoning
 from tokenmill.server.choice_text import ChoiceText, Piece, pieces_of
 from tokenmill.server.errors import anthropic_error_body
 from tokenmill.server.serving import Generation
 from tokenmill.server.sse import json_event
 from tokenmill.server.streams import collect, guarded, stream_error
-from tokenmill.tools import ToolCallParser
 
 
 def stop_reason(finished: Finished, called: bool) -> StopReason:
@@ -56,19 +57,24 @@ async def message_body(
     message_id: str,
     created: int,
     model: str,
-    tool_parser: Callable[[], ToolCallParser] | None = None,
+    new_output: Callable[[], ChoiceText] = ChoiceText,
 ) -> AnthropicMessageOut:
     (generation,) = generations  # the Messages API has no n
     result = await collect(generation)
-    output = ChoiceText(tool_parser)
+    output = new_output()
     pieces = [*output.feed(result.text, result.tool_calls), *output.finish(result.finished.reason)]
-    blocks: list[TextBlockOut | ToolUseBlockOut] = []
+    blocks: list[TextBlockOut | ThinkingBlockOut | ToolUseBlockOut] = []
     for piece in pieces:
         if isinstance(piece, str):
             if blocks and isinstance(blocks[-1], TextBlockOut):
                 blocks[-1].text += piece
             else:
                 blocks.append(TextBlockOut(text=piece))
+        elif isinstance(piece, Reasoning):
+            if blocks and isinstance(blocks[-1], ThinkingBlockOut):
+                blocks[-1].thinking += piece.text
+            else:
+                blocks.append(ThinkingBlockOut(thinking=piece.text))
         else:
             blocks.append(ToolUseBlockOut(id=piece.id or "", name=piece.name or "", input=_tool_input(piece)))
     called = any(isinstance(block, ToolUseBlockOut) for block in blocks)
@@ -104,6 +110,12 @@ class _Blocks:
             events = [] if self._open == "text" else [*self.close(), self._start({"type": "text", "text": ""})]
             self._open = "text"
             return [*events, self._delta({"type": "text_delta", "text": piece})]
+        if isinstance(piece, Reasoning):
+            events = []
+            if self._open != "thinking":
+                events = [*self.close(), self._start({"type": "thinking", "thinking": "", "signature": ""})]
+            self._open = "thinking"
+            return [*events, self._delta({"type": "thinking_delta", "thinking": piece.text})]
         self.called = True
         events = self.close()  # first: the tool block's index follows the closed one's
         events.append(self._start({"type": "tool_use", "id": piece.id or "", "name": piece.name or "", "input": {}}))
@@ -132,7 +144,7 @@ def message_stream(
     model: str,
     include_usage: bool,
     continuous_usage: bool = False,
-    tool_parser: Callable[[], ToolCallParser] | None = None,
+    new_output: Callable[[], ChoiceText] = ChoiceText,
 ) -> AsyncIterator[bytes]:
     (generation,) = generations
 
@@ -143,7 +155,7 @@ def message_stream(
         start["usage"] = {"input_tokens": prompt_tokens, "output_tokens": 0}
         yield _event("message_start", {"message": start})
         blocks = _Blocks()
-        async for item in pieces_of(generation.events(), ChoiceText(tool_parser)):
+        async for item in pieces_of(generation.events(), new_output()):
             if not isinstance(item, Finished):
                 for chunk in blocks.piece(item):
                     yield chunk

@@ -7,7 +7,9 @@ with its `sequence_number`: `response.created`, `response.in_progress`, per item
 ..., `response.output_text.done`, `response.content_part.done`; for a call
 `response.function_call_arguments.delta` and `.done`), `response.output_item.done`, then
 `response.completed` (or `response.incomplete` when cut by `max_output_tokens`) carrying the whole
-response, the same object the plain call returns. A failure mid-stream is an `error` event.
+response, the same object the plain call returns. A failure mid-stream is an `error` event. A
+reasoning model's thinking is a `reasoning` item first (`response.reasoning_text.delta` ...,
+`response.reasoning_text.done`).
 """
 
 from __future__ import annotations
@@ -22,16 +24,18 @@ from tokenmill.protocol.responses_api import (
     InputTokensDetails,
     OutputFunctionCall,
     OutputMessage,
+    OutputReasoning,
     OutputText,
+    ReasoningText,
     ResponseObject,
     ResponsesRequest,
     ResponseUsage,
 )
+from tokenmill.reasoning import Reasoning
 from tokenmill.server.choice_text import ChoiceText, Piece, pieces_of
 from tokenmill.server.serving import Generation
 from tokenmill.server.sse import json_event
 from tokenmill.server.streams import collect, guarded, stream_error
-from tokenmill.tools import ToolCallParser
 
 ItemStatus = Literal["completed", "incomplete", "in_progress"]
 
@@ -85,14 +89,22 @@ def _finish(response: ResponseObject, finished: Finished) -> ResponseObject:
     )
 
 
-def _items(pieces: Sequence[Piece], status: ItemStatus) -> list[OutputMessage | OutputFunctionCall]:
-    items: list[OutputMessage | OutputFunctionCall] = []
+Item = OutputMessage | OutputReasoning | OutputFunctionCall
+
+
+def _items(pieces: Sequence[Piece], status: ItemStatus) -> list[Item]:
+    items: list[Item] = []
     for piece in pieces:
         if isinstance(piece, str):
             if items and isinstance(items[-1], OutputMessage):
                 items[-1].content[0].text += piece
             else:
                 items.append(OutputMessage(id=_item_id("msg"), status=status, content=[OutputText(text=piece)]))
+        elif isinstance(piece, Reasoning):
+            if items and isinstance(items[-1], OutputReasoning):
+                items[-1].content[0].text += piece.text
+            else:
+                items.append(OutputReasoning(id=_item_id("rs"), content=[ReasoningText(text=piece.text)]))
         else:
             call_id = piece.id or _item_id("call")
             items.append(
@@ -106,13 +118,13 @@ async def response_body(
     response_id: str,
     created: int,
     model: str,
-    tool_parser: Callable[[], ToolCallParser] | None = None,
+    new_output: Callable[[], ChoiceText] = ChoiceText,
     *,
     asked: ResponsesRequest,
 ) -> ResponseObject:
     (generation,) = generations
     result = await collect(generation)
-    output = ChoiceText(tool_parser)
+    output = new_output()
     pieces = [*output.feed(result.text, result.tool_calls), *output.finish(result.finished.reason)]
     status: ItemStatus = "incomplete" if result.finished.reason == "length" else "completed"
     frame = _frame(asked, response_id, created, model).model_copy(update={"output": _items(pieces, status)})
@@ -124,8 +136,9 @@ class _Events:
 
     def __init__(self) -> None:
         self._number = 0
-        self.items: list[OutputMessage | OutputFunctionCall] = []
+        self.items: list[Item] = []
         self._text: OutputMessage | None = None
+        self._thought: OutputReasoning | None = None
 
     def event(self, kind: str, **payload: Any) -> bytes:
         body = {"type": kind, "sequence_number": self._number, **payload}
@@ -133,15 +146,18 @@ class _Events:
         return json_event(body, event=kind)
 
     def piece(self, piece: Piece) -> list[bytes]:
+        if isinstance(piece, Reasoning):
+            return self._reasoning(piece.text)
         if isinstance(piece, str):
-            out: list[bytes] = []
+            out: list[bytes] = self.close_thought()
             if self._text is None:
-                self._text, out = self._open_text()
+                self._text, opened = self._open_text()
+                out += opened
             message = self._text
             message.content[0].text += piece
             where = {"item_id": message.id, "output_index": self.items.index(message), "content_index": 0}
             return [*out, self.event("response.output_text.delta", **where, delta=piece, logprobs=[])]
-        out = self.close_text()
+        out = [*self.close_thought(), *self.close_text()]
         call = OutputFunctionCall(
             id=_item_id("fc"),
             call_id=piece.id or _item_id("call"),
@@ -160,6 +176,31 @@ class _Events:
         )
         out.append(self.event("response.output_item.done", output_index=index, item=call.model_dump()))
         return out
+
+    def _reasoning(self, text: str) -> list[bytes]:
+        out = self.close_text()
+        if self._thought is None:
+            self._thought = OutputReasoning(id=_item_id("rs"), content=[], status="in_progress")
+            self.items.append(self._thought)
+            item = self._thought.model_dump()
+            out.append(self.event("response.output_item.added", output_index=len(self.items) - 1, item=item))
+            self._thought.content.append(ReasoningText(text=""))
+        thought = self._thought
+        thought.content[0].text += text
+        where = {"item_id": thought.id, "output_index": self.items.index(thought), "content_index": 0}
+        return [*out, self.event("response.reasoning_text.delta", **where, delta=text)]
+
+    def close_thought(self) -> list[bytes]:
+        if self._thought is None:
+            return []
+        thought, self._thought = self._thought, None
+        thought.status = "completed"
+        index = self.items.index(thought)
+        where = {"item_id": thought.id, "output_index": index, "content_index": 0}
+        return [
+            self.event("response.reasoning_text.done", **where, text=thought.content[0].text),
+            self.event("response.output_item.done", output_index=index, item=thought.model_dump()),
+        ]
 
     def _open_text(self) -> tuple[OutputMessage, list[bytes]]:
         message = OutputMessage(id=_item_id("msg"), status="in_progress", content=[OutputText(text="")])
@@ -195,7 +236,7 @@ def response_stream(
     model: str,
     include_usage: bool,
     continuous_usage: bool = False,
-    tool_parser: Callable[[], ToolCallParser] | None = None,
+    new_output: Callable[[], ChoiceText] = ChoiceText,
     *,
     asked: ResponsesRequest,
 ) -> AsyncIterator[bytes]:
@@ -206,13 +247,16 @@ def response_stream(
     async def body() -> AsyncIterator[bytes]:
         yield events.event("response.created", response=frame.model_dump())
         yield events.event("response.in_progress", response=frame.model_dump())
-        async for item in pieces_of(generation.events(), ChoiceText(tool_parser)):
+        async for item in pieces_of(generation.events(), new_output()):
             if not isinstance(item, Finished):
                 for chunk in events.piece(item):
                     yield chunk
                 continue
             event = item
-            for chunk in events.close_text("incomplete" if event.reason == "length" else "completed"):
+            for chunk in [
+                *events.close_thought(),
+                *events.close_text("incomplete" if event.reason == "length" else "completed"),
+            ]:
                 yield chunk
             done = _finish(frame.model_copy(update={"output": events.items}), event)
             kind = "response.incomplete" if done.status == "incomplete" else "response.completed"

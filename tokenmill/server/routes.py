@@ -40,6 +40,7 @@ from tokenmill.protocol.anthropic import AnthropicMessageOut, CountTokensRequest
 from tokenmill.protocol.responses_api import ResponseObject, ResponsesRequest
 from tokenmill.sampling import SamplingParams
 from tokenmill.server import anthropic, responses_api, streams
+from tokenmill.server.choice_text import ChoiceText
 from tokenmill.server.responses import (
     GenerationResponse,
     QueuedStreamResponse,
@@ -157,9 +158,14 @@ async def _serve_chat(
     # the model's own call syntax: its prompt section, its grammar and its parser (None: an upstream API's)
     tool_format = _serving(request).runner.tool_call_format() if tools else None
     parser = tool_format.parser if tool_format is not None else None
-    prompt = {"messages": body.chat_messages(), "tools": tools}
-    stream = functools.partial(stream, tool_parser=parser)
-    answer = functools.partial(answer, tool_parser=parser)
+    reasoning = _serving(request).reasoning()
+    if reasoning is not None and body.continue_final_message:
+        reasoning = reasoning.after_prefill(body.messages[-1].message().content)
+    split = reasoning.parser if reasoning is not None and body.reasoning_format != "none" else None
+    new_output = functools.partial(ChoiceText, parser, split, body.include_reasoning)
+    prompt = {"messages": body.chat_messages(), "tools": tools, "continue_final": body.continue_final_message}
+    stream = functools.partial(stream, new_output=new_output)
+    answer = functools.partial(answer, new_output=new_output)
     return await _serve_choices(request, body, id_prefix, prompt, stream, answer, tool_format, refused)
 
 
@@ -172,6 +178,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 async def messages(body: MessagesRequest, request: Request):
     """Anthropic's Messages API: the chat path, rendered in Anthropic's shapes."""
     _count_ignored(_serving(request), body)
+    if body.thinking_asked and _serving(request).reasoning() is None:
+        raise InvalidRequest(
+            "extended thinking needs a model that reasons; the model served here writes no reasoning "
+            "(see --reasoning-parser)",
+            param="thinking",
+        )
     return await _serve_chat(
         request, body.to_chat(), "msg", anthropic.message_stream, anthropic.message_body, anthropic.error_event
     )
@@ -192,7 +204,9 @@ async def count_message_tokens(body: CountTokensRequest, request: Request) -> To
     serving = _serving(request)
     chat = body.to_chat()
     _check_model(serving, chat.model)
-    tokens = serving.runner.tokenize(None, chat.chat_messages(), True, chat.offered_tools())
+    tokens = serving.runner.tokenize(
+        None, chat.chat_messages(), True, chat.offered_tools(), chat.continue_final_message
+    )
     return TokenCount(input_tokens=len(tokens))
 
 

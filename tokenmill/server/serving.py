@@ -20,6 +20,7 @@ from typing import NoReturn
 
 from tokenmill.errors import ClientGone, DeadlineExceeded, Overloaded, QuotaExceeded, RetryLater
 from tokenmill.generation import Finished, GenerationRequest, Share, TextDelta, TokenEvent
+from tokenmill.reasoning import REASONING_FORMATS, ReasoningSetup
 from tokenmill.runners import RequestHandle, Runner
 from tokenmill.runners.embeddings import Embeddings
 from tokenmill.sampling import SamplingParams
@@ -41,6 +42,17 @@ class Serving:
         self.deadlines = deadlines
         self.quotas = Quotas()
         self.ping_interval = 0.0  # seconds of silence before a stream gets an SSE ping (0: never)
+        self.reasoning_parser = "auto"  # --reasoning-parser
+        self._reasoning: tuple[ReasoningSetup | None] | None = None
+
+    def reasoning(self) -> ReasoningSetup | None:
+        """How the served model's reasoning is split from its answer (None: it is not)."""
+        if self._reasoning is None:
+            if self.reasoning_parser == "none":
+                self._reasoning = (None,)
+            else:
+                self._reasoning = (self.runner.reasoning(REASONING_FORMATS.get(self.reasoning_parser)),)
+        return self._reasoning[0]
 
     async def start(
         self,

@@ -31,11 +31,11 @@ from tokenmill.protocol import (
 )
 from tokenmill.protocol.requests import Echo
 from tokenmill.protocol.responses import prompt_logprobs_of
-from tokenmill.server.choice_text import ChoiceText, Piece, whole
+from tokenmill.reasoning import Reasoning
+from tokenmill.server.choice_text import ChoiceText, Piece, reasoning_of, whole
 from tokenmill.server.errors import error_body
 from tokenmill.server.serving import Generation
 from tokenmill.server.sse import DONE, data_event, json_event
-from tokenmill.tools import ToolCallParser
 
 log = logging.getLogger(__name__)
 NO_ECHO = Echo()
@@ -91,7 +91,7 @@ async def chat_completion(
     completion_id: str,
     created: int,
     model: str,
-    tool_parser: Callable[[], ToolCallParser] | None = None,
+    new_output: Callable[[], ChoiceText] = ChoiceText,
 ) -> ChatCompletion:
     results = await asyncio.gather(*(collect(g) for g in generations))
     return ChatCompletion(
@@ -99,22 +99,21 @@ async def chat_completion(
         created=created,
         model=model,
         choices=[
-            _chat_choice(index, result, tool_parser, _asked_logprobs(generation))
+            _chat_choice(index, result, new_output(), _asked_logprobs(generation))
             for index, (generation, result) in enumerate(zip(generations, results, strict=True))
         ],
         usage=_total_usage([result.finished for result in results]),
     )
 
 
-def _chat_choice(
-    index: int, result: Collected, tool_parser: Callable[[], ToolCallParser] | None, logprobs: bool
-) -> ChatChoice:
-    output = ChoiceText(tool_parser)
-    content, calls = whole([*output.feed(result.text, result.tool_calls), *output.finish(result.finished.reason)])
+def _chat_choice(index: int, result: Collected, output: ChoiceText, logprobs: bool) -> ChatChoice:
+    pieces = [*output.feed(result.text, result.tool_calls), *output.finish(result.finished.reason)]
+    content, calls = whole(pieces)
     return ChatChoice(
         index=index,
         message=AssistantMessage(
             content=content if content or not calls else None,
+            reasoning_content=reasoning_of(pieces),
             tool_calls=[ToolCallOut.of(call) for call in calls] or None,
         ),
         finish_reason=output.finish_reason(result.finished.reason),
@@ -241,7 +240,7 @@ def chat_stream(
     model: str,
     include_usage: bool,
     continuous_usage: bool = False,
-    tool_parser: Callable[[], ToolCallParser] | None = None,
+    new_output: Callable[[], ChoiceText] = ChoiceText,
 ) -> AsyncIterator[bytes]:
     with_usage = include_usage or continuous_usage
 
@@ -259,7 +258,7 @@ def chat_stream(
 
     async def body() -> AsyncIterator[bytes]:
         usage = _Usage(generations)
-        outputs = [ChoiceText(tool_parser) for _ in generations]
+        outputs = [new_output() for _ in generations]
         for index in range(len(generations)):
             yield chunk(index, ChatDelta(role="assistant", content=""))
         async for index, event in interleave(generations):
@@ -287,6 +286,8 @@ def chat_stream(
 def _chat_delta(piece: Piece) -> ChatDelta:
     if isinstance(piece, str):
         return ChatDelta(content=piece)
+    if isinstance(piece, Reasoning):
+        return ChatDelta(reasoning_content=piece.text)
     return ChatDelta(tool_calls=[ToolCallDeltaOut.of(piece)])
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tokenmill.engines.chat_template import ChatTemplate
 from tokenmill.generation import ChatMessage, ToolFunction
+from tokenmill.reasoning import ReasoningFormat
 from tokenmill.tools import ToolCallFormat
 
 
@@ -38,6 +39,10 @@ class HFTokenizer:
     @property
     def tool_call_format(self) -> ToolCallFormat:
         return self._template.tool_format
+
+    @property
+    def reasoning_format(self) -> ReasoningFormat | None:
+        return self._template.reasoning_format
 
     @property
     def vocab_size(self) -> int:
