@@ -116,8 +116,11 @@ async def test_responses_reasoning_item_streamed_and_whole(pieces):
     assert thought == THOUGHT
     final = streamed[-1][1]["response"]
     assert [item["type"] for item in final["output"]] == ["reasoning", "message"]
-    ids = lambda items: [(item["type"], item["content"]) for item in items]  # noqa: E731 -- ids differ per call
-    assert ids(final["output"]) == ids(output)
+
+    def contents(items):  # (the item ids differ per call)
+        return [(item["type"], item["content"]) for item in items]
+
+    assert contents(final["output"]) == contents(output)
 
 
 async def test_a_prefill_that_opens_the_thinking_makes_the_answer_reasoning():
