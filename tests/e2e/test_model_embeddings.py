@@ -1,8 +1,10 @@
 """`/v1/embeddings` with the default model, through the official SDK on a real `tokenmill serve`
-(llama.cpp), and the torch engine's embedder against llama.cpp's on the same weights."""
+(llama.cpp), `/v1/rerank` and `/v1/score` from the same vectors, and the torch engine's embedder
+against llama.cpp's on the same weights."""
 
 from __future__ import annotations
 
+import httpx
 import numpy as np
 import pytest
 from openai import AsyncOpenAI
@@ -44,6 +46,21 @@ async def test_same_input_same_vector_and_a_paraphrase_is_nearer_than_an_unrelat
     assert np.array_equal(anchor, again)
     assert abs(np.linalg.norm(anchor) - 1) < 1e-5
     assert float(anchor @ paraphrase) > float(anchor @ unrelated)
+
+
+async def test_rerank_and_score_are_the_embeddings_cosine_similarities(sdk, server):
+    vectors = await _embed(sdk, [ANCHOR, PARAPHRASE, UNRELATED])
+    expected = [float(vectors[0] @ v) for v in vectors[1:]]
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+        reranked = (
+            await client.post("/v1/rerank", json={"query": ANCHOR, "documents": [UNRELATED, PARAPHRASE]})
+        ).json()
+        scored = (await client.post("/v1/score", json={"text_1": ANCHOR, "text_2": [PARAPHRASE, UNRELATED]})).json()
+    assert [r["index"] for r in reranked["results"]] == [1, 0]  # the paraphrase first
+    assert [r["document"]["text"] for r in reranked["results"]] == [PARAPHRASE, UNRELATED]
+    assert [r["relevance_score"] for r in reranked["results"]] == pytest.approx(expected, abs=1e-5)
+    assert [d["score"] for d in scored["data"]] == pytest.approx(expected, abs=1e-5)
+    assert reranked["usage"]["total_tokens"] == scored["usage"]["total_tokens"] > 0
 
 
 async def test_a_batch_of_16_returns_16_vectors_in_order(sdk):

@@ -112,7 +112,10 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     # the most specific error: a union's members each report one, and the member the value was
     # meant for (a list of blocks, say) reports it deepest, where `str` only says "a valid string"
     first = max(exc.errors(), key=lambda error: len(error.get("loc", ())))
-    location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query")]
+    loc = list(first.get("loc", ()))
+    if loc and loc[0] in ("body", "query"):  # where FastAPI read it from: not part of the parameter's name
+        loc = loc[1:]
+    location = [str(part) for part in loc]
     # pydantic reports union members as extra path parts ('str', 'list[...]'): drop them.
     location = [
         part

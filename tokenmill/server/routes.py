@@ -35,9 +35,19 @@ from tokenmill.protocol import (
     TokenizeResponse,
     new_id,
     now,
+    scoring,
 )
 from tokenmill.protocol.anthropic import AnthropicMessageOut, CountTokensRequest, MessagesRequest, TokenCount
 from tokenmill.protocol.responses_api import ResponseObject, ResponsesRequest
+from tokenmill.protocol.scoring import (
+    RerankRequest,
+    RerankResponse,
+    RerankUsage,
+    ScoreData,
+    ScoreRequest,
+    ScoreResponse,
+    ScoreUsage,
+)
 from tokenmill.sampling import SamplingParams
 from tokenmill.server import anthropic, responses_api, streams
 from tokenmill.server.choice_text import ChoiceText
@@ -239,6 +249,53 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingRespo
         data=[EmbeddingData(index=i, embedding=vector) for i, vector in enumerate(data)],
         model=model,
         usage=EmbeddingUsage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens),
+    )
+
+
+@router.post("/v1/rerank", response_model=RerankResponse, responses=_ERRORS, response_model_exclude_none=True)
+@router.post(
+    "/v2/rerank",
+    response_model=RerankResponse,
+    responses=_ERRORS,
+    include_in_schema=False,
+    response_model_exclude_none=True,
+)
+@router.post(
+    "/rerank",
+    response_model=RerankResponse,
+    responses=_ERRORS,
+    include_in_schema=False,
+    response_model_exclude_none=True,
+)
+async def rerank(body: RerankRequest, request: Request) -> RerankResponse:
+    """Documents ordered by their embeddings' cosine similarity to the query's (protocol/scoring.py)."""
+    serving = _serving(request)
+    model = _check_model(serving, body.model)
+    result = await serving.embed(
+        [body.query, *body.texts()], client_gone=_client_gone(request), tenant=_tenant(request)
+    )
+    query, *documents = result.vectors
+    scores = scoring.similarities([query], documents, [(0, i) for i in range(len(documents))])
+    usage = RerankUsage(total_tokens=result.prompt_tokens)
+    return RerankResponse(id=new_id("rerank"), model=model, usage=usage, results=scoring.reranked(body, scores))
+
+
+@router.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS)
+@router.post("/score", response_model=ScoreResponse, responses=_ERRORS, include_in_schema=False)
+async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
+    """vLLM's score API: the cosine similarity of text_1's and text_2's embeddings, per pair."""
+    serving = _serving(request)
+    model = _check_model(serving, body.model)
+    firsts, seconds = body.firsts(), body.seconds()
+    result = await serving.embed([*firsts, *seconds], client_gone=_client_gone(request), tenant=_tenant(request))
+    vectors = result.vectors
+    scores = scoring.similarities(vectors[: len(firsts)], vectors[len(firsts) :], body.pairs())
+    return ScoreResponse(
+        id=new_id("score"),
+        created=now(),
+        model=model,
+        data=[ScoreData(index=i, score=value) for i, value in enumerate(scores)],
+        usage=ScoreUsage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens),
     )
 
 
