@@ -182,9 +182,10 @@ def test_logit_bias_minus_100_bans_a_token(engine):
         assert favourite not in drawn.token_ids[drawn.num_prompt_tokens :]
 
 
-def test_penalties_reduce_repeats_over_200_tokens(engine):
+def test_penalties_reduce_repeats_over_100_tokens(engine):
+    # measured (both engines): plain greedy repeats 98 of 100 tokens; the penalties 40, 53 and 1-3
     def repeats(**params) -> int:
-        seq, _ = _logprobs_of(engine, "List the numbers, one per line:", max_tokens=200, ignore_eos=True, **params)
+        seq, _ = _logprobs_of(engine, "List the numbers, one per line:", max_tokens=100, ignore_eos=True, **params)
         generated = seq.token_ids[seq.num_prompt_tokens :]
         return len(generated) - len(set(generated))
 

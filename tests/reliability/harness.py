@@ -18,7 +18,7 @@ import httpx
 
 from tokenmill.bench.spawn import worker_pids
 
-MODES = ["sync", "async", "process", "batch"]
+ALL_MODES = ["sync", "async", "process", "batch"]
 # Capacity 2 in the replica modes (two one-thread replicas of the default model), 4 in batch mode.
 MODE_FLAGS = {
     "sync": ["--replicas", "2", "--threads", "1"],
@@ -32,6 +32,13 @@ CHAT = [{"role": "user", "content": "Write a few sentences about rivers."}]
 
 def long_mode() -> bool:
     return os.environ.get("TOKENMILL_LONG") == "1"
+
+
+# The loads run in every mode with --long; in CI in the two whose machinery is most their own:
+# worker processes (process) and the supervised engine process (batch, the default). The thread
+# patterns (sync, async) share the replicas' code with process mode, and the API suite
+# (tests/server) runs all four on every request shape.
+MODES = ALL_MODES if long_mode() else ["process", "batch"]
 
 
 @dataclass

@@ -49,7 +49,7 @@ fuzz = schemathesis.pytest.from_fixture("api_schema")
 
 @pytest.mark.slow
 @fuzz.parametrize()
-@settings(max_examples=400 if long_mode() else 25, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=400 if long_mode() else 15, deadline=None, suppress_health_check=list(HealthCheck))
 def test_fuzzed_requests_never_get_a_500(case, fuzzed_server):
     response = case.call(base_url=fuzzed_server.url, timeout=20)
     said = f"{case.method} {case.path} {str(case.query)[:200]} {str(case.body)[:200]}: {response.status_code} {response.text[:300]}"

@@ -21,7 +21,7 @@ from tokenmill.runners.engine_core import EngineCore
 from tokenmill.runners.scheduler import SchedulerConfig
 from tokenmill.sampling import SamplingParams
 
-REQUESTS = 1000 if os.environ.get("TOKENMILL_LONG") else 60
+REQUESTS = 1000 if os.environ.get("TOKENMILL_LONG") else 40
 BUDGET = 1024
 
 

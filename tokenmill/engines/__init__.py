@@ -9,11 +9,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tokenmill.config import Settings
 from tokenmill.cpus import available_cpus
 from tokenmill.engines.base import Chunk, StepEngine, Tokenizer
 from tokenmill.engines.embeddings import Embedder
+
+if TYPE_CHECKING:  # only a type here: engine and worker processes never import the settings (~0.2 s)
+    from tokenmill.config import Settings
 
 __all__ = [
     "Chunk",

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
-from tokenmill.config import Settings
 from tokenmill.engines import (
     build_engine,
     build_tokenizer,
@@ -12,6 +12,9 @@ from tokenmill.engines import (
     served_model_name,
 )
 from tokenmill.runners.base import RequestHandle, RequestLimits, Runner, RunnerStats
+
+if TYPE_CHECKING:  # only a type here: engine and worker processes never import the settings (~0.2 s)
+    from tokenmill.config import Settings
 
 __all__ = ["RequestHandle", "RequestLimits", "Runner", "RunnerStats", "build_runner"]
 
