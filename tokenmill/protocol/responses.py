@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, model_serializer
 
@@ -168,18 +168,28 @@ class ToolCallDeltaOut(BaseModel):
         return cls(index=delta.index, id=delta.id, function=function | {"arguments": delta.arguments})
 
 
-class AssistantMessage(BaseModel):
+class _ExtensionFields(BaseModel):
+    """A body with fields beyond OpenAI's (`EXTENSIONS`): left out while None, not sent as null,
+    so a reply without them is exactly OpenAI's shape."""
+
+    EXTENSIONS: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _extensions_when_set(self, handler) -> dict[str, object]:
+        body = handler(self)
+        for name in self.EXTENSIONS:
+            if getattr(self, name) is None:
+                body.pop(name, None)
+        return body
+
+
+class AssistantMessage(_ExtensionFields):
+    EXTENSIONS = ("reasoning_content",)
+
     role: Literal["assistant"] = "assistant"
     content: str | None
     reasoning_content: str | None = None  # vLLM's, llama.cpp's and DeepSeek's name
     tool_calls: list[ToolCallOut] | None = None
-
-    @model_serializer(mode="wrap")
-    def _reasoning_when_there_is_some(self, handler) -> dict[str, object]:
-        body = handler(self)
-        if self.reasoning_content is None:
-            body.pop("reasoning_content", None)
-        return body
 
 
 class ChatChoice(BaseModel):
@@ -232,19 +242,14 @@ class ChatCompletionChunk(BaseModel):
     usage: UsageOut | None = None
 
 
-class CompletionChoice(BaseModel):
+class CompletionChoice(_ExtensionFields):
+    EXTENSIONS = ("prompt_logprobs",)
+
     index: int = 0
     text: str
     finish_reason: FinishReason | None = None
     logprobs: CompletionLogprobs | None = None
     prompt_logprobs: list[dict[str, PromptTokenLogprob] | None] | None = None  # vLLM's, when asked
-
-    @model_serializer(mode="wrap")
-    def _prompt_logprobs_when_asked(self, handler) -> dict[str, object]:
-        body = handler(self)
-        if self.prompt_logprobs is None:
-            body.pop("prompt_logprobs", None)
-        return body
 
 
 class Completion(BaseModel):
