@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tokenmill.tools.parsing import open_prefix
+
 
 @dataclass(frozen=True, slots=True)
 class Reasoning:
@@ -103,7 +105,7 @@ class ThinkParser:
                 continue
             found = self._buffer.find(self._format.close_tag)
             if found < 0:
-                keep = _open_prefix(self._buffer, self._format.close_tag)
+                keep = open_prefix(self._buffer, self._format.close_tag)
                 ready, self._buffer = self._buffer[: len(self._buffer) - keep], self._buffer[len(self._buffer) - keep :]
                 if ready:
                     out.append(Reasoning(ready))
@@ -119,11 +121,3 @@ class ThinkParser:
         if not rest or (self._answer_begins and not rest.strip()):
             return []
         return [Reasoning(rest) if self._state == "reasoning" else rest]
-
-
-def _open_prefix(text: str, tag: str) -> int:
-    """The length of the longest end of `text` that could be the start of `tag`."""
-    for size in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-size:]):
-            return size
-    return 0

@@ -40,7 +40,6 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None, *
     deadlines = Deadlines(settings.first_token_timeout, settings.inter_token_timeout, settings.request_timeout)
     serving = Serving(runner, admission, lifecycle, metrics, deadlines)
     serving.ping_interval = settings.sse_ping_interval
-    serving.reasoning_parser = settings.reasoning_parser
 
     runner.on_fatal = lifecycle.fatal
     configured = settings.capacity()
@@ -52,6 +51,7 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None, *
         nonlocal started
         if not started:
             await runner.start()
+            serving.set_reasoning(settings.reasoning_parser)
             started = True
 
     @asynccontextmanager

@@ -168,7 +168,7 @@ async def _serve_chat(
     # the model's own call syntax: its prompt section, its grammar and its parser (None: an upstream API's)
     tool_format = _serving(request).runner.tool_call_format() if tools else None
     parser = tool_format.parser if tool_format is not None else None
-    reasoning = _serving(request).reasoning()
+    reasoning = _serving(request).reasoning
     if reasoning is not None and body.continue_final_message:
         reasoning = reasoning.after_prefill(body.messages[-1].message().content)
     split = reasoning.parser if reasoning is not None and body.reasoning_format != "none" else None
@@ -188,7 +188,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 async def messages(body: MessagesRequest, request: Request):
     """Anthropic's Messages API: the chat path, rendered in Anthropic's shapes."""
     _count_ignored(_serving(request), body)
-    if body.thinking_asked and _serving(request).reasoning() is None:
+    if body.thinking_asked and _serving(request).reasoning is None:
         raise InvalidRequest(
             "extended thinking needs a model that reasons; the model served here writes no reasoning "
             "(see --reasoning-parser)",

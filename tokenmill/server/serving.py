@@ -42,17 +42,13 @@ class Serving:
         self.deadlines = deadlines
         self.quotas = Quotas()
         self.ping_interval = 0.0  # seconds of silence before a stream gets an SSE ping (0: never)
-        self.reasoning_parser = "auto"  # --reasoning-parser
-        self._reasoning: tuple[ReasoningSetup | None] | None = None
+        self.reasoning: ReasoningSetup | None = None  # how answers are split from reasoning: set_reasoning()
 
-    def reasoning(self) -> ReasoningSetup | None:
-        """How the served model's reasoning is split from its answer (None: it is not)."""
-        if self._reasoning is None:
-            if self.reasoning_parser == "none":
-                self._reasoning = (None,)
-            else:
-                self._reasoning = (self.runner.reasoning(REASONING_FORMATS.get(self.reasoning_parser)),)
-        return self._reasoning[0]
+    def set_reasoning(self, parser: str) -> None:
+        """Read the served model's reasoning format once the runner has started (its tokenizer is
+        known then); `parser` is --reasoning-parser: "auto" follows the chat template, "none" never
+        splits, another name forces that format."""
+        self.reasoning = None if parser == "none" else self.runner.reasoning(REASONING_FORMATS.get(parser))
 
     async def start(
         self,

@@ -93,7 +93,7 @@ class _Output:
         return out
 
 
-def _open_prefix(text: str, tag: str) -> int:
+def open_prefix(text: str, tag: str) -> int:
     """The length of the longest end of `text` that could be the start of `tag`."""
     for size in range(min(len(tag) - 1, len(text)), 0, -1):
         if tag.startswith(text[-size:]):
@@ -126,7 +126,7 @@ class HermesParser:
             else:
                 start = self._buffer.find(self.START)
                 if start < 0:
-                    keep = _open_prefix(self._buffer, self.START)
+                    keep = open_prefix(self._buffer, self.START)
                     self._output.content(self._buffer[: len(self._buffer) - keep])
                     self._buffer = self._buffer[len(self._buffer) - keep :]
                     break
