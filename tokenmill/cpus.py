@@ -1,4 +1,5 @@
-"""How many CPUs this process may really use: its affinity mask, capped by its cgroup's CPU quota.
+"""How many CPUs this process may really use: its affinity mask, capped by its cgroup's CPU quota
+(and, for the prefix cache's host tier, how much memory: `available_memory`).
 
 `os.cpu_count()` is the host's core count. In a container with a CPU quota (a Kubernetes pod with
 `limits.cpu: 2` on a 64-core node) it says 64, and 64 spinning llama.cpp threads on 2 CPUs' worth
@@ -100,3 +101,21 @@ def available_cpus() -> int:
     """This process's usable CPUs, read once (affinity and quotas do not change under a server)."""
     cpu_max, cfs = cgroup_limits()
     return usable_cpus(_affinity(), cpu_max, cfs)
+
+
+def memory_limit(physical: int, memory_max: list[str]) -> int:
+    """The bytes a process may use: the machine's, capped by the tightest cgroup v2 `memory.max`
+    of its cgroup and its ancestors ('max': no limit)."""
+    limits = [int(text) for text in memory_max if text.isdigit()]
+    return min([physical, *limits])
+
+
+@lru_cache(maxsize=1)
+def available_memory() -> int:
+    """This process's memory, read once: what the prefix cache's host tier is sized from."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    own = _own_cgroups(_read(Path("/proc/self/cgroup")) or "")
+    texts = []
+    if "" in own:
+        texts = [text for f in _up_to(_CGROUP_ROOT, own[""]) if (text := _read(f / "memory.max")) is not None]
+    return memory_limit(physical, texts)

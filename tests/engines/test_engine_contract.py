@@ -17,7 +17,7 @@ from tokenmill.sampling import SamplingParams
 PROMPTS = ["Once upon a time", "def fibonacci(n):", "La capitale de la France est"]
 
 
-def _llamacpp(prefix_cache_tokens: int = 0):
+def _llamacpp(prefix_cache_tokens: int = 0, host_cache_bytes: int = 0):
     from tokenmill.engines.llamacpp import LlamaCppEngine
 
     return LlamaCppEngine(
@@ -26,10 +26,11 @@ def _llamacpp(prefix_cache_tokens: int = 0):
         threads=2,
         prefix_cache=prefix_cache_tokens > 0,
         prefix_cache_tokens=prefix_cache_tokens,
+        host_cache_bytes=host_cache_bytes,
     )
 
 
-def _llamacpp_streams(prefix_cache_tokens: int = 0):
+def _llamacpp_streams(prefix_cache_tokens: int = 0, host_cache_bytes: int = 0):
     """A KV stream per sequence (`--kv-streams`): cached prompts are host-memory copies."""
     from tokenmill.engines.llamacpp import LlamaCppEngine
 
@@ -40,16 +41,22 @@ def _llamacpp_streams(prefix_cache_tokens: int = 0):
         threads=2,
         prefix_cache=prefix_cache_tokens > 0,
         prefix_cache_tokens=prefix_cache_tokens,
+        host_cache_bytes=host_cache_bytes,
         kv_streams=True,
     )
 
 
-def _torch(prefix_cache_tokens: int = 0, dtype: str = "bfloat16"):
+def _torch(prefix_cache_tokens: int = 0, dtype: str = "bfloat16", host_cache_bytes: int = 0):
     pytest.importorskip("torch")
     from tokenmill.engines.torchlm.engine import TorchEngine
 
     return TorchEngine(
-        default_model_path(), context_window=2048, threads=2, prefix_cache_tokens=prefix_cache_tokens, dtype=dtype
+        default_model_path(),
+        context_window=2048,
+        threads=2,
+        prefix_cache_tokens=prefix_cache_tokens,
+        dtype=dtype,
+        host_cache_bytes=host_cache_bytes,
     )
 
 
@@ -310,6 +317,50 @@ def test_a_prompt_repeated_without_its_answer_gives_the_answer_cells_back_and_st
                 assert mine.token in alternatives, f"{mine.token!r} is not among {alternatives}"
                 assert theirs.logprob - alternatives[mine.token] < NEAR_TIE_LOGITS
                 break
+    finally:
+        engine.close()
+
+
+def _app_prompt(app: int) -> tuple[ChatMessage, ...]:
+    """An app's own system prompt (about 170 tokens), unlike the others' from its first words."""
+    rules = " ".join(f"Rule {i}: answer questions about topic {app * 100 + i} briefly." for i in range(12))
+    return (ChatMessage("system", f"App {app} of ours. {rules}"), ChatMessage("user", "What can you do?"))
+
+
+@pytest.mark.parametrize("kind", ["llamacpp", "llamacpp-streams", "torch"])
+def test_prompts_the_kv_tier_cannot_keep_are_restored_from_host_memory(kind):
+    """Four apps' system prompts, the KV tier room for about two: asked again in turn, every one
+    starts from a cached copy (the host tier's where the KV tier dropped it), all but the last
+    token, and answers as before (up to a near tie: see the conversation test)."""
+    from tests.engines.near_ties import NEAR_TIE_LOGITS
+
+    engine = BUILD[kind](prefix_cache_tokens=400, host_cache_bytes=64 << 20)
+    try:
+        first = {}
+        for app in range(4):
+            first[app] = _greedy(engine, _app_prompt(app))
+        assert engine.prefix_cache_stats().evictions >= 2 and engine.prefix_cache_stats().host_entries >= 2
+        restored = 0  # apps whose prompt came back whole from host memory
+        for app in range(4):
+            before = engine.prefix_cache_stats()
+            request = GenerationRequest(
+                "t", SamplingParams(temperature=0, max_tokens=24, logprobs=5), messages=_app_prompt(app)
+            )
+            seq = prepare_sequence(request, engine.tokenizer)
+            events = generate(engine, seq, lambda: False)
+            again = [entry for event in events if isinstance(event, TextDelta) for entry in event.logprobs]
+            assert seq.num_cached == seq.num_prompt_tokens - 1, app
+            after = engine.prefix_cache_stats()
+            assert after.hit_tokens - before.hit_tokens == seq.num_cached
+            restored += after.host_hit_tokens - before.host_hit_tokens == seq.num_cached
+            for mine, theirs in zip(again, first[app], strict=True):
+                if mine.token != theirs.token:
+                    alternatives = {alt.token: alt.logprob for alt in theirs.top}
+                    assert mine.token in alternatives, f"{mine.token!r} is not among {alternatives}"
+                    assert theirs.logprob - alternatives[mine.token] < NEAR_TIE_LOGITS
+                    break
+        assert restored >= 2  # the KV tier holds two at most: the others were dropped and restored
+        assert engine.prefix_cache_stats().host_bytes <= 64 << 20
     finally:
         engine.close()
 

@@ -243,3 +243,42 @@ def test_a_tenant_whose_requests_queued_for_places_is_not_light():
         s.add(x)
     plan, _ = run_step(s)
     assert {c.seq for c in plan.chunks} == {*heavy, late}  # no step of its own, no cap on the others
+
+
+def prompted(tokens: list[int], max_new: int = 4) -> Sequence:
+    return Sequence("r", tokens, SamplingParams(max_tokens=max_new), max_new, OneByteTokens())
+
+
+def test_newcomers_sharing_an_uncached_prompt_start_wait_for_its_prefill_and_others_do_not():
+    # three requests of one new app (a 200-token system prompt nobody has cached) and one other
+    s = Scheduler(SchedulerConfig(max_batch=8, kv_tokens=10_000, max_step_tokens=512))
+    system = list(range(100, 300))
+    app = [prompted(system + [1, 2, 3]) for _ in range(3)]
+    other = prompted(list(range(1000, 1050)))
+    for seq in [*app, other]:
+        s.add(seq)
+    cached: dict[str, int] = {"held": 0}
+    admitted = s.admit(lambda tokens: cached["held"])
+    assert admitted == [app[0], other]  # the app's first request computes the shared start; others wait
+    assert list(s.waiting) == app[1:]
+    s.postprocess(s.plan(), [7, 7])  # both prefilled whole in one step (app[0]'s first token out)
+    cached["held"] = len(system) + 3  # its prompt is cached now
+    assert s.admit(lambda tokens: cached["held"]) == app[1:]  # and the rest take it from the cache
+
+
+def test_a_newcomer_does_not_wait_for_a_start_the_cache_already_holds():
+    s = Scheduler(SchedulerConfig(max_batch=8, kv_tokens=10_000, max_step_tokens=512))
+    system = list(range(100, 300))
+    first, second = prompted(system + [1]), prompted(system + [2])
+    s.add(first)
+    s.add(second)
+    assert s.admit(lambda tokens: len(system)) == [first, second]  # only a token of each is new
+
+
+def test_without_a_prefix_cache_nobody_waits():
+    s = Scheduler(SchedulerConfig(max_batch=8, kv_tokens=10_000, max_step_tokens=512))
+    same = [prompted(list(range(200))) for _ in range(3)]
+    for seq in same:
+        s.add(seq)
+    assert s.admit(lambda tokens: None) == same
+    assert Scheduler(SchedulerConfig(max_batch=8, kv_tokens=10_000, max_step_tokens=512)).admit() == []

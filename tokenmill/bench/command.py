@@ -92,6 +92,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="--conversations: the same ~1,000-token system prompt (rules and tools) in front of every conversation",
     )
     parser.add_argument(
+        "--own-prefix",
+        action="store_true",
+        help="--conversations: a ~1,000-token system prompt of its own for each conversation (many apps on one server)",
+    )
+    parser.add_argument(
+        "--round-robin",
+        action="store_true",
+        help="--conversations: one request at a time, a turn of each conversation in turn, then the next turns "
+        "(what the prefix cache must hold grows with N); reports the host-memory tier's share of the hits",
+    )
+    parser.add_argument(
         "--tools",
         choices=["auto", "required"],
         default=None,
@@ -217,6 +228,8 @@ def _run_conversations(args: argparse.Namespace) -> int:
         max_tokens=int(args.max_tokens.partition(":")[0]),
         think_time=args.think_time,
         shared_prefix=args.shared_prefix,
+        own_prefix=args.own_prefix,
+        round_robin=args.round_robin,
     )
 
     async def measure(url: str, label: str) -> list[dict]:

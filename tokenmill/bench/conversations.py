@@ -3,12 +3,17 @@
 `--conversations 8x6`: 8 conversations run at once, 6 turns each. Every turn resends the whole
 history plus a new user message, as chat apps and agents do, then waits a think time before the
 next. `--shared-prefix` puts the same long system prompt (about 1,000 tokens: instructions and a
-tool list, written out as agents do) in front of every conversation, with short questions.
+tool list, written out as agents do) in front of every conversation, with short questions;
+`--own-prefix` gives each conversation a system prompt of its own as long (many apps on one
+server, each with its own instructions). `--round-robin` asks one turn at a time, each
+conversation in turn, then each one's next turn: what a prefix cache must hold grows with the
+number of conversations, and every TTFT is a request's own, with nothing else running.
 Seeded: the same run sends the same messages. Greedy answers, `ignore_eos` to a fixed length, so
 runs with the cache on and off do the same work.
 
 Reported per turn index: TTFT p50/p99 and the share of prompt tokens served from the prefix cache
-(`usage.prompt_tokens_details.cached_tokens`); overall: output tokens/s.
+(`usage.prompt_tokens_details.cached_tokens`), and of those, restored from its host-memory tier
+(tokenmill's /metrics, read after each round of a round-robin run); overall: output tokens/s.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import json
 import random
 import time
 from dataclasses import dataclass
+
+import httpx
 
 from tokenmill.bench.http1 import Http1Client
 from tokenmill.bench.loadgen import stream_one
@@ -36,15 +43,22 @@ FOLLOW_UPS = (
 )
 
 
-def shared_system_prompt() -> str:
-    """About 1,000 tokens of instructions and tools, the same for every conversation."""
+def shared_system_prompt(app: int | None = None) -> str:
+    """About 1,000 tokens of instructions and tools: the same for every conversation, or with
+    `app`, that app's own (different from the first words on)."""
     rules = "\n".join(
         f"- Rule {i + 1}: when asked '{prompt}', answer briefly and cite no sources."
         for i, prompt in enumerate(PROMPTS * 2)
     )
     function = NOTE_TOOL["function"]
     tools = "\n".join(json.dumps({**function, "name": f"tool_{i}"}) for i in range(2))
-    return f"You are the assistant of a help desk. Follow these rules.\n{rules}\nYou may use these tools:\n{tools}"
+    who = "a help desk" if app is None else f"app number {app}, {APP_KINDS[app % len(APP_KINDS)]}"
+    return f"App {app}. " * (app is not None) + (
+        f"You are the assistant of {who}. Follow these rules.\n{rules}\nYou may use these tools:\n{tools}"
+    )
+
+
+APP_KINDS = ("a bookshop", "a bank", "a hospital", "an airline", "a school", "a garage", "a hotel", "a library")
 
 
 @dataclass(frozen=True)
@@ -54,6 +68,8 @@ class Conversations:
     max_tokens: int = 32
     think_time: float = 0.5  # seconds between a reply and the next question (drawn 0.5x-1.5x)
     shared_prefix: bool = False
+    own_prefix: bool = False
+    round_robin: bool = False
     seed: int = 1234
 
     @classmethod
@@ -64,7 +80,10 @@ class Conversations:
 
     def opening(self, conversation: int) -> list[dict]:
         rng = random.Random(self.seed * 7919 + conversation)
-        system = shared_system_prompt() if self.shared_prefix else "You are a helpful assistant."
+        if self.own_prefix:
+            system = shared_system_prompt(conversation)
+        else:
+            system = shared_system_prompt() if self.shared_prefix else "You are a helpful assistant."
         return [{"role": "system", "content": system}, {"role": "user", "content": rng.choice(PROMPTS)}]
 
     def follow_up(self, conversation: int, turn: int) -> str:
@@ -80,48 +99,83 @@ class TurnRecord:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     error: str | None = None
+    host_hit_tokens: float | None = None  # round-robin: the host tier's hit tokens in this turn's round, shared out
+
+
+HOST_HITS = "tokenmill_prefix_cache_host_hit_tokens_total"
+
+
+async def scrape_counter(url: str, name: str) -> float | None:
+    """A counter from the server's /metrics (None where the server is not tokenmill)."""
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            response = await client.get("/metrics")
+    except httpx.HTTPError:
+        return None
+    for line in response.text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
 
 
 async def run_conversations(url: str, model: str, spec: Conversations) -> tuple[list[TurnRecord], float]:
     records: list[TurnRecord] = []
     async with Http1Client(url, timeout=300, max_connections=spec.count + 4) as client:
+        histories = {number: spec.opening(number) for number in range(spec.count)}
+
+        async def ask(number: int, turn: int) -> bool:
+            """One turn of conversation `number`; False when it failed (the conversation ends)."""
+            messages = histories[number]
+            if turn:
+                messages.append({"role": "user", "content": spec.follow_up(number, turn)})
+            body = {
+                "model": model,
+                "messages": messages,
+                "max_tokens": spec.max_tokens,
+                "ignore_eos": True,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            answer: list[str] = []
+            record = await stream_one(client, body, started, answer)
+            error = None if record.status == "ok" else (record.error or record.status)
+            records.append(
+                TurnRecord(
+                    number, turn, record.ttft, record.output_tokens, record.prompt_tokens, record.cached_tokens, error
+                )
+            )
+            if error is not None:
+                return False
+            messages.append({"role": "assistant", "content": "".join(answer)})
+            return True
 
         async def conversation(number: int) -> None:
             rng = random.Random(spec.seed + number)
-            messages = spec.opening(number)
             for turn in range(spec.turns):
-                if turn:
-                    messages.append({"role": "user", "content": spec.follow_up(number, turn)})
-                body = {
-                    "model": model,
-                    "messages": messages,
-                    "max_tokens": spec.max_tokens,
-                    "ignore_eos": True,
-                    "temperature": 0,
-                    "stream": True,
-                    "stream_options": {"include_usage": True},
-                }
-                answer: list[str] = []
-                record = await stream_one(client, body, started, answer)
-                error = None if record.status == "ok" else (record.error or record.status)
-                records.append(
-                    TurnRecord(
-                        number,
-                        turn,
-                        record.ttft,
-                        record.output_tokens,
-                        record.prompt_tokens,
-                        record.cached_tokens,
-                        error,
-                    )
-                )
-                if error is not None:
+                if not await ask(number, turn):
                     return
-                messages.append({"role": "assistant", "content": "".join(answer)})
                 await asyncio.sleep(spec.think_time * rng.uniform(0.5, 1.5))
 
+        async def rounds() -> None:
+            alive = set(range(spec.count))
+            for turn in range(spec.turns):
+                before = await scrape_counter(url, HOST_HITS)
+                for number in sorted(alive):
+                    if not await ask(number, turn):
+                        alive.discard(number)
+                after = await scrape_counter(url, HOST_HITS)
+                if before is not None and after is not None:
+                    done = [r for r in records if r.turn == turn and r.error is None]
+                    for r in done:  # the round's host-tier hits, shared out by cached tokens
+                        cached = sum(x.cached_tokens for x in done)
+                        r.host_hit_tokens = (after - before) * r.cached_tokens / cached if cached else 0.0
+
         started = time.perf_counter()
-        await asyncio.gather(*(conversation(i) for i in range(spec.count)))
+        if spec.round_robin:
+            await rounds()
+        else:
+            await asyncio.gather(*(conversation(i) for i in range(spec.count)))
         return records, time.perf_counter() - started
 
 
@@ -150,19 +204,28 @@ def _row(label: str, turn: str, done: list[TurnRecord], ttfts: list[float], sent
         "ttft_p99_ms": 1000 * percentile(ttfts, 99) if ttfts else None,
         "prompt_tokens_mean": prompt / len(done) if done else 0,
         "cache_hit_rate": sum(r.cached_tokens for r in done) / prompt if prompt else 0.0,
+        "host_hit_rate": (
+            sum(r.host_hit_tokens or 0.0 for r in done) / prompt
+            if prompt and any(r.host_hit_tokens is not None for r in done)
+            else None
+        ),
     }
 
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| target | turn | ok | errors | TTFT p50 ms | TTFT p99 ms | prompt tokens | cache hit rate | output tok/s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        (
+            "| target | turn | ok | errors | TTFT p50 ms | TTFT p99 ms | prompt tokens | cache hit rate | "
+            "of which host RAM | output tok/s |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         fmt = lambda v: "" if v is None else f"{v:.0f}"
         tok_s = f"{r['output_tok_s']:.1f}" if "output_tok_s" in r else ""
         lines.append(
             f"| {r['target']} | {r['turn']} | {r['ok']} | {r['errors']} | {fmt(r['ttft_p50_ms'])} | "
-            f"{fmt(r['ttft_p99_ms'])} | {r['prompt_tokens_mean']:.0f} | {r['cache_hit_rate']:.0%} | {tok_s} |"
+            f"{fmt(r['ttft_p99_ms'])} | {r['prompt_tokens_mean']:.0f} | {r['cache_hit_rate']:.0%} | "
+            f"{'' if r.get('host_hit_rate') is None else format(r['host_hit_rate'], '.0%')} | {tok_s} |"
         )
     return "\n".join(lines)

@@ -63,6 +63,7 @@ class EngineSpec:
     torch_device: str = "auto"
     torch_four_bit_rows: int = 4
     prefix_cache_tokens: int = 0  # cells the prefix cache may hold beside the running sequences; 0: off
+    host_cache_bytes: int = 0  # the prefix cache's host-memory tier; 0: off
     simulated: SimulatedSpec | None = None
 
 
@@ -99,6 +100,7 @@ def engine_spec(settings: Settings) -> EngineSpec:
         torch_device=settings.torch_device,
         torch_four_bit_rows=settings.torch_four_bit_rows,
         prefix_cache_tokens=settings.prefix_cache_budget(),
+        host_cache_bytes=settings.host_cache_bytes(),
         simulated=simulated,
     )
 
@@ -177,6 +179,7 @@ def _construct(spec: EngineSpec) -> StepEngine:
                 max_step_tokens=spec.max_step_tokens,
                 prefix_cache=spec.prefix_cache_tokens > 0,
                 prefix_cache_tokens=spec.prefix_cache_tokens,
+                host_cache_bytes=spec.host_cache_bytes,
                 extra_buffers=spec.llama_extra_buffers,
                 kv_streams=spec.kv_streams,
             )
@@ -186,6 +189,7 @@ def _construct(spec: EngineSpec) -> StepEngine:
             threads=spec.threads,
             prefix_cache=spec.prefix_cache_tokens > 0,
             prefix_cache_tokens=spec.prefix_cache_tokens,
+            host_cache_bytes=spec.host_cache_bytes,
             extra_buffers=spec.llama_extra_buffers,
         )
     if spec.engine == "torch":
@@ -202,6 +206,7 @@ def _construct(spec: EngineSpec) -> StepEngine:
             device=spec.torch_device,
             four_bit_rows=spec.torch_four_bit_rows,
             prefix_cache_tokens=spec.prefix_cache_tokens,
+            host_cache_bytes=spec.host_cache_bytes,
         )
     raise ValueError(f"unknown engine {spec.engine!r}")
 

@@ -103,4 +103,9 @@ class StepEngine(Protocol):
     def prefix_cache_stats(self) -> PrefixCacheStats:
         """What the prefix cache has served so far, and holds now (zeros for an engine without one)."""
 
+    def cached_prefix_length(self, tokens: list[int]) -> int | None:
+        """How many leading `tokens` the prefix cache holds now, in either tier, without counting it
+        as a use (None: the engine keeps no prefix cache). The scheduler asks it to tell whether a
+        newcomer should wait for a prompt in prefill that starts the same way."""
+
     def close(self) -> None: ...

@@ -38,9 +38,11 @@ import numpy as np
 from tokenmill.engines import logprobs
 from tokenmill.engines.base import Chunk
 from tokenmill.engines.chat_template import ChatTemplate
-from tokenmill.engines.llamacpp_kv import KVLayout, SharedCache, Slots, StreamPerSequence
+from tokenmill.engines.host_cache import HostTier
+from tokenmill.engines.llamacpp_kv import SharedCache, Slots, StreamPerSequence
 from tokenmill.engines.llamacpp_sampling import RowSampler
 from tokenmill.engines.prefix_cache import HOLDERS, PrefixCacheStats, PrefixIndex
+from tokenmill.engines.prefix_tiers import PrefixCache
 from tokenmill.engines.sequence import Sequence, SequenceStatus
 from tokenmill.engines.structured import Constrained
 from tokenmill.errors import EngineFailure
@@ -214,6 +216,7 @@ class LlamaCppEngine:
         max_step_tokens: int = 512,
         prefix_cache: bool = True,
         prefix_cache_tokens: int | None = None,
+        host_cache_bytes: int = 0,
         extra_buffers: bool = False,
         kv_streams: bool = False,
     ):
@@ -242,7 +245,7 @@ class LlamaCppEngine:
             llama_cpp.llama_model_free(self._model)
             raise EngineFailure("llama.cpp could not create a context (KV cache too large for memory?)")
         self._memory = llama_cpp.llama_get_memory(self._ctx)
-        self._kv: KVLayout = StreamPerSequence(self._ctx, self._memory) if kv_streams else SharedCache(self._memory)
+        cells = StreamPerSequence(self._ctx, self._memory) if kv_streams else SharedCache(self._ctx, self._memory)
         vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.tokenizer = LlamaCppTokenizer(self._model, vocab, window)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
@@ -252,9 +255,10 @@ class LlamaCppEngine:
         self._rows = RowSampler(self._n_vocab, window, self.tokenizer.eog_ids)
         self._threads = threads
         self._constrained: Constrained | None = None  # built with the first constrained sequence
-        self._prefix: PrefixIndex | None = None
+        self._prefix: PrefixCache | None = None
         if prefix_cache:
-            self._prefix = PrefixIndex(list(range(max_sequences, max_sequences + holders)), cache_budget)
+            index = PrefixIndex(list(range(max_sequences, max_sequences + holders)), cache_budget)
+            self._prefix = PrefixCache(index, cells, HostTier(host_cache_bytes) if host_cache_bytes else None)
 
     def add_sequence(self, seq: Sequence) -> None:
         slot = self._slots.take(seq.seq_id)
@@ -266,39 +270,20 @@ class LlamaCppEngine:
                 self._constrained = Constrained(self.tokenizer.structured_tokenizer(), self._n_vocab, self._threads)
             self._constrained.add(seq)
         if self._prefix is not None and seq.num_computed == 0 and seq.params.prompt_logprobs is None:
-            self._reuse_prefix(self._prefix, seq, slot)
-
-    def _reuse_prefix(self, prefix: PrefixIndex, seq: Sequence, slot: int) -> None:
-        found = prefix.reuse(seq.token_ids[: seq.num_prompt_tokens])
-        if found is not None:
-            holder, shared = found
-            if self._kv.restore(holder, slot, shared):
-                seq.num_computed = seq.num_cached = shared
-            else:  # no copy to write back (only with --kv-streams): the prompt is computed
-                prefix.lost(holder, shared)
-                self._kv.drop(holder)
-
-    def _remember(
-        self, prefix: PrefixIndex, seq: Sequence, slot: int, tokens: int, answer_from: int | None = None
-    ) -> None:
-        """`seq`'s first `tokens` are all the cells it holds (its prompt after prefill, or all it
-        computed when it finishes): they go to the cache."""
-        store = prefix.store(seq.token_ids[:tokens], answer_from)
-        if store is None:
-            return
-        for holder in store.evicted:
-            self._kv.drop(holder)
-        self._kv.keep(store, slot)
+            self._prefix.reuse(seq, slot)
 
     def prefix_cache_stats(self) -> PrefixCacheStats:
         return self._prefix.stats() if self._prefix is not None else PrefixCacheStats()
+
+    def cached_prefix_length(self, tokens: list[int]) -> int | None:
+        return self._prefix.cached_length(tokens) if self._prefix is not None else None
 
     def remove_sequence(self, seq: Sequence) -> None:
         slot = self._slots.get(seq.seq_id)
         if slot is not None:
             if self._prefix is not None and seq.status is SequenceStatus.FINISHED:
                 # the answer too: a conversation's next turn resends it after this prompt
-                self._remember(self._prefix, seq, slot, seq.num_computed, seq.num_prompt_tokens)
+                self._prefix.remember(seq, slot, seq.num_computed, seq.num_prompt_tokens)
             llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
             self._slots.give_back(seq.seq_id)
         self._rows.remove(seq.seq_id)
@@ -328,6 +313,9 @@ class LlamaCppEngine:
             sample_rows[i] = n - 1 if chunk.completes_sequence_input else None
         batch.n_tokens = n
         status = llama_cpp.llama_decode(self._ctx, batch)
+        # 1: no room for the step's cells (nothing was computed): cached prompts give theirs back
+        while status == 1 and self._prefix is not None and self._prefix.reclaim():
+            status = llama_cpp.llama_decode(self._ctx, batch)
         if status != 0:
             raise EngineFailure(f"llama_decode failed (status {status})")
         for seq, first_row, positions in scored:
@@ -336,7 +324,7 @@ class LlamaCppEngine:
             for chunk in chunks:
                 if chunk.completes_prompt:
                     seq = chunk.seq
-                    self._remember(self._prefix, seq, self._slots[seq.seq_id], seq.num_prompt_tokens)
+                    self._prefix.remember(seq, self._slots[seq.seq_id], seq.num_prompt_tokens)
         sampled = [(chunk.seq, row) for chunk, row in zip(chunks, sample_rows, strict=True) if row is not None]
         # every constrained row of the step in one call (None: no row is constrained)
         masks = None if self._constrained is None else self._constrained.mask_rows([seq for seq, _ in sampled])

@@ -1,6 +1,6 @@
 """Where the llama.cpp engine keeps its KV cells, and where the prefix cache keeps its copies.
 
-Two layouts, one interface (`SharedCache`, `StreamPerSequence`):
+Two layouts, one interface (`SharedCache`, `StreamPerSequence`: prefix_tiers.CellStore):
 - **shared** (default): one unified KV cache for every sequence, sized by `--kv-tokens`. A cached
   prompt is one more sequence id on the cells it covers: `llama_memory_seq_cp` adds the id, a
   reference, not a copy. Every row's attention walks the mask of every cell up to the highest in
@@ -20,7 +20,6 @@ from __future__ import annotations
 import ctypes
 import heapq
 from collections.abc import Sequence as Seq
-from typing import Protocol
 
 import llama_cpp
 
@@ -28,25 +27,35 @@ from tokenmill.engines.base import Chunk
 from tokenmill.engines.prefix_cache import Store
 
 
-class KVLayout(Protocol):
-    """Holders are the prefix cache's ids for its entries: sequence ids past the running ones."""
+def _copy_of(ctx: llama_cpp.llama_context_p, seq_id: int) -> tuple[ctypes.Array[ctypes.c_uint8], int] | None:
+    """Sequence `seq_id`'s cells in host memory (23 KB a token for the default model)."""
+    size = llama_cpp.llama_state_seq_get_size_ext(ctx, seq_id, 0)
+    copy = (ctypes.c_uint8 * size)()
+    if llama_cpp.llama_state_seq_get_data_ext(ctx, copy, size, seq_id, 0) != size:
+        return None  # never reused half-copied: the entry finds nothing and computes its prompt
+    return copy, size
 
-    def restore(self, holder: int, slot: int, shared: int) -> bool:
-        """Give `slot` (an empty sequence) the first `shared` cells held by `holder`; False when
-        it could not, and the slot is left empty."""
-        ...
 
-    def keep(self, store: Store, slot: int) -> None:
-        """Keep cells [0, store.end) of `slot` (all it holds now) in `store.holder`."""
-        ...
-
-    def drop(self, holder: int) -> None: ...
+def _write_back(
+    ctx: llama_cpp.llama_context_p, memory: llama_cpp.llama_memory_t, copy: object, slot: int, shared: int
+) -> bool:
+    """Write a copy's first `shared` cells into the empty `slot`; False (slot left empty) when
+    llama.cpp finds no room for them."""
+    assert isinstance(copy, ctypes.Array)
+    if not llama_cpp.llama_state_seq_set_data_ext(ctx, copy, len(copy), slot, 0):
+        llama_cpp.llama_memory_seq_rm(memory, slot, -1, -1)
+        return False
+    llama_cpp.llama_memory_seq_rm(memory, slot, shared, -1)
+    return True
 
 
 class SharedCache:
-    """Cached prompts are sequence ids of the one unified cache, past the running sequences'."""
+    """Cached prompts are sequence ids of the one unified cache, past the running sequences'
+    (a `prefix_tiers.CellStore`). An entry built on another (`Store.source`) references that
+    one's cells for their shared start, so a system prompt in N entries is held once."""
 
-    def __init__(self, memory: llama_cpp.llama_memory_t):
+    def __init__(self, ctx: llama_cpp.llama_context_p, memory: llama_cpp.llama_memory_t):
+        self._ctx = ctx
         self._memory = memory
 
     def restore(self, holder: int, slot: int, shared: int) -> bool:
@@ -55,17 +64,25 @@ class SharedCache:
 
     def keep(self, store: Store, slot: int) -> None:
         llama_cpp.llama_memory_seq_rm(self._memory, store.holder, store.start, -1)
+        if store.source is not None:
+            llama_cpp.llama_memory_seq_cp(self._memory, store.source, store.holder, 0, store.start)
         if store.end > store.start:
             llama_cpp.llama_memory_seq_cp(self._memory, slot, store.holder, store.start, store.end)
 
     def drop(self, holder: int) -> None:
         llama_cpp.llama_memory_seq_rm(self._memory, holder, -1, -1)
 
+    def copy_out(self, holder: int) -> tuple[object, int] | None:
+        return _copy_of(self._ctx, holder)
+
+    def copy_in(self, copy: object, slot: int, shared: int) -> bool:
+        return _write_back(self._ctx, self._memory, copy, slot, shared)
+
 
 class StreamPerSequence:
-    """Cached prompts are host-memory copies of a sequence's cells (23 KB a token for the default
-    model), taken whole each time an entry grows or shrinks: the slot then holds exactly the
-    entry's tokens, so the copy never carries cells the index does not count."""
+    """Cached prompts are host-memory copies of a sequence's cells, taken whole each time an entry
+    grows or shrinks: the slot then holds exactly the entry's tokens, so the copy never carries
+    cells the index does not count. The host tier takes the same copy, not another one."""
 
     def __init__(self, ctx: llama_cpp.llama_context_p, memory: llama_cpp.llama_memory_t):
         self._ctx = ctx
@@ -74,22 +91,26 @@ class StreamPerSequence:
 
     def restore(self, holder: int, slot: int, shared: int) -> bool:
         copy = self._copies.get(holder)
-        if copy is None or not llama_cpp.llama_state_seq_set_data_ext(self._ctx, copy, len(copy), slot, 0):
-            llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
+        if copy is None:
             return False
-        llama_cpp.llama_memory_seq_rm(self._memory, slot, shared, -1)
-        return True
+        return _write_back(self._ctx, self._memory, copy, slot, shared)
 
     def keep(self, store: Store, slot: int) -> None:
-        size = llama_cpp.llama_state_seq_get_size_ext(self._ctx, slot, 0)
-        copy = (ctypes.c_uint8 * size)()
-        if llama_cpp.llama_state_seq_get_data_ext(self._ctx, copy, size, slot, 0) == size:
-            self._copies[store.holder] = copy
-        else:  # never reused half-copied: the entry finds nothing and computes its prompt
+        taken = _copy_of(self._ctx, slot)
+        if taken is not None:
+            self._copies[store.holder] = taken[0]
+        else:
             self._copies.pop(store.holder, None)
 
     def drop(self, holder: int) -> None:
         self._copies.pop(holder, None)
+
+    def copy_out(self, holder: int) -> tuple[object, int] | None:
+        copy = self._copies.get(holder)
+        return (copy, len(copy)) if copy is not None else None
+
+    def copy_in(self, copy: object, slot: int, shared: int) -> bool:
+        return _write_back(self._ctx, self._memory, copy, slot, shared)
 
 
 class Slots:

@@ -9,7 +9,13 @@ cache row) and asks this index what to copy where.
   (a conversation's earlier turn, the sequence's own prompt) is grown in place; one that already
   covers it is only touched.
   Otherwise it takes a free holder, dropping the least recently used entries until it fits in
-  `budget_tokens` and a holder is free.
+  `budget_tokens` and a holder is free. A new entry that starts like a held one is built on that
+  one's cells (`Store.source`), so the start they share is held once.
+
+The budget counts distinct cells: entries sharing a start (N conversations on one system prompt)
+are a tree of prefixes, and the cells of the shared start count once (`cached_tokens`). An entry
+dropped to make room is offered first to `evicting` (the host-memory tier, prefix_tiers.py), while
+its cells are still there to copy.
 
 Running sequences own their cells: an entry is a copy (or, in llama.cpp's unified cache, a shared
 reference), so dropping one never touches a sequence in flight.
@@ -27,8 +33,9 @@ see a workload turn conversational. Prompts are always cached.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import astuple, dataclass, field
 
 HOLDERS = 16  # cached prompts at most (llama.cpp: sequence ids kept for them)
 ANSWER_WORTH = 8  # cache every answer while at least one in this many cached was reused
@@ -47,30 +54,73 @@ class CachedPrompt:
 
 @dataclass(frozen=True, slots=True)
 class PrefixCacheStats:
+    """Counters (totals since start) and gauges (now) of both tiers."""
+
     queried_tokens: int = 0  # prompt tokens looked up
-    hit_tokens: int = 0  # of those, served from the cache
-    cached_tokens: int = 0  # cells the cache holds now
+    hit_tokens: int = 0  # of those, served from the cache (either tier)
+    cached_tokens: int = 0  # distinct cells the KV tier holds now
     answers_skipped: int = 0  # finished answers not cached, since too few cached ones were resent
+    host_hit_tokens: int = 0  # of hit_tokens, restored from the host-memory tier
+    host_tokens: int = 0  # tokens the host tier holds copies of now
+    host_bytes: int = 0  # and their size
+    host_entries: int = 0
+    evictions: int = 0  # KV tier entries dropped for room (copied to the host tier, where it is on)
+    host_evictions: int = 0  # host copies dropped for room
+
+    GAUGES = frozenset({"cached_tokens", "host_tokens", "host_bytes", "host_entries"})
+
+    @staticmethod
+    def total(parts: Sequence[PrefixCacheStats]) -> PrefixCacheStats:
+        """Several engines' stats as one (replicas side by side)."""
+        return PrefixCacheStats(*(sum(values) for values in zip(*(astuple(part) for part in parts), strict=True)))
+
+    def after(self, earlier: PrefixCacheStats) -> PrefixCacheStats:
+        """This engine's stats carried on from an earlier one's (a restarted engine): counters
+        add up, gauges are this one's."""
+        return PrefixCacheStats(
+            **{
+                name: getattr(self, name) + (0 if name in self.GAUGES else getattr(earlier, name))
+                for name in self.__dataclass_fields__
+            }
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class Store:
     """What an engine does to remember a prompt: copy cells [start, end) of the sequence into
     `holder` (after clearing the holder from `start` on), having first dropped `evicted`. With
-    start == end it only clears: an entry shrinks back to its prompt."""
+    start == end it only clears: an entry shrinks back to its prompt. A new entry with a `source`
+    takes that holder's first `start` cells (the same cells, where the engine can share them)."""
 
     holder: int
     start: int
     end: int
     evicted: tuple[int, ...] = ()
+    source: int | None = None
 
 
 def shared_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` share: slices compared in C, halving the range, since a
+    match runs to hundreds of tokens and the index compares every entry on every lookup."""
     n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+    if a[:n] == b[:n]:
+        return n
+    low, high = 0, n  # a[:low] == b[:low], a[:high] != b[:high]
+    while high - low > 1:
+        middle = (low + high) // 2
+        if a[low:middle] == b[low:middle]:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def distinct_tokens(prompts: Sequence[list[int]]) -> int:
+    """The cells a tree of these prompts holds: each shared start once (the sum of the lengths,
+    less what each prompt shares with its neighbour in sorted order)."""
+    ordered = sorted(prompts)
+    total = sum(len(prompt) for prompt in ordered)
+    return total - sum(shared_length(a, b) for a, b in itertools.pairwise(ordered))
 
 
 @dataclass
@@ -78,6 +128,9 @@ class PrefixIndex:
     holders: list[int]  # the engine's holders, all free at first
     budget_tokens: int
     entries: list[CachedPrompt] = field(default_factory=list)
+    evicting: Callable[[CachedPrompt], None] | None = (
+        None  # told of an entry dropped for room, before its holder is freed
+    )
     _clock: int = 0
     _queried: int = 0
     _hits: int = 0
@@ -88,11 +141,7 @@ class PrefixIndex:
 
     def longest_match(self, prompt: Sequence[int]) -> tuple[CachedPrompt | None, int]:
         """The entry sharing the most leading tokens with `prompt`, and how many (0: none)."""
-        best, length = None, 0
-        for entry in self.entries:
-            shared = shared_length(entry.tokens, prompt)
-            if shared > length:
-                best, length = entry, shared
+        best, length = self.peek(prompt)
         if best is not None:
             self._touch(best)
             if best.answer_from is not None and not best.answer_unused:
@@ -146,11 +195,23 @@ class PrefixIndex:
                 entry.answer_unused = False
                 self._touch(entry)
                 return Store(entry.holder, shared, len(tokens), evicted)
-        evicted = self._make_room(len(tokens), keep=None, need_holder=True)
+        source, start = self.peek(tokens)
+        evicted = self._make_room(len(tokens) - start, keep=source, need_holder=True)
         entry = CachedPrompt(self.holders.pop(), tokens, answer_from=answer_from)
         self.entries.append(entry)
         self._touch(entry)
-        return Store(entry.holder, 0, len(tokens), evicted)
+        if source is None:
+            return Store(entry.holder, 0, len(tokens), evicted)
+        return Store(entry.holder, start, len(tokens), evicted, source=source.holder)
+
+    def peek(self, tokens: Sequence[int]) -> tuple[CachedPrompt | None, int]:
+        """The entry sharing the longest start with `tokens` (a new entry is built on it), untouched."""
+        best, length = None, 0
+        for entry in self.entries:
+            shared = shared_length(entry.tokens, tokens)
+            if shared > length:
+                best, length = entry, shared
+        return best, length
 
     def clear(self) -> list[int]:
         """Drop every entry; returns the holders to empty."""
@@ -169,17 +230,23 @@ class PrefixIndex:
         self._drop(victim)
         return victim.holder
 
+    def served_elsewhere(self, shared: int) -> None:
+        """The `shared` tokens `reuse()` offered were served by a longer host copy instead."""
+        self._hits -= shared
+
     def lost(self, holder: int, shared: int) -> None:
         """The engine could not copy `holder`'s cells after `reuse()` offered `shared` of them:
         they were computed, not served, and an entry with nothing to copy is dropped."""
         self._hits -= shared
         for entry in self.entries:
             if entry.holder == holder:
-                self._drop(entry)
+                self._drop(entry, for_room=False)  # nothing to copy
                 return
 
-    def _drop(self, entry: CachedPrompt) -> None:
+    def _drop(self, entry: CachedPrompt, for_room: bool = True) -> None:
         """Forget `entry` and free its holder; an answer nobody resent before it went counts as unused."""
+        if for_room and self.evicting is not None:
+            self.evicting(entry)
         self.entries.remove(entry)
         if entry.answer_from is not None and not entry.answer_unused:
             self._answer_ended(reused=False)
@@ -190,7 +257,8 @@ class PrefixIndex:
 
     @property
     def cached_tokens(self) -> int:
-        return sum(len(entry.tokens) for entry in self.entries)
+        """Distinct cells held: a start shared by several entries counts once."""
+        return distinct_tokens([entry.tokens for entry in self.entries])
 
     def _make_room(self, tokens: int, keep: CachedPrompt | None, need_holder: bool) -> tuple[int, ...]:
         evicted = []

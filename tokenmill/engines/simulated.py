@@ -222,6 +222,9 @@ class SimulatedEngine:
     def prefix_cache_stats(self) -> PrefixCacheStats:
         return PrefixCacheStats()  # no prefix cache: every prompt is "computed"
 
+    def cached_prefix_length(self, tokens: list[int]) -> int | None:
+        return None
+
     def close(self) -> None:
         self._states.clear()
 

@@ -69,12 +69,7 @@ class BatchFront(Runner):
             waiting=self._stats.waiting,
             kv_tokens_used=self._stats.kv_tokens_used,
             kv_tokens_capacity=self.config.kv_tokens,
-            prefix_cache=PrefixCacheStats(  # counters go on across engine restarts; the gauge is now
-                self._lost_prefix.queried_tokens + self._stats.prefix_cache.queried_tokens,
-                self._lost_prefix.hit_tokens + self._stats.prefix_cache.hit_tokens,
-                self._stats.prefix_cache.cached_tokens,
-                self._lost_prefix.answers_skipped + self._stats.prefix_cache.answers_skipped,
-            ),
+            prefix_cache=self._stats.prefix_cache.after(self._lost_prefix),  # counters go on across restarts
         )
 
     async def submit(self, request: GenerationRequest) -> RequestHandle:

@@ -78,7 +78,7 @@ class EngineCore:
 
     def step(self) -> StepReport:
         """One engine step over every running sequence. Raises if the engine or the bookkeeping fails."""
-        for seq in self.scheduler.admit():
+        for seq in self.scheduler.admit(self.engine.cached_prefix_length):
             self.engine.add_sequence(seq)
         chunks = self.scheduler.plan(time.monotonic())
         events: list[tuple[int, list[TokenEvent]]] = []

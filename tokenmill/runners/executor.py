@@ -65,12 +65,7 @@ class ExecutorRunner(Runner):
             waiting=self._in_flight - running,
             kv_tokens_used=0,
             kv_tokens_capacity=0,
-            prefix_cache=PrefixCacheStats(
-                sum(s.queried_tokens for s in caches),
-                sum(s.hit_tokens for s in caches),
-                sum(s.cached_tokens for s in caches),
-                sum(s.answers_skipped for s in caches),
-            ),
+            prefix_cache=PrefixCacheStats.total(caches),
         )
 
     def request_tokenizer(self) -> Tokenizer:

@@ -16,18 +16,27 @@ the flood around it. So while one is about:
 - the other steps carry at most `over_share_rows` of the over-share tenants' decode rows, taking
   turns, and as many of their prompt tokens, so its wait for the step in flight stays short too.
 Tenants near their parts (both saturating) and a tenant alone are scheduled as above, unchanged.
+
+Cache-aware admission: a newcomer whose prompt starts like one still in prefill (admitted before it,
+or in the same step), for at least SHARED_PREFILL_MIN tokens more than the prefix cache holds, waits
+for that prefill; when it is done, the prompt is cached and the newcomer prefills only the rest.
+Sixteen requests of one new app arriving together compute its system prompt once, not sixteen
+times. The others behind it in the queue are not held up.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tokenmill.engines.base import Chunk
+from tokenmill.engines.prefix_cache import shared_length
 from tokenmill.engines.sequence import Sequence, SequenceStatus
 from tokenmill.generation import TokenEvent
 
 RECENT_S = 10.0  # a tenant that ran this lately is still light: the flood keeps out of its way
+SHARED_PREFILL_MIN = 32  # uncached prompt tokens shared with a prompt in prefill that make a newcomer wait for it
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,17 +89,41 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
-    def admit(self) -> list[Sequence]:
+    def admit(self, cached_length: Callable[[list[int]], int | None] | None = None) -> list[Sequence]:
         """Move waiting sequences into the batch while they fit. The engine must add_sequence()
-        each one before `plan()`: it may find part of a prompt already cached."""
-        admitted = []
+        each one before `plan()`: it may find part of a prompt already cached. `cached_length`:
+        the engine's `cached_prefix_length`, for cache-aware admission (see the module docstring)."""
+        admitted, held = [], []
         while self.waiting and self.can_admit(self.waiting[0]):
             seq = self.waiting.popleft()
+            if cached_length is not None and self._waits_for_a_prefill(seq, cached_length):
+                held.append(seq)
+                continue
             seq.status = SequenceStatus.RUNNING
             self.kv_reserved += seq.kv_tokens_needed
             self.running.append(seq)
             admitted.append(seq)
+        self.waiting.extendleft(reversed(held))  # first again next step, in their order
         return admitted
+
+    def _waits_for_a_prefill(self, seq: Sequence, cached_length: Callable[[list[int]], int | None]) -> bool:
+        """Whether `seq` shares SHARED_PREFILL_MIN more leading tokens with a prompt in prefill
+        than the cache holds (a scored prompt takes nothing from the cache, and gives nothing)."""
+        if seq.params.prompt_logprobs is not None:
+            return False
+        prompt = seq.token_ids[: seq.num_prompt_tokens]
+        shared = max(
+            (
+                shared_length(prompt, other.token_ids[: other.num_prompt_tokens])
+                for other in self.running
+                if other.num_generated == 0 and other.params.prompt_logprobs is None
+            ),
+            default=0,
+        )
+        if shared < SHARED_PREFILL_MIN:
+            return False
+        cached = cached_length(prompt)
+        return cached is not None and shared - cached >= SHARED_PREFILL_MIN
 
     def plan(self, now: float = 0.0) -> list[Chunk]:
         """This step's work: a decode row per generating sequence, then prefill chunks (beside a

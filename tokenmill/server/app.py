@@ -104,6 +104,41 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None, *
     return app
 
 
+_HOST_TIER_METRICS = (  # (name, help, PrefixCacheStats field, kind): the tiers' own figures
+    (
+        "tokenmill_prefix_cache_host_hit_tokens",
+        "Of the prefix cache's hit tokens, those restored from its host-memory tier",
+        "host_hit_tokens",
+        "counter",
+    ),
+    (
+        "tokenmill_prefix_cache_host_used_bytes",
+        "Bytes of KV copies the host-memory tier holds now",
+        "host_bytes",
+        "gauge",
+    ),
+    (
+        "tokenmill_prefix_cache_host_used_tokens",
+        "Tokens the host-memory tier holds copies of now",
+        "host_tokens",
+        "gauge",
+    ),
+    ("tokenmill_prefix_cache_host_entries", "Prompts the host-memory tier holds now", "host_entries", "gauge"),
+    (
+        "tokenmill_prefix_cache_evictions",
+        "Prompts the KV tier dropped for room (to the host-memory tier, where it is on)",
+        "evictions",
+        "counter",
+    ),
+    (
+        "tokenmill_prefix_cache_host_evictions",
+        "Copies the host-memory tier dropped for room",
+        "host_evictions",
+        "counter",
+    ),
+)
+
+
 def _metrics_for(runner: Runner, admission: Admission, lifecycle: Lifecycle) -> Metrics:
     metrics = Metrics()
     metrics.gauge("tokenmill_in_flight_requests", "Admitted requests not yet finished", lambda: admission.active)
@@ -144,6 +179,9 @@ def _metrics_for(runner: Runner, admission: Admission, lifecycle: Lifecycle) -> 
         "Finished answers not cached, while too few cached answers were resent by a next turn",
         lambda: runner.stats().prefix_cache.answers_skipped,
     )
+    for name, help_text, field, kind in _HOST_TIER_METRICS:
+        read = lambda field=field: getattr(runner.stats().prefix_cache, field)
+        (metrics.counter if kind == "counter" else metrics.gauge)(name, help_text, read)
     metrics.gauge("tokenmill_draining", "1 while the server drains for shutdown", lambda: float(lifecycle.draining))
     metrics.gauge("tokenmill_engine_ready", "1 while the model engine can take requests", lambda: float(runner.ready))
     metrics.labelled_counter(

@@ -19,11 +19,13 @@ import torch
 
 from tokenmill.engines import logprobs
 from tokenmill.engines.base import Chunk, SampledLogprobs
+from tokenmill.engines.host_cache import HostTier
 from tokenmill.engines.prefix_cache import HOLDERS, PrefixCacheStats, PrefixIndex
+from tokenmill.engines.prefix_tiers import PrefixCache
 from tokenmill.engines.sequence import Sequence, SequenceStatus
 from tokenmill.engines.structured import Constrained, structured_tokenizer
 from tokenmill.engines.torchlm.checkpoint import load_checkpoint
-from tokenmill.engines.torchlm.kv_cache import PagedKVCache, blocks_for
+from tokenmill.engines.torchlm.kv_cache import CachedBlocks, PagedKVCache, blocks_for
 from tokenmill.engines.torchlm.model import BlockReads, DecodeBatch, LlamaModel, PrefillChunk, StepInputs
 from tokenmill.engines.torchlm.sampler import BatchSampler
 from tokenmill.engines.torchlm.tokenizer import load_tokenizer
@@ -66,6 +68,7 @@ class TorchEngine:
         device: str = "auto",
         four_bit_rows: int = 4,
         prefix_cache_tokens: int = 0,
+        host_cache_bytes: int = 0,
     ):
         started = time.perf_counter()
         if threads:
@@ -94,9 +97,13 @@ class TorchEngine:
         self._constrained: Constrained | None = None
         # the prefix cache (engines/prefix_cache.py decides what to keep): a cached prompt holds
         # references to its blocks in the KV cache, given up when a running sequence needs them
-        self._prefix = PrefixIndex(list(range(HOLDERS)), prefix_cache_tokens) if prefix_cache_tokens else None
-        self._stored: dict[int, list[int]] = {}  # holder -> blocks
-        self.cache.reclaim = self._drop_oldest_prompt
+        self._prefix: PrefixCache | None = None
+        if prefix_cache_tokens:
+            host = HostTier(host_cache_bytes) if host_cache_bytes else None
+            self._prefix = PrefixCache(
+                PrefixIndex(list(range(HOLDERS)), prefix_cache_tokens), CachedBlocks(self.cache), host
+            )
+            self.cache.reclaim = self._prefix.reclaim
         _return_freed_memory()
         log.info("torch engine ready on %s (%s) in %.1f s", self.device, dtype, time.perf_counter() - started)
 
@@ -107,11 +114,7 @@ class TorchEngine:
         self.cache.add(seq.seq_id)
         self.sampler.add(seq.seq_id, seq.params)
         if self._prefix is not None and seq.num_computed == 0 and seq.params.prompt_logprobs is None:
-            found = self._prefix.reuse(seq.token_ids[: seq.num_prompt_tokens])
-            if found is not None:
-                holder, shared = found
-                self.cache.share(seq.seq_id, self._stored[holder], shared)
-                seq.num_computed = seq.num_cached = shared
+            self._prefix.reuse(seq, seq.seq_id)
         if seq.params.grammar is not None:
             if self._constrained is None:  # built with the first constrained sequence (~1 s)
                 tokenizer = structured_tokenizer(self.tokenizer)
@@ -122,7 +125,7 @@ class TorchEngine:
     def remove_sequence(self, seq: Sequence) -> None:
         if self._prefix is not None and seq.status is SequenceStatus.FINISHED:
             # the answer too: a conversation's next turn resends it after this prompt
-            self._remember(self._prefix, seq, seq.num_computed, seq.num_prompt_tokens)
+            self._prefix.remember(seq, seq.seq_id, seq.num_computed, seq.num_prompt_tokens)
         self.cache.remove(seq.seq_id)
         self.sampler.remove(seq.seq_id)
         if self._constrained is not None:
@@ -143,7 +146,7 @@ class TorchEngine:
         if self._prefix is not None:
             for chunk in chunks:
                 if chunk.completes_prompt:
-                    self._remember(self._prefix, chunk.seq, chunk.seq.num_prompt_tokens)
+                    self._prefix.remember(chunk.seq, chunk.seq.seq_id, chunk.seq.num_prompt_tokens)
         if not sampled_chunks:
             return [None] * len(chunks)
         seqs = [chunk.seq for chunk in sampled_chunks]
@@ -151,31 +154,11 @@ class TorchEngine:
         by_seq = {seq.seq_id: token for seq, token in zip(seqs, tokens, strict=True)}
         return [by_seq.get(c.seq.seq_id) if c.completes_sequence_input else None for c in chunks]
 
-    def _remember(self, prefix: PrefixIndex, seq: Sequence, tokens: int, answer_from: int | None = None) -> None:
-        """`seq`'s first `tokens` have their KV (its prompt after prefill, or all it computed when
-        it finishes): the cache takes a reference to their blocks."""
-        store = prefix.store(seq.token_ids[:tokens], answer_from)
-        if store is None:
-            return
-        for holder in store.evicted:
-            self.cache.release(self._stored.pop(holder))
-        # the sequence's own blocks hold all those tokens (shared ones included), whether the entry
-        # is new or a conversation's earlier turn growing; it keeps writing only past them
-        blocks = self.cache.table(seq.seq_id)[: blocks_for(store.end, self.cache.block)]
-        self.cache.hold(blocks)
-        self.cache.release(self._stored.pop(store.holder, []))
-        self._stored[store.holder] = blocks
-
-    def _drop_oldest_prompt(self) -> bool:
-        """The KV cache is out of blocks: give up the least recently used cached prompt."""
-        holder = self._prefix.evict_oldest() if self._prefix is not None else None
-        if holder is None:
-            return False
-        self.cache.release(self._stored.pop(holder))
-        return True
-
     def prefix_cache_stats(self) -> PrefixCacheStats:
         return self._prefix.stats() if self._prefix is not None else PrefixCacheStats()
+
+    def cached_prefix_length(self, tokens: list[int]) -> int | None:
+        return self._prefix.cached_length(tokens) if self._prefix is not None else None
 
     @staticmethod
     def _score_prompts(logits: torch.Tensor, scored: list[tuple[Sequence, range]]) -> None:

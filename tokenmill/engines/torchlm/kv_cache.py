@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 import torch
 
+from tokenmill.engines.prefix_cache import Store
 from tokenmill.engines.torchlm.checkpoint import ModelConfig
 from tokenmill.errors import EngineFailure
 
@@ -91,6 +92,18 @@ class PagedKVCache:
             self.release(blocks[whole : whole + 1])
             table.append(copy)
 
+    def copy_blocks(self, blocks: list[int]) -> torch.Tensor:
+        """The cells of `blocks`, copied to host memory: [layer, k/v, block, kv head, cell, head dim]."""
+        index = torch.tensor(blocks, dtype=torch.long, device=self._cells.device)
+        return self._cells.index_select(2, index).to("cpu", copy=self._cells.device.type != "cpu")
+
+    def write_blocks(self, seq_id: int, copy: torch.Tensor, cells: int) -> None:
+        """Start the (empty) sequence with the first `cells` positions of a host copy."""
+        self.ensure(seq_id, cells)
+        table = self._tables[seq_id][: blocks_for(cells, self.block)]
+        index = torch.tensor(table, dtype=torch.long, device=self._cells.device)
+        self._cells.index_copy_(2, index, copy[:, :, : len(table)].to(self._cells.device))
+
     def hold(self, blocks: list[int]) -> None:
         for block in blocks:
             self._refs[block] += 1
@@ -146,3 +159,46 @@ class PagedKVCache:
             return found.transpose(0, 1).flatten(1, 2)[:, :cells]
 
         return read(0), read(1)
+
+
+class CachedBlocks:
+    """The prefix cache's cells in the block pool (a `prefix_tiers.CellStore`; a slot is a
+    sequence id): a cached prompt holds references to its blocks, and a host copy is a tensor of
+    them in host memory."""
+
+    def __init__(self, cache: PagedKVCache):
+        self._cache = cache
+        self._stored: dict[int, list[int]] = {}  # holder -> blocks
+
+    def restore(self, holder: int, slot: int, shared: int) -> bool:
+        self._cache.share(slot, self._stored[holder], shared)
+        return True
+
+    def keep(self, store: Store, slot: int) -> None:
+        # the sequence's own blocks hold all those tokens (shared ones included), whether the entry
+        # is new or a conversation's earlier turn growing; it keeps writing only past them. A new
+        # entry built on another takes that one's whole blocks for their shared start instead.
+        blocks = self._cache.table(slot)[: blocks_for(store.end, self._cache.block)]
+        if store.source is not None:
+            whole = store.start // self._cache.block
+            blocks = self._stored[store.source][:whole] + blocks[whole:]
+        self._cache.hold(blocks)
+        self._cache.release(self._stored.pop(store.holder, []))
+        self._stored[store.holder] = blocks
+
+    def drop(self, holder: int) -> None:
+        self._cache.release(self._stored.pop(holder, []))
+
+    def copy_out(self, holder: int) -> tuple[object, int] | None:
+        copy = self._cache.copy_blocks(self._stored[holder])
+        return copy, copy.numel() * copy.element_size()
+
+    def copy_in(self, copy: object, slot: int, shared: int) -> bool:
+        assert isinstance(copy, torch.Tensor)
+        try:
+            self._cache.write_blocks(slot, copy, shared)
+        except EngineFailure:  # the pool is full of running sequences: compute it
+            self._cache.remove(slot)
+            self._cache.add(slot)
+            return False
+        return True
