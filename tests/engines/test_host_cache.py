@@ -51,32 +51,51 @@ def test_dropped_entries_are_offered_to_the_next_tier_before_their_holder_is_fre
 
 def test_the_longest_copy_is_found_and_a_copy_it_extends_is_replaced():
     host = HostTier(budget_bytes=1000)
-    short = host.keep([1, 2, 3], 30)
-    longer = host.keep([1, 2, 3, 4, 5], 50)
+    system = list(range(100, 148))  # three blocks
+    short = host.keep(system, 30)
+    longer = host.keep(system + list(range(20)), 50)
     assert longer.dropped == (short.key,)  # the longer copy holds all the shorter one did
-    copy, shared = host.longest_match([1, 2, 3, 4, 9])
-    assert copy is not None and copy.key == longer.key and shared == 4
-    assert host.covers([1, 2, 3]) and not host.covers([1, 2, 3, 4, 5, 6])
-    assert host.used_bytes == 50
+    other = host.keep(list(range(500, 540)), 20)
+    copy, shared = host.longest_match(system + list(range(17)) + [-1])
+    assert copy is not None and copy.key == longer.key and shared == 48 + 17  # exact, past the last whole block
+    assert host.covers(system + list(range(5))) and not host.covers(system + list(range(30)))
+    assert host.longest_match(list(range(500, 510))) == (None, 0)  # under one block: not looked for
+    assert (host.used_bytes, host.used_tokens, sorted(host.copies)) == (70, 108, sorted([longer.key, other.key]))
+
+
+def blockful(n: int) -> list[int]:
+    return [n] * 16
 
 
 def test_least_recently_used_copies_go_when_the_bytes_run_out():
     host = HostTier(budget_bytes=100)
-    a = host.keep([1], 40)
-    b = host.keep([2], 40)
-    host.longest_match([1])  # a is used again: b is the oldest
-    c = host.keep([3], 40)
+    a = host.keep(blockful(1), 40)
+    b = host.keep(blockful(2), 40)
+    host.longest_match(blockful(1))  # a is used again: b is the oldest
+    c = host.keep(blockful(3), 40)
     assert c.dropped == (b.key,) and host.evictions == 1
-    assert sorted(copy.key for copy in host.copies) == sorted([a.key, c.key])
-    assert host.keep([4], 101).key is None  # larger than the whole budget: not kept
+    assert sorted(host.copies) == sorted([a.key, c.key])
+    assert host.keep(blockful(4), 101).key is None  # larger than the whole budget: not kept
     for i in range(200):
-        host.keep([i, i], 1 + i % 37)
-        assert host.used_bytes <= 100
+        host.keep(blockful(i) + [i] * (i % 20), 1 + i % 37)
+        assert host.used_bytes == sum(copy.nbytes for copy in host.copies.values()) <= 100
+    for key in list(host.copies):
+        host.forget(key)
+    assert (host.used_bytes, host.used_tokens, host._by_start) == (0, 0, {})  # nothing left behind
 
 
 def test_a_peek_is_not_a_use():
     host = HostTier(budget_bytes=80)
-    a = host.keep([1], 40)
-    host.keep([2], 40)
-    host.longest_match([1], touch=False)  # the scheduler asking: a stays the oldest
-    assert host.keep([3], 40).dropped == (a.key,)
+    a = host.keep(blockful(1), 40)
+    host.keep(blockful(2), 40)
+    host.longest_match(blockful(1), touch=False)  # the scheduler asking: a stays the oldest
+    assert host.keep(blockful(3), 40).dropped == (a.key,)
+
+
+def test_a_lookup_among_thousands_of_copies_probes_blocks_not_copies():
+    host = HostTier(budget_bytes=1 << 40)
+    system = list(range(1000, 1960))  # a 960-token system prompt, then each conversation its own
+    for n in range(3000):
+        host.keep(system + [n] * 40, 1)
+    copy, shared = host.longest_match(system + [1234] * 40 + [7])
+    assert copy is not None and copy.tokens[-1] == 1234 and shared == 1000

@@ -116,7 +116,7 @@ def test_mixed_traffic_leaves_no_cell_behind(kind):
         assert stats.prefix_cache.hit_tokens > stats.prefix_cache.queried_tokens // 4  # it was used
         assert stats.prefix_cache.host_hit_tokens > 0 and stats.prefix_cache.host_evictions > 0  # both tiers worked
         tiers = engine._prefix
-        assert sorted(tiers._copies) == sorted(copy.key for copy in tiers.host.copies)  # no copy outlives its entry
+        assert sorted(tiers._copies) == sorted(tiers.host.copies)  # no copy outlives its entry
         if kind == "llamacpp":
             import llama_cpp
 

@@ -106,18 +106,18 @@ class PrefixCache:
 
     def stats(self) -> PrefixCacheStats:
         kv = self.index.stats()
-        copies = self.host.copies if self.host is not None else []
+        host = self.host
         return PrefixCacheStats(
             queried_tokens=kv.queried_tokens,
             hit_tokens=kv.hit_tokens + self._host_hits,
             cached_tokens=kv.cached_tokens,
             answers_skipped=kv.answers_skipped,
             host_hit_tokens=self._host_hits,
-            host_tokens=sum(len(copy.tokens) for copy in copies),
-            host_bytes=sum(copy.nbytes for copy in copies),
-            host_entries=len(copies),
+            host_tokens=host.used_tokens if host is not None else 0,
+            host_bytes=host.used_bytes if host is not None else 0,
+            host_entries=len(host.copies) if host is not None else 0,
             evictions=self._evictions,
-            host_evictions=self.host.evictions if self.host is not None else 0,
+            host_evictions=host.evictions if host is not None else 0,
         )
 
     def _evicted(self, entry: CachedPrompt) -> None:
