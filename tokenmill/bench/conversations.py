@@ -167,8 +167,8 @@ async def run_conversations(url: str, model: str, spec: Conversations) -> tuple[
                 after = await scrape_counter(url, HOST_HITS)
                 if before is not None and after is not None:
                     done = [r for r in records if r.turn == turn and r.error is None]
+                    cached = sum(r.cached_tokens for r in done)
                     for r in done:  # the round's host-tier hits, shared out by cached tokens
-                        cached = sum(x.cached_tokens for x in done)
                         r.host_hit_tokens = (after - before) * r.cached_tokens / cached if cached else 0.0
 
         started = time.perf_counter()

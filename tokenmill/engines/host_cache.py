@@ -83,7 +83,7 @@ class HostTier:
             return None, 0
         copy = max((self.copies[key] for key in found), key=lambda held: held.last_used)
         if touch:
-            self._touch(copy)
+            self.touch(copy)
         return copy, shared_length(copy.tokens, prompt)
 
     def covers(self, tokens: Sequence[int]) -> bool:
@@ -109,7 +109,7 @@ class HostTier:
         copy = HostCopy(self._next_key, list(tokens), nbytes, block_starts(tokens))
         self._next_key += 1
         self.copies[copy.key] = copy
-        self._touch(copy)
+        self.touch(copy)
         self.used_bytes += nbytes
         self.used_tokens += len(copy.tokens)
         for start in copy.starts:
@@ -131,7 +131,8 @@ class HostTier:
             if not starting:
                 del self._by_start[start]
 
-    def _touch(self, copy: HostCopy) -> None:
+    def touch(self, copy: HostCopy) -> None:
+        """`copy` was used: it goes last in the eviction order."""
         self._clock += 1
         copy.last_used = self._clock
         self.copies.move_to_end(copy.key)

@@ -138,6 +138,7 @@ class PrefixIndex:
     _answers_unused: float = 0.0
     _answers_skipped: int = 0
     _since_probe: int = 0
+    _distinct: int | None = None  # cached_tokens, kept until the entries change (read at every step's stats)
 
     def longest_match(self, prompt: Sequence[int]) -> tuple[CachedPrompt | None, int]:
         """The entry sharing the most leading tokens with `prompt`, and how many (0: none)."""
@@ -165,6 +166,12 @@ class PrefixIndex:
         """Remember `prompt` -- with `answer_from`, a finished sequence's prompt and answer, the
         answer starting there; None when nothing need be copied (already cached, too long, or an
         answer while answers are not being reused)."""
+        try:
+            return self._store(prompt, answer_from)
+        finally:
+            self._distinct = None  # an entry may have grown, shrunk or been added
+
+    def _store(self, prompt: Sequence[int], answer_from: int | None) -> Store | None:
         tokens = list(prompt)
         if len(tokens) > self.budget_tokens:
             return None
@@ -217,6 +224,7 @@ class PrefixIndex:
         """Drop every entry; returns the holders to empty."""
         dropped = [entry.holder for entry in self.entries]
         self.holders.extend(dropped)
+        self._distinct = None
         self.entries.clear()  # what nobody resent before a reset says nothing of the workload
         return dropped
 
@@ -247,6 +255,7 @@ class PrefixIndex:
         """Forget `entry` and free its holder; an answer nobody resent before it went counts as unused."""
         if for_room and self.evicting is not None:
             self.evicting(entry)
+        self._distinct = None
         self.entries.remove(entry)
         if entry.answer_from is not None and not entry.answer_unused:
             self._answer_ended(reused=False)
@@ -258,7 +267,9 @@ class PrefixIndex:
     @property
     def cached_tokens(self) -> int:
         """Distinct cells held: a start shared by several entries counts once."""
-        return distinct_tokens([entry.tokens for entry in self.entries])
+        if self._distinct is None:
+            self._distinct = distinct_tokens([entry.tokens for entry in self.entries])
+        return self._distinct
 
     def _make_room(self, tokens: int, keep: CachedPrompt | None, need_holder: bool) -> tuple[int, ...]:
         evicted = []

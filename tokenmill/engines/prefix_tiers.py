@@ -61,9 +61,10 @@ class PrefixCache:
         found = self.index.reuse(prompt)
         holder, shared = found if found is not None else (None, 0)
         if self.host is not None:
-            copy, restorable = self.host.longest_match(prompt[:-1])
+            copy, restorable = self.host.longest_match(prompt[:-1], touch=False)  # a use only if it wins
             if copy is not None and restorable >= shared + MIN_RESTORE_TOKENS:
                 if self._cells.copy_in(self._copies[copy.key], slot, restorable):
+                    self.host.touch(copy)
                     self.index.served_elsewhere(shared)
                     self._host_hits += restorable
                     seq.num_computed = seq.num_cached = restorable

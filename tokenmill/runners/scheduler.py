@@ -114,7 +114,7 @@ class Scheduler:
         prompt = seq.token_ids[: seq.num_prompt_tokens]
         shared = max(
             (
-                shared_length(prompt, other.token_ids[: other.num_prompt_tokens])
+                min(shared_length(prompt, other.token_ids), other.num_prompt_tokens)
                 for other in self.running
                 if other.num_generated == 0 and other.params.prompt_logprobs is None
             ),
