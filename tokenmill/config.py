@@ -99,6 +99,22 @@ class Settings(BaseSettings):
         "CPU cores, 8 rows gave the flood 2.7x the tokens of 2 rows and the light key a p99 1.8x instead of 1.6x.",
     )
 
+    speculative_tokens: int = Field(
+        0,
+        ge=0,
+        le=32,
+        description="Speculative decoding without a draft model: guess up to this many next tokens from the "
+        "prompt and the answer so far (where the last few tokens occurred before) and check them in the same "
+        "step; the output is unchanged. Pays where answers quote their context (rewrites, extraction, RAG). "
+        "A request's own speculative_tokens (0 to 32) replaces it for that request; 0: off.",
+    )
+    speculative_max_batch: int = Field(
+        4,
+        ge=1,
+        description="Batch mode: draft only while at most this many sequences decode in a step (in bigger "
+        "batches the extra rows cost more arithmetic than the guesses save).",
+    )
+
     prefix_cache: bool = Field(
         True,
         description="Keep recent prompts' KV cells and reuse them for requests that start the same way (a system "

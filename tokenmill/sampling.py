@@ -17,6 +17,7 @@ MAX_STOP_LENGTH = 256
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's limit
 MAX_CHOICES = 16
+MAX_DRAFT_TOKENS = 32  # speculative decoding: guessed tokens verified in one step, at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +53,9 @@ class SamplingParams:
     # likely alternatives at its position), the whole prompt computed (no prefix cache)
     prompt_logprobs: int | None = None
     grammar: OutputGrammar | None = None  # constrained decoding: the output must match it
+    # speculative decoding: at most this many guessed tokens a step (0: none; None: the server's
+    # default). The output is the same either way; only the speed differs.
+    speculative_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and self.max_tokens < (0 if self.prompt_logprobs is not None else 1):
@@ -100,6 +104,10 @@ class SamplingParams:
                 raise InvalidRequest("logit_bias values must be between -100 and 100", param="logit_bias")
         if self.grammar is not None and self.ignore_eos:
             raise InvalidRequest(f"ignore_eos cannot be combined with {self.grammar.param}", param="ignore_eos")
+        if self.speculative_tokens is not None and not 0 <= self.speculative_tokens <= MAX_DRAFT_TOKENS:
+            raise InvalidRequest(
+                f"speculative_tokens must be between 0 and {MAX_DRAFT_TOKENS}", param="speculative_tokens"
+            )
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidRequest(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs")
         if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:

@@ -60,9 +60,9 @@ def _run_together(engine: LlamaCppEngine, prompts: list[str], max_tokens: int, l
             tokens = engine.step(chunks)
             batch = engine._batch
             batches.append([batch.seq_id[i][0] for i in range(batch.n_tokens)])
-            for chunk, token in zip(chunks, tokens, strict=True):
+            for chunk, sampled in zip(chunks, tokens, strict=True):
                 chunk.seq.num_computed += chunk.num_tokens
-                if token is not None:
+                for token in sampled:
                     for event in chunk.seq.append_token(token):
                         if isinstance(event, TextDelta):
                             entries[chunk.seq.seq_id] += event.logprobs

@@ -238,12 +238,12 @@ def test_abort_mid_prefill_frees_the_slot_and_others_continue():
     engine.add_sequence(long)
     engine.add_sequence(short)
     tokens = engine.step([Chunk(short, short.num_pending), Chunk(long, 8 - short.num_pending)])
-    assert tokens[0] is not None and tokens[1] is None  # short finished its prompt; long is mid-prefill
+    assert len(tokens[0]) == 1 and tokens[1] == []  # short finished its prompt; long is mid-prefill
     engine.remove_sequence(long)
     assert engine.cache.num_sequences == 1 and engine.cache.blocks_in_use == 1
     short.num_computed += short.num_pending
-    short.token_ids.append(tokens[0])
-    assert engine.step([Chunk(short, 1)])[0] is not None
+    short.token_ids += tokens[0]
+    assert engine.step([Chunk(short, 1)])[0]
 
 
 def test_logprobs_match_transformers_log_softmax(reference):
@@ -278,13 +278,13 @@ def test_a_sequence_joins_and_leaves_after_the_cache_has_grown():
     )
     first = make("word " * (BLOCK + 10), 2)  # its prefill takes more than one block
     engine.add_sequence(first)
-    assert engine.step([Chunk(first, first.num_pending)])[0] is not None
+    assert engine.step([Chunk(first, first.num_pending)])[0]
     first.num_computed = first.num_prompt_tokens
     assert len(engine.cache.table(first.seq_id)) > 1
     second = make("Hi", 2)
     engine.add_sequence(second)
     engine.remove_sequence(first)
-    assert engine.step([Chunk(second, second.num_pending)])[0] is not None
+    assert engine.step([Chunk(second, second.num_pending)])[0]
     engine.remove_sequence(second)
 
 
@@ -306,14 +306,14 @@ def test_a_request_needing_the_whole_cache_takes_the_cached_prompts_blocks():
     for i in range(3):  # three cached prompts of a block or two each
         seq = make(f"{i} " * (BLOCK // 2 + 8), 1)
         engine.add_sequence(seq)
-        assert engine.step([Chunk(seq, seq.num_pending)])[0] is not None
+        assert engine.step([Chunk(seq, seq.num_pending)])[0]
         engine.remove_sequence(seq)
     cached_before = engine.prefix_cache_stats().cached_tokens
     assert cached_before > 2 * BLOCK and engine.cache.blocks_in_use >= 3
     big = make("word " * (4 * BLOCK - 8), 4)  # with its reply: the whole budget
     assert big.kv_tokens_needed <= 4 * BLOCK
     engine.add_sequence(big)
-    assert engine.step([Chunk(big, big.num_pending)])[0] is not None
+    assert engine.step([Chunk(big, big.num_pending)])[0]
     # the earlier entries were given up; the cache now holds the big prompt alone
     assert engine.prefix_cache_stats().cached_tokens == big.num_prompt_tokens
     engine.remove_sequence(big)

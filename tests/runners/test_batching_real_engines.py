@@ -65,3 +65,18 @@ async def test_torch_batched_decode_with_ragged_joins_matches_alone():
     alone = await greedy_texts("torch", "async", PROMPTS, torch_dtype="float32", max_tokens=16)
     together = await greedy_texts("torch", "batch", PROMPTS, stagger=0.1, torch_dtype="float32", max_tokens=16)
     assert together == alone
+
+
+QUOTING_PROMPTS = [
+    "Days: Monday, Tuesday, Wednesday, Thursday, Friday.\nDays again: Monday,",
+    "red green blue red green blue red green",
+]
+
+
+@pytest.mark.parametrize("mode", ["batch", "async"])
+async def test_speculative_decoding_in_the_serving_patterns_leaves_the_text_unchanged(mode):
+    """--speculative-tokens through build_runner: the scheduler (batch) or replica.generate (async)
+    drafts, the llama.cpp engine verifies; two sequences at once in batch mode."""
+    plain = await greedy_texts("llamacpp", mode, QUOTING_PROMPTS, max_tokens=40)
+    drafted = await greedy_texts("llamacpp", mode, QUOTING_PROMPTS, max_tokens=40, speculative_tokens=8)
+    assert drafted == plain

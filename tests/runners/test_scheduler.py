@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tokenmill.engines.sequence import Sequence, SequenceStatus
+from tokenmill.engines.speculative import SpeculativeConfig
 from tokenmill.generation import Finished, Share
 from tokenmill.runners.scheduler import RECENT_S, Scheduler, SchedulerConfig
 from tokenmill.sampling import SamplingParams
@@ -35,7 +36,7 @@ def schedule(scheduler: Scheduler) -> Plan:
 
 def run_step(scheduler: Scheduler, token: int = 7):
     plan = schedule(scheduler)
-    tokens = [token if c.completes_sequence_input else None for c in plan.chunks]
+    tokens = [[token] if c.completes_sequence_input else [] for c in plan.chunks]
     return plan, scheduler.postprocess(plan.chunks, tokens)
 
 
@@ -188,7 +189,7 @@ def test_a_light_newcomer_whose_prompt_was_cached_also_gets_a_step_of_its_own():
     light.num_computed = light.num_cached = 39  # what an engine's prefix cache does on add_sequence
     first = s.plan()
     assert [(c.seq, c.num_tokens) for c in first] == [(light, 1)]
-    s.postprocess(first, [7])
+    s.postprocess(first, [[7]])
     following = s.plan()  # the others are back: two flood rows in turn, and both light sequences
     assert {earlier, light} <= {c.seq for c in following} and len(following) == 4
 
@@ -261,7 +262,7 @@ def test_newcomers_sharing_an_uncached_prompt_start_wait_for_its_prefill_and_oth
     admitted = s.admit(lambda tokens: cached["held"])
     assert admitted == [app[0], other]  # the app's first request computes the shared start; others wait
     assert list(s.waiting) == app[1:]
-    s.postprocess(s.plan(), [7, 7])  # both prefilled whole in one step (app[0]'s first token out)
+    s.postprocess(s.plan(), [[7], [7]])  # both prefilled whole in one step (app[0]'s first token out)
     cached["held"] = len(system) + 3  # its prompt is cached now
     assert s.admit(lambda tokens: cached["held"]) == app[1:]  # and the rest take it from the cache
 
@@ -282,3 +283,62 @@ def test_without_a_prefix_cache_nobody_waits():
         s.add(seq)
     assert s.admit(lambda tokens: None) == same
     assert Scheduler(SchedulerConfig(max_batch=8, kv_tokens=10_000, max_step_tokens=512)).admit() == []
+
+
+def _quoting(max_new: int = 64, **params) -> Sequence:
+    """A prompt whose ending recurs in it: prompt lookup has a guess (4 5 6 ...)."""
+    prompt = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3]
+    return Sequence("r", prompt, SamplingParams(max_tokens=max_new, **params), max_new, OneByteTokens())
+
+
+def _speculating(max_batch: int = 8, max_step_tokens: int = 64, drafts_up_to: int = 2) -> Scheduler:
+    speculative = SpeculativeConfig(max_draft=4, max_batch=drafts_up_to)
+    return Scheduler(SchedulerConfig(max_batch, 10_000, max_step_tokens, speculative=speculative), draft_row_cost=0.05)
+
+
+def test_decode_rows_carry_drafts_and_kept_guesses_count_as_computed():
+    s = _speculating()
+    a = _quoting()
+    s.add(a)
+    run_step(s)  # prefill; 7 sampled: "3 7" never occurred before, so no guess yet
+    a.token_ids[-3:] = [1, 2, 3]  # as if the answer had written "1 2 3": its prompt went on "4 5 6 7"
+    plan = schedule(s)
+    assert [c.draft for c in plan.chunks] == [(4, 5, 6, 7)]
+    outcome = s.postprocess(plan.chunks, [[4, 5, 9]])  # two guesses kept, then the model's 9
+    assert a.token_ids[-3:] == [4, 5, 9] and a.num_pending == 1
+    assert a.num_computed == len(a.token_ids) - 1
+    assert (s.speculator.drafted, s.speculator.accepted) == (4, 2)
+    assert [len(events) for _, events in outcome.events] == [3]
+
+
+def test_no_drafts_in_a_batch_too_big_for_them_nor_past_half_the_budget_while_prompts_wait():
+    s = _speculating(drafts_up_to=2)
+    crowd = [_quoting() for _ in range(3)]
+    for x in crowd:
+        s.add(x)
+    run_step(s)
+    for x in crowd:
+        x.token_ids[-3:] = [1, 2, 3]
+    assert all(not c.draft for c in schedule(s).chunks)  # three decode rows: over drafts_up_to
+    s = _speculating(max_batch=2, max_step_tokens=6)
+    a, waiting = _quoting(), seq(prompt_len=30)
+    s.add(a)
+    while a.num_generated == 0:
+        run_step(s)  # the prompt, 6 tokens a step
+    a.token_ids[-3:] = [1, 2, 3]
+    s.add(waiting)
+    plan = schedule(s)
+    # 6 tokens: one decode row, then half of the other 5 for the guesses, the rest for the prompt
+    assert [(c.num_tokens, c.draft) for c in plan.chunks] == [(1, (4, 5)), (3, ())]
+
+
+def test_a_finished_or_aborted_sequence_leaves_no_drafting_state_behind():
+    s = _speculating()
+    a, b = _quoting(max_new=2), _quoting()
+    s.add(a)
+    s.add(b)
+    run_step(s)
+    a.token_ids[-3:] = [1, 2, 3]
+    run_step(s)  # a's second token: finished
+    s.abort(b)
+    assert s.speculator._states == {}

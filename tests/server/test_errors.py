@@ -111,6 +111,9 @@ BAD_CHAT_REQUESTS = [
         {"messages": USER, "repetition_penalty": 0}, "repetition_penalty", "repetition_penalty", id="repetition-zero"
     ),
     pytest.param({"messages": USER, "min_p": 1.5}, "min_p", "min_p", id="min-p-above-one"),
+    pytest.param(
+        {"messages": USER, "speculative_tokens": 33}, "between 0 and 32", "speculative_tokens", id="speculative-33"
+    ),
     pytest.param({"messages": USER, "logit_bias": {"hello": 5}}, "token ids", "logit_bias", id="logit-bias-key"),
     pytest.param({"messages": USER, "logit_bias": {"5": 101}}, "between -100", "logit_bias", id="logit-bias-value"),
     pytest.param(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from tokenmill.bench import report, targets
+from tokenmill.bench import quoting, report, targets
 from tokenmill.bench.lag import OwnLoopLag, lag_p99, scrape_lag_buckets
 from tokenmill.bench.loadgen import closed_loop, open_loop, served_model
 from tokenmill.bench.spawn import SpawnedServer
@@ -82,6 +82,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--json",
         action="store_true",
         help="constrain every answer to a JSON schema (response_format json_schema): the structured-output workload",
+    )
+    parser.add_argument(
+        "--task",
+        choices=quoting.TASKS,
+        default="chat",
+        help="what the requests ask: chat (the default prompts), or answers that quote their prompt, asked "
+        "greedily and ending where the model ends them: rewrite (correct a text's spelling), extract (a text "
+        "to JSON, sentences verbatim), rag (quote a context's answer); where --serve-args=--speculative-tokens pays",
     )
     parser.add_argument(
         "--think-time", type=float, default=0.5, help="--conversations: seconds between a reply and the next turn [0.5]"
@@ -165,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
         return _run_tenants(args)
     open_loop_rates = [float(r) for r in args.rate.split(",")] if args.rate else None
     levels = open_loop_rates or [int(c) for c in (args.concurrency or "1,8,32").split(",")]
-    workload = Workload.from_spec(args.max_tokens, json=args.json, tools=args.tools)
+    workload = Workload.from_spec(args.max_tokens, json=args.json, tools=args.tools, task=args.task)
     rows: list[dict] = []
     latencies: dict[str, list[float]] = {}
     with_cpp = bool(args.cpp_baselines and args.spawn and not open_loop_rates)

@@ -6,6 +6,8 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from tokenmill.bench import quoting
+
 # `--json`: every answer constrained to this schema (a long free-text field, so that answers run
 # to max_tokens as the unconstrained ones do, and the two are compared on equal lengths)
 ANSWER_SCHEMA = {
@@ -69,6 +71,7 @@ class Workload:
     seed: int = 1234
     json: bool = False  # constrain every answer to ANSWER_SCHEMA (ignore_eos cannot apply then)
     tools: str | None = None  # offer NOTE_TOOL with this tool_choice: "auto" (free) or "required" (forced)
+    task: str = "chat"  # or a task whose answers quote the prompt (bench/quoting.py)
 
     @classmethod
     def from_spec(cls, length: str, **kwargs) -> Workload:
@@ -92,6 +95,8 @@ class Workload:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        if self.task != "chat":  # greedy, each answer as long as the model makes it (up to max_tokens)
+            body.update(messages=quoting.messages(self.task, rng), temperature=0.0, ignore_eos=False)
         if self.tools is not None:
             body["tools"] = [NOTE_TOOL]
             body["tool_choice"] = self.tools

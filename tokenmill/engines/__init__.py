@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from tokenmill.cpus import available_cpus
 from tokenmill.engines.base import Chunk, StepEngine, Tokenizer
 from tokenmill.engines.embeddings import Embedder
+from tokenmill.engines.speculative import SpeculativeConfig
 
 if TYPE_CHECKING:  # only a type here: engine and worker processes never import the settings (~0.2 s)
     from tokenmill.config import Settings
@@ -64,6 +65,7 @@ class EngineSpec:
     torch_four_bit_rows: int = 4
     prefix_cache_tokens: int = 0  # cells the prefix cache may hold beside the running sequences; 0: off
     host_cache_bytes: int = 0  # the prefix cache's host-memory tier; 0: off
+    speculative: SpeculativeConfig | None = None  # drafts for the replica patterns' decode steps
     simulated: SimulatedSpec | None = None
 
 
@@ -101,6 +103,7 @@ def engine_spec(settings: Settings) -> EngineSpec:
         torch_four_bit_rows=settings.torch_four_bit_rows,
         prefix_cache_tokens=settings.prefix_cache_budget(),
         host_cache_bytes=settings.host_cache_bytes(),
+        speculative=SpeculativeConfig(settings.speculative_tokens, settings.speculative_max_batch),
         simulated=simulated,
     )
 

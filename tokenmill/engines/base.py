@@ -53,10 +53,13 @@ class Tokenizer(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """Feed `num_tokens` of `seq`'s pending tokens; sample a next token if that reaches its end."""
+    """Feed `num_tokens` of `seq`'s pending tokens; sample a next token if that reaches its end.
+    `draft` (speculative decoding, only on a chunk that reaches the end): tokens guessed to follow,
+    fed in the same pass and checked against what the engine samples at each of their positions."""
 
     seq: Sequence
     num_tokens: int
+    draft: tuple[int, ...] = ()
 
     @property
     def completes_sequence_input(self) -> bool:
@@ -81,6 +84,11 @@ class SampledLogprobs:
 
 class StepEngine(Protocol):
     max_chunk_tokens: int  # the most tokens one chunk may carry
+    # speculative decoding: what one guessed token adds to a one-row step, as a fraction of that
+    # step (measured; 1 or more: guesses never pay, as for an engine that ignores them), and the
+    # most guesses it verifies in one step
+    draft_row_cost: float
+    max_draft_tokens: int
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -90,8 +98,12 @@ class StepEngine(Protocol):
         """Set up per-sequence state (sampler, cache slot) before its first step. An engine with a
         prefix cache may advance `seq.num_computed` past prompt tokens it already holds."""
 
-    def step(self, chunks: Seq[Chunk]) -> list[int | None]:
-        """One forward pass. Returns, per chunk, the sampled next token, or None for a partial prefill.
+    def step(self, chunks: Seq[Chunk]) -> list[list[int]]:
+        """One forward pass. Returns, per chunk, the tokens sampled: none for a partial prefill, else
+        the next token; with a draft, first the draft's longest start that matches what the engine
+        samples at those positions (each sampled in turn, as without a draft), then the token it
+        samples after them. An engine may ignore drafts (it then samples one token) but must not
+        keep the KV cells of guesses it did not return.
         For a sequence whose params ask for logprobs, first `seq.note_logprobs(...)` the token's;
         for one that asks for prompt_logprobs, `seq.note_prompt_logprobs(...)` every prompt token
         the chunk predicts (`engines.logprobs.scored_positions`). Such a sequence takes nothing

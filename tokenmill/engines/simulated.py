@@ -202,7 +202,10 @@ class SimulatedEngine:
     def remove_sequence(self, seq: Sequence) -> None:
         self._states.pop(seq.seq_id, None)
 
-    def step(self, chunks: Seq[Chunk]) -> list[int | None]:
+    draft_row_cost, max_draft_tokens = 1.0, 0  # drafts are ignored: never worth sending
+
+    def step(self, chunks: Seq[Chunk]) -> list[list[int]]:
+        """Drafts are ignored (the protocol allows it): one token per finished chunk."""
         self.steps += 1
         fault = self._fault if self.steps == self._fault_at_step else "none"
         if fault == "crash":
@@ -214,10 +217,10 @@ class SimulatedEngine:
         decodes = len(chunks) - prefills
         self._burn(started, self._cost(prefills, self._ttft_s) + self._cost(decodes, self._itl_s))
         if fault == "bad_token":
-            return [EOS_ID + 1000 if c.completes_sequence_input else None for c in chunks]
+            return [[EOS_ID + 1000] if c.completes_sequence_input else [] for c in chunks]
         for chunk in chunks:
             self._score_prompt(chunk.seq, chunk.num_tokens)
-        return [self._next_token(c.seq) if c.completes_sequence_input else None for c in chunks]
+        return [[self._next_token(c.seq)] if c.completes_sequence_input else [] for c in chunks]
 
     def prefix_cache_stats(self) -> PrefixCacheStats:
         return PrefixCacheStats()  # no prefix cache: every prompt is "computed"

@@ -75,6 +75,12 @@ class _SamplingFields(StrictModel):
     # vLLM's documented sampling extensions
     repetition_penalty: float | None = None
     min_p: float | None = None
+    speculative_tokens: int | None = Field(
+        None,
+        description="Speculative decoding: at most this many tokens guessed from the prompt and answer "
+        "so far and checked in one step (0: none); the server's --speculative-tokens by default. "
+        "The output is the same; only the speed differs.",
+    )
 
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> _SamplingFields:
@@ -139,6 +145,7 @@ class _SamplingFields(StrictModel):
             logprobs=self._logprobs(),
             prompt_logprobs=self._prompt_logprobs(),
             grammar=self._grammar(tool_format),
+            speculative_tokens=self.speculative_tokens,
         )
 
 

@@ -39,8 +39,13 @@ def _build(settings: Settings) -> Runner:
         from tokenmill.runners.executor import ExecutorRunner
 
         threads = settings.sync_threads if settings.mode == "sync" else None
+        spec = engine_spec(settings)
         return ExecutorRunner(
-            functools.partial(build_engine, engine_spec(settings)), settings.replicas, name, threads=threads
+            functools.partial(build_engine, spec),
+            settings.replicas,
+            name,
+            threads=threads,
+            speculative=spec.speculative,
         )
     if settings.mode == "process":
         from tokenmill.runners.processes import ProcessRunner
@@ -55,6 +60,7 @@ def _build(settings: Settings) -> Runner:
             kv_tokens=settings.kv_budget(),
             max_step_tokens=settings.max_step_tokens,
             over_share_rows=settings.over_share_rows,
+            speculative=engine_spec(settings).speculative,
         )
         policy = RestartPolicy(settings.engine_restart_limit, settings.engine_restart_window)
         if settings.engine_process:

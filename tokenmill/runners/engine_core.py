@@ -46,7 +46,7 @@ class StepReport:
 class EngineCore:
     def __init__(self, engine: StepEngine, config: SchedulerConfig):
         self.engine = engine
-        self.scheduler = Scheduler(config)
+        self.scheduler = Scheduler(config, engine.draft_row_cost, engine.max_draft_tokens)
         self._sequences: dict[int, Sequence] = {}
         self._settled: list[int] = []  # left since the last report (aborts between steps)
 

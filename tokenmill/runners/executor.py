@@ -25,6 +25,7 @@ from tokenmill.engines.base import StepEngine, Tokenizer
 from tokenmill.engines.prefix_cache import PrefixCacheStats
 from tokenmill.engines.replica import generate
 from tokenmill.engines.sequence import Sequence
+from tokenmill.engines.speculative import SpeculativeConfig
 from tokenmill.generation import Finished, GenerationRequest
 from tokenmill.runners.base import RequestHandle, Runner, RunnerStats
 
@@ -33,9 +34,15 @@ log = logging.getLogger(__name__)
 
 class ExecutorRunner(Runner):
     def __init__(
-        self, engine_factory: Callable[[], StepEngine], replicas: int, model_name: str, threads: int | None = None
+        self,
+        engine_factory: Callable[[], StepEngine],
+        replicas: int,
+        model_name: str,
+        threads: int | None = None,
+        speculative: SpeculativeConfig | None = None,
     ):
         super().__init__()
+        self._speculative = speculative
         self.model_name = model_name
         self._engine_factory = engine_factory
         self._replicas = replicas
@@ -90,7 +97,7 @@ class ExecutorRunner(Runner):
         engine = self._idle.get()
         outcome: Finished | Exception | None = None  # None: aborted, the consumer has left
         try:
-            for event in generate(engine, seq, cancelled.is_set):
+            for event in generate(engine, seq, cancelled.is_set, self._speculative):
                 if isinstance(event, Finished):
                     outcome = event
                 else:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from tokenmill.engines import EngineSpec
+from tokenmill.engines.speculative import SpeculativeConfig
 from tokenmill.errors import EngineFailure, TokenmillError
 from tokenmill.generation import Finished, TokenEvent
 from tokenmill.heap import freeze_long_lived
@@ -71,7 +72,7 @@ def worker_main(spec: EngineSpec, conn: Connection, freeze_heap: bool = False) -
             message = conn.recv()
             if isinstance(message, Stop):
                 return
-            if isinstance(message, Job) and not _run(engine, message, conn):
+            if isinstance(message, Job) and not _run(engine, message, conn, spec.speculative):
                 return
     except (EOFError, OSError):  # the parent is gone
         return
@@ -79,7 +80,7 @@ def worker_main(spec: EngineSpec, conn: Connection, freeze_heap: bool = False) -
         engine.close()
 
 
-def _run(engine, job: Job, conn: Connection) -> bool:
+def _run(engine, job: Job, conn: Connection, speculative: SpeculativeConfig | None = None) -> bool:
     """Run one job; returns False when a Stop arrived meanwhile."""
     from tokenmill.engines.replica import generate
     from tokenmill.engines.sequence import Sequence
@@ -100,7 +101,7 @@ def _run(engine, job: Job, conn: Connection) -> bool:
     seq = Sequence(job.request_id, job.prompt_ids, job.params, job.max_new_tokens, engine.tokenizer)
     finished = None
     try:
-        for event in generate(engine, seq, cancelled):
+        for event in generate(engine, seq, cancelled, speculative):
             if isinstance(event, Finished):
                 finished = event
             else:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from tokenmill.engines.base import Chunk
 from tokenmill.engines.prefix_cache import shared_length
 from tokenmill.engines.sequence import Sequence, SequenceStatus
+from tokenmill.engines.speculative import SpeculativeConfig, Speculator, take_sampled
 from tokenmill.generation import TokenEvent
 
 RECENT_S = 10.0  # a tenant that ran this lately is still light: the flood keeps out of its way
@@ -45,6 +46,7 @@ class SchedulerConfig:
     kv_tokens: int  # KV cells shared by all running sequences
     max_step_tokens: int  # tokens one step may feed to the model
     over_share_rows: int = 0  # beside a light tenant, over-share tenants' decode rows per step (0: no limit)
+    speculative: SpeculativeConfig | None = None  # drafts for decode rows (engines/speculative.py)
 
     def __post_init__(self) -> None:
         if self.max_step_tokens < self.max_batch:
@@ -58,7 +60,8 @@ class StepOutcome:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig):
+    def __init__(self, config: SchedulerConfig, draft_row_cost: float = 1.0, max_draft_tokens: int = 32):
+        """`draft_row_cost`, `max_draft_tokens`: the engine's (StepEngine), for speculative decoding."""
         self.config = config
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -67,6 +70,9 @@ class Scheduler:
         self._rotation = 0  # where the over-share decode rows' turns go on from
         # tenant group -> (when it last ran, its weight, whether its requests then got places at once)
         self._recent: dict[str, tuple[float, float, bool]] = {}
+        self.speculator = (
+            Speculator(config.speculative, draft_row_cost, max_draft_tokens) if config.speculative else None
+        )
 
     # -- queries
     def fits_at_all(self, seq: Sequence) -> bool:
@@ -146,6 +152,8 @@ class Scheduler:
         chunks = [Chunk(seq, 1) for seq in decoding if seq.share.group not in over]
         chunks += [Chunk(seq, 1) for seq in self._in_turn([seq for seq in decoding if seq.share.group in over], rows)]
         budget = self.config.max_step_tokens - len(chunks)
+        if self.speculator is not None and not beside_light:
+            chunks, budget = self._with_drafts(chunks, budget, bool(prefilling))
         for seq in _fair_order(prefilling):
             take = min(seq.num_pending, budget, prefill if seq.share.group in over else budget)
             if take <= 0:
@@ -155,6 +163,16 @@ class Scheduler:
             if seq.share.group in over:
                 prefill -= take
         return chunks
+
+    def _with_drafts(self, chunks: list[Chunk], budget: int, prompts_waiting: bool) -> tuple[list[Chunk], int]:
+        """The decode rows with their drafts, and the step's budget after them: drafts take at
+        most half of it while prompts wait for prefill (a guess must not hold a first token up)."""
+        assert self.speculator is not None
+        drafts = self.speculator.drafts([c.seq for c in chunks], budget // 2 if prompts_waiting else budget)
+        if not drafts:
+            return chunks, budget
+        drafted = [Chunk(c.seq, 1, drafts.get(c.seq.seq_id, ())) for c in chunks]
+        return drafted, budget - sum(len(d) for d in drafts.values())
 
     def _light_and_over(self, now: float) -> tuple[set[str], set[str]]:
         """The light tenants, running at most half their weighted part of the batch with requests
@@ -191,15 +209,17 @@ class Scheduler:
         self._rotation = start + rows
         return (sequences + sequences)[start : start + rows]
 
-    def postprocess(self, chunks: list[Chunk], tokens: list[int | None]) -> StepOutcome:
+    def postprocess(self, chunks: list[Chunk], sampled: list[list[int]]) -> StepOutcome:
         events: list[tuple[Sequence, list[TokenEvent]]] = []
         finished: list[Sequence] = []
-        for chunk, token in zip(chunks, tokens, strict=True):
+        for chunk, tokens in zip(chunks, sampled, strict=True):
             seq = chunk.seq
-            seq.num_computed += chunk.num_tokens
-            if token is None:
+            if chunk.draft and self.speculator is not None:
+                self.speculator.note(seq, len(chunk.draft), len(tokens) - 1)
+            seq_events = take_sampled(seq, chunk.num_tokens, tokens)
+            if not tokens:
                 continue
-            events.append((seq, seq.append_token(token)))
+            events.append((seq, seq_events))
             if seq.is_finished:
                 self._release(seq)
                 finished.append(seq)
@@ -228,6 +248,8 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.kv_reserved -= seq.kv_tokens_needed
+        if self.speculator is not None:
+            self.speculator.forget(seq)
 
 
 def _fair_order(prefilling: list[Sequence]) -> list[Sequence]:
