@@ -103,16 +103,11 @@ class Settings(BaseSettings):
         0,
         ge=0,
         le=32,
-        description="Speculative decoding without a draft model: guess up to this many next tokens from the "
-        "prompt and the answer so far (where the last few tokens occurred before) and check them in the same "
-        "step; the output is unchanged. Pays where answers quote their context (rewrites, extraction, RAG). "
-        "A request's own speculative_tokens (0 to 32) replaces it for that request; 0: off.",
+        description="Speculative decoding: guess up to this many next tokens from where the last few occurred before "
+        "in the prompt or answer, checked in the same step (same output); a request's speculative_tokens replaces it.",
     )
     speculative_max_batch: int = Field(
-        4,
-        ge=1,
-        description="Batch mode: draft only while at most this many sequences decode in a step (in bigger "
-        "batches the extra rows cost more arithmetic than the guesses save).",
+        4, ge=1, description="Batch mode: draft while at most this many sequences decode."
     )
 
     prefix_cache: bool = Field(

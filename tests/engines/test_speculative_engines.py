@@ -40,7 +40,7 @@ ENGINES = {
 }
 
 
-@pytest.fixture(scope="module", params=list(ENGINES))
+@pytest.fixture(scope="module", params=["llamacpp", "torch"])
 def engine(request):
     engine = ENGINES[request.param]()
     yield engine

@@ -337,11 +337,11 @@ class LlamaCppEngine:
         masks = None if self._constrained is None else self._constrained.mask_rows([seq for seq, _ in plain])
         tokens = iter(self._rows.sample(self._ctx, plain, masks, self._constrained))
         sampled: list[list[int]] = []
-        for chunk, row in zip(chunks, sample_rows, strict=True):
-            if row is None:
+        for chunk, first_sampled in zip(chunks, sample_rows, strict=True):
+            if first_sampled is None:
                 sampled.append([])
             elif chunk.draft:
-                sampled.append(self._verify(chunk, row))
+                sampled.append(self._verify(chunk, first_sampled))
             else:
                 sampled.append([next(tokens)])
         return sampled

@@ -2,12 +2,12 @@
 ranges) and response bodies. No I/O, no model code."""
 
 from tokenmill.protocol.chat import MAX_PROMPT_CHARS, ChatMessageIn
+from tokenmill.protocol.embedding_request import EmbeddingRequest
 from tokenmill.protocol.requests import (
     CHAT_IGNORED_FIELDS,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
-    EmbeddingRequest,
     GenerateRequest,
     StreamOptions,
     TokenizeRequest,
