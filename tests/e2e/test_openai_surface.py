@@ -483,3 +483,32 @@ async def test_a_prefill_that_opens_the_thinking_comes_back_as_reasoning_content
             streamed_thought += (delta.model_extra or {}).get("reasoning_content") or ""
             streamed_content += delta.content or ""
     assert (streamed_thought, streamed_content) == (thought, whole.content or "")
+
+
+async def test_speculative_tokens_per_request_through_the_sdk_are_counted_on_metrics(sdk, server):
+    """A request opts in with `speculative_tokens` (the server's default is off): an answer that
+    quotes its prompt keeps guesses, and /metrics counts them; one that opts out drafts nothing."""
+    model = await _model(sdk)
+    quoting = [{"role": "user", "content": "Repeat exactly: red green blue red green blue red green blue red green"}]
+
+    async def counters() -> dict[str, float]:
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            text = (await http.get("/metrics")).text
+        return {
+            line.split()[0]: float(line.split()[1])
+            for line in text.splitlines()
+            if line.startswith("tokenmill_spec_decode_")
+        }
+
+    before = await counters()
+    plain = await sdk.chat.completions.create(model=model, messages=quoting, max_tokens=24, temperature=0)
+    assert await counters() == before  # off by default
+    drafted = await sdk.chat.completions.create(
+        model=model, messages=quoting, max_tokens=24, temperature=0, extra_body={"speculative_tokens": 8}
+    )
+    after = await counters()
+    assert after["tokenmill_spec_decode_drafts_total"] > before["tokenmill_spec_decode_drafts_total"]
+    kept = after["tokenmill_spec_decode_accepted_tokens_total"] - before["tokenmill_spec_decode_accepted_tokens_total"]
+    assert 0 < kept <= after["tokenmill_spec_decode_draft_tokens_total"]
+    assert "red green blue" in drafted.choices[0].message.content
+    assert drafted.usage.completion_tokens == plain.usage.completion_tokens

@@ -17,7 +17,7 @@ import pytest
 
 from tests.engines.test_engine_contract import BUILD
 from tokenmill.engines.base import Chunk
-from tokenmill.engines.replica import generate
+from tokenmill.engines.replica import generate, speculator_for
 from tokenmill.engines.sequence import Sequence, prepare_sequence
 from tokenmill.engines.speculative import SpeculativeConfig, Speculator, take_sampled
 from tokenmill.generation import ChatMessage, GenerationRequest, TextDelta
@@ -133,4 +133,6 @@ def test_generate_drafts_for_the_replica_patterns_and_the_text_is_unchanged(engi
         events = generate(engine, seq, lambda: False, speculative)
         return "".join(e.text for e in events if isinstance(e, TextDelta))
 
-    assert text(SpeculativeConfig(8, 1)) == text(None)
+    speculator = speculator_for(engine, SpeculativeConfig(8, 1))
+    assert text(speculator) == text(None)
+    assert speculator.accepted > 0 and speculator._states == {}  # its state goes with the sequence

@@ -22,8 +22,15 @@ PROMPTS = ["Once upon a time", "def fibonacci(n):", "La capitale de la France es
 
 
 async def greedy_texts(
-    engine: str, mode: str, prompts: list[str], stagger: float = 0.0, max_tokens: int = 32, **settings
+    engine: str,
+    mode: str,
+    prompts: list[str],
+    stagger: float = 0.0,
+    max_tokens: int = 32,
+    observed: list | None = None,
+    **settings,
 ) -> list[str]:
+    """`observed`: gets the runner's stats once every answer is in."""
     settings = Settings(
         engine=engine, mode=mode, max_batch=8, kv_tokens=2048, context_window=1024, threads=2, **settings
     )
@@ -39,7 +46,10 @@ async def greedy_texts(
         async def text(handle) -> str:
             return "".join([e.text async for e in handle if isinstance(e, TextDelta)])
 
-        return list(await asyncio.gather(*(text(h) for h in handles)))
+        texts = list(await asyncio.gather(*(text(h) for h in handles)))
+        if observed is not None:
+            observed.append(runner.stats())
+        return texts
     finally:
         await runner.stop()
 
@@ -78,5 +88,10 @@ async def test_speculative_decoding_in_the_serving_patterns_leaves_the_text_unch
     """--speculative-tokens through build_runner: the scheduler (batch) or replica.generate (async)
     drafts, the llama.cpp engine verifies; two sequences at once in batch mode."""
     plain = await greedy_texts("llamacpp", mode, QUOTING_PROMPTS, max_tokens=40)
-    drafted = await greedy_texts("llamacpp", mode, QUOTING_PROMPTS, max_tokens=40, speculative_tokens=8)
+    observed: list = []
+    drafted = await greedy_texts(
+        "llamacpp", mode, QUOTING_PROMPTS, max_tokens=40, observed=observed, speculative_tokens=8
+    )
     assert drafted == plain
+    drafts = observed[0].speculative  # what /metrics exports as tokenmill_spec_decode_*
+    assert drafts.drafts > 0 and 0 < drafts.accepted_tokens <= drafts.draft_tokens

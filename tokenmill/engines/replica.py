@@ -14,13 +14,10 @@ def generate(
     engine: StepEngine,
     seq: Sequence,
     is_cancelled: Callable[[], bool],
-    speculative: SpeculativeConfig | None = None,
+    speculator: Speculator | None = None,
 ) -> Iterator[TokenEvent]:
     """Blocking: yields events as tokens are sampled; checks `is_cancelled` before every step.
-    `speculative`: draft the decode steps' next tokens (engines/speculative.py)."""
-    speculator = (
-        Speculator(speculative, engine.draft_row_cost, engine.max_draft_tokens) if speculative is not None else None
-    )
+    `speculator`: drafts the decode steps' next tokens (engines/speculative.py; one per engine)."""
     engine.add_sequence(seq)
     seq.status = SequenceStatus.RUNNING
     try:
@@ -38,3 +35,10 @@ def generate(
             yield from take_sampled(seq, chunk.num_tokens, tokens)
     finally:
         engine.remove_sequence(seq)
+        if speculator is not None:
+            speculator.forget(seq)
+
+
+def speculator_for(engine: StepEngine, config: SpeculativeConfig | None) -> Speculator | None:
+    """The drafting state of one replica's engine (None: speculative decoding is not set up)."""
+    return None if config is None else Speculator(config, engine.draft_row_cost, engine.max_draft_tokens)

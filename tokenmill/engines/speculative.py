@@ -36,6 +36,22 @@ MAX_PAUSE_TOKENS = 256
 
 
 @dataclass(frozen=True, slots=True)
+class DraftStats:
+    """What drafting has done so far (counters: `tokenmill_spec_decode_*` on /metrics)."""
+
+    drafts: int = 0  # decode rows that carried guesses
+    draft_tokens: int = 0  # tokens guessed
+    accepted_tokens: int = 0  # of those, kept
+
+    def plus(self, other: DraftStats) -> DraftStats:
+        return DraftStats(
+            self.drafts + other.drafts,
+            self.draft_tokens + other.draft_tokens,
+            self.accepted_tokens + other.accepted_tokens,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class SpeculativeConfig:
     max_draft: int  # tokens guessed for one sequence in one step, where its request does not say (0: none)
     max_batch: int  # draft only while at most this many sequences decode in the step
@@ -100,8 +116,12 @@ class Speculator:
         self.row_cost = row_cost
         self.max_tokens = max_tokens  # the most guesses the engine verifies in one step
         self._states: dict[int, _Drafting] = {}
-        self.drafted = 0  # tokens guessed, over the speculator's life
+        self.draft_rows = 0  # decode rows that carried guesses, over the speculator's life
+        self.drafted = 0  # tokens guessed
         self.accepted = 0  # of those, kept
+
+    def stats(self) -> DraftStats:
+        return DraftStats(self.draft_rows, self.drafted, self.accepted)
 
     def draft_length(self, seq: Sequence) -> int:
         """The most tokens `seq` may have guessed this step (0: none), by its request and its state."""
@@ -139,6 +159,7 @@ class Speculator:
 
     def note(self, seq: Sequence, drafted: int, kept: int) -> None:
         """`kept` of `drafted` guessed tokens were what the engine sampled."""
+        self.draft_rows += 1
         self.drafted += drafted
         self.accepted += kept
         state = self._states.get(seq.seq_id)

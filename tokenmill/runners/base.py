@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from tokenmill.engines.base import Tokenizer
 from tokenmill.engines.prefix_cache import PrefixCacheStats
 from tokenmill.engines.sequence import Sequence, chat_prompt, prepare_sequence
+from tokenmill.engines.speculative import DraftStats
 from tokenmill.errors import EngineFailure, InvalidRequest, Overloaded, TokenmillError
 from tokenmill.generation import ChatMessage, Finished, GenerationRequest, TokenEvent, ToolFunction
 from tokenmill.reasoning import ReasoningFormat, ReasoningSetup
@@ -89,6 +90,7 @@ class RunnerStats:
     kv_tokens_used: int  # KV cache cells reserved (batch mode; 0 where not tracked)
     kv_tokens_capacity: int
     prefix_cache: PrefixCacheStats = field(default_factory=PrefixCacheStats)  # zeros where out of reach
+    speculative: DraftStats = field(default_factory=DraftStats)  # zeros where out of reach
 
 
 class Runner(ABC):

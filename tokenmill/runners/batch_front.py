@@ -15,6 +15,7 @@ from abc import abstractmethod
 from tokenmill.engines.base import Tokenizer
 from tokenmill.engines.prefix_cache import PrefixCacheStats
 from tokenmill.engines.sequence import Sequence
+from tokenmill.engines.speculative import DraftStats
 from tokenmill.errors import ContextLengthExceeded, EngineFailure
 from tokenmill.generation import GenerationRequest
 from tokenmill.runners.base import RequestHandle, Runner, RunnerStats
@@ -34,6 +35,7 @@ class BatchFront(Runner):
         self._handles: dict[int, RequestHandle] = {}  # event loop only
         self._stats = CoreStats()
         self._lost_prefix = PrefixCacheStats()  # what engines that have since failed had counted
+        self._lost_drafts = DraftStats()
         self._ready = False
         self._next_attempt_in = 1.0
 
@@ -70,6 +72,7 @@ class BatchFront(Runner):
             kv_tokens_used=self._stats.kv_tokens_used,
             kv_tokens_capacity=self.config.kv_tokens,
             prefix_cache=self._stats.prefix_cache.after(self._lost_prefix),  # counters go on across restarts
+            speculative=self._stats.speculative.plus(self._lost_drafts),
         )
 
     async def submit(self, request: GenerationRequest) -> RequestHandle:
@@ -112,6 +115,7 @@ class BatchFront(Runner):
                 handle.fail(error)
         if seq_ids is None:
             self._lost_prefix = self.stats().prefix_cache
+            self._lost_drafts = self.stats().speculative
             self._stats = CoreStats()
 
     def _engine_lost(self, reason: str, error: EngineFailure, seq_ids: list[int] | None = None) -> float | None:

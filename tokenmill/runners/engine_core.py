@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from tokenmill.engines.base import StepEngine
 from tokenmill.engines.prefix_cache import PrefixCacheStats
 from tokenmill.engines.sequence import Sequence
+from tokenmill.engines.speculative import DraftStats
 from tokenmill.generation import TokenEvent
 from tokenmill.runners.scheduler import Scheduler, SchedulerConfig
 
@@ -28,6 +29,7 @@ class CoreStats:
     waiting: int = 0
     kv_tokens_used: int = 0
     prefix_cache: PrefixCacheStats = field(default_factory=PrefixCacheStats)
+    speculative: DraftStats = field(default_factory=DraftStats)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +74,13 @@ class EngineCore:
 
     def stats(self) -> CoreStats:
         scheduler = self.scheduler
+        drafts = scheduler.speculator.stats() if scheduler.speculator is not None else DraftStats()
         return CoreStats(
-            len(scheduler.running), len(scheduler.waiting), scheduler.kv_reserved, self.engine.prefix_cache_stats()
+            len(scheduler.running),
+            len(scheduler.waiting),
+            scheduler.kv_reserved,
+            self.engine.prefix_cache_stats(),
+            drafts,
         )
 
     def step(self) -> StepReport:

@@ -15,6 +15,7 @@ Whether two workers really compute at once depends on the engine releasing the G
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import threading
@@ -23,9 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tokenmill.engines.base import StepEngine, Tokenizer
 from tokenmill.engines.prefix_cache import PrefixCacheStats
-from tokenmill.engines.replica import generate
+from tokenmill.engines.replica import generate, speculator_for
 from tokenmill.engines.sequence import Sequence
-from tokenmill.engines.speculative import SpeculativeConfig
+from tokenmill.engines.speculative import DraftStats, SpeculativeConfig, Speculator
 from tokenmill.generation import Finished, GenerationRequest
 from tokenmill.runners.base import RequestHandle, Runner, RunnerStats
 
@@ -49,6 +50,7 @@ class ExecutorRunner(Runner):
         workers = threads or replicas  # async: exactly one thread per engine; sync: a bigger blocking pool
         self._pool = ThreadPoolExecutor(max_workers=max(workers, replicas), thread_name_prefix="tokenmill-worker")
         self._engines: list[StepEngine] = []
+        self._speculators: dict[int, Speculator | None] = {}  # id(engine) -> its drafting state
         self._idle: queue.SimpleQueue[StepEngine] = queue.SimpleQueue()
 
     async def start(self) -> None:
@@ -56,6 +58,7 @@ class ExecutorRunner(Runner):
         loads = [loop.run_in_executor(self._pool, self._engine_factory) for _ in range(self._replicas)]
         self._engines = list(await asyncio.gather(*loads))
         for engine in self._engines:
+            self._speculators[id(engine)] = speculator_for(engine, self._speculative)
             self._idle.put(engine)
 
     async def stop(self) -> None:
@@ -73,6 +76,9 @@ class ExecutorRunner(Runner):
             kv_tokens_used=0,
             kv_tokens_capacity=0,
             prefix_cache=PrefixCacheStats.total(caches),
+            speculative=functools.reduce(
+                DraftStats.plus, (s.stats() for s in self._speculators.values() if s is not None), DraftStats()
+            ),
         )
 
     def request_tokenizer(self) -> Tokenizer:
@@ -97,7 +103,7 @@ class ExecutorRunner(Runner):
         engine = self._idle.get()
         outcome: Finished | Exception | None = None  # None: aborted, the consumer has left
         try:
-            for event in generate(engine, seq, cancelled.is_set, self._speculative):
+            for event in generate(engine, seq, cancelled.is_set, self._speculators[id(engine)]):
                 if isinstance(event, Finished):
                     outcome = event
                 else:

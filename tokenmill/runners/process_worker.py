@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from tokenmill.engines import EngineSpec
-from tokenmill.engines.speculative import SpeculativeConfig
+from tokenmill.engines.speculative import Speculator
 from tokenmill.errors import EngineFailure, TokenmillError
 from tokenmill.generation import Finished, TokenEvent
 from tokenmill.heap import freeze_long_lived
@@ -62,8 +62,10 @@ def worker_main(spec: EngineSpec, conn: Connection, freeze_heap: bool = False) -
     # workers before the parent has drained their requests.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from tokenmill.engines import build_engine
+    from tokenmill.engines.replica import speculator_for
 
     engine = build_engine(spec)
+    speculator = speculator_for(engine, spec.speculative)
     # a worker serves until it exits, like the server and the engine process: its collections should
     # not pause a token for the model's tables (no logging here: the parent logs the count)
     conn.send(Ready(os.getpid(), freeze_long_lived() if freeze_heap else 0))
@@ -72,7 +74,7 @@ def worker_main(spec: EngineSpec, conn: Connection, freeze_heap: bool = False) -
             message = conn.recv()
             if isinstance(message, Stop):
                 return
-            if isinstance(message, Job) and not _run(engine, message, conn, spec.speculative):
+            if isinstance(message, Job) and not _run(engine, message, conn, speculator):
                 return
     except (EOFError, OSError):  # the parent is gone
         return
@@ -80,7 +82,7 @@ def worker_main(spec: EngineSpec, conn: Connection, freeze_heap: bool = False) -
         engine.close()
 
 
-def _run(engine, job: Job, conn: Connection, speculative: SpeculativeConfig | None = None) -> bool:
+def _run(engine, job: Job, conn: Connection, speculator: Speculator | None = None) -> bool:
     """Run one job; returns False when a Stop arrived meanwhile."""
     from tokenmill.engines.replica import generate
     from tokenmill.engines.sequence import Sequence
@@ -101,7 +103,7 @@ def _run(engine, job: Job, conn: Connection, speculative: SpeculativeConfig | No
     seq = Sequence(job.request_id, job.prompt_ids, job.params, job.max_new_tokens, engine.tokenizer)
     finished = None
     try:
-        for event in generate(engine, seq, cancelled, speculative):
+        for event in generate(engine, seq, cancelled, speculator):
             if isinstance(event, Finished):
                 finished = event
             else:

@@ -139,6 +139,13 @@ _HOST_TIER_METRICS = (  # (name, help, PrefixCacheStats field, kind): the tiers'
 )
 
 
+_DRAFT_METRICS = (  # (name, help, DraftStats field), as vLLM's spec_decode counters
+    ("tokenmill_spec_decode_drafts", "Decode rows that carried guessed tokens (speculative decoding)", "drafts"),
+    ("tokenmill_spec_decode_draft_tokens", "Tokens guessed by prompt lookup and checked", "draft_tokens"),
+    ("tokenmill_spec_decode_accepted_tokens", "Guessed tokens the model agreed with (kept)", "accepted_tokens"),
+)
+
+
 def _metrics_for(runner: Runner, admission: Admission, lifecycle: Lifecycle) -> Metrics:
     metrics = Metrics()
     metrics.gauge("tokenmill_in_flight_requests", "Admitted requests not yet finished", lambda: admission.active)
@@ -182,6 +189,9 @@ def _metrics_for(runner: Runner, admission: Admission, lifecycle: Lifecycle) -> 
     for name, help_text, field, kind in _HOST_TIER_METRICS:
         read = lambda field=field: getattr(runner.stats().prefix_cache, field)
         (metrics.counter if kind == "counter" else metrics.gauge)(name, help_text, read)
+    for name, help_text, field in _DRAFT_METRICS:
+        read_drafts = lambda field=field: getattr(runner.stats().speculative, field)
+        metrics.counter(name, help_text, read_drafts)
     metrics.gauge("tokenmill_draining", "1 while the server drains for shutdown", lambda: float(lifecycle.draining))
     metrics.gauge("tokenmill_engine_ready", "1 while the model engine can take requests", lambda: float(runner.ready))
     metrics.labelled_counter(
