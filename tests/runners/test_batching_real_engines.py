@@ -95,3 +95,35 @@ async def test_speculative_decoding_in_the_serving_patterns_leaves_the_text_unch
     assert drafted == plain
     drafts = observed[0].speculative  # what /metrics exports as tokenmill_spec_decode_*
     assert drafts.drafts > 0 and 0 < drafts.accepted_tokens <= drafts.draft_tokens
+
+
+async def test_requests_of_one_new_app_arriving_together_compute_its_system_prompt_once():
+    """Cache-aware admission, end to end: four requests with one new ~1,100-token system prompt
+    (three steps of prefill) reach the batch at once. The first prefills it; the others wait for
+    that prefill and find it cached (without the wait, they would be admitted during it and
+    compute it side by side, and none would hit)."""
+    from tokenmill.generation import ChatMessage, Finished
+
+    system = ChatMessage("system", "You answer questions about the harbour. " + "Rules: be brief and exact. " * 170)
+    settings = Settings(engine="llamacpp", mode="batch", max_batch=8, kv_tokens=4096, context_window=2048, threads=2)
+    runner = build_runner(settings)
+    await runner.start()
+    try:
+        params = SamplingParams(temperature=0, max_tokens=4)
+        handles = [
+            await runner.submit(
+                GenerationRequest(str(i), params, messages=(system, ChatMessage("user", f"Question {i}?")))
+            )
+            for i in range(4)
+        ]
+
+        async def usage(handle):
+            return [e async for e in handle if isinstance(e, Finished)][0].usage
+
+        usages = await asyncio.gather(*(usage(h) for h in handles))
+    finally:
+        await runner.stop()
+    prompt = usages[0].prompt_tokens
+    assert prompt > 2 * settings.max_step_tokens
+    assert usages[0].cached_tokens < 20  # (at most the chat template's opening, from the warm-up)
+    assert all(u.cached_tokens > prompt - 20 for u in usages[1:]), [u.cached_tokens for u in usages]
