@@ -22,6 +22,10 @@ or in the same step), for at least SHARED_PREFILL_MIN tokens more than the prefi
 for that prefill; when it is done, the prompt is cached and the newcomer prefills only the rest.
 Sixteen requests of one new app arriving together compute its system prompt once, not sixteen
 times. The others behind it in the queue are not held up.
+
+Speculative decoding (engines/speculative.py): with `speculative` set, decode rows carry the
+`Speculator`'s guesses while the batch is small and no light tenant is about; `postprocess` takes
+the guesses the engine kept as computed tokens (`take_sampled`).
 """
 
 from __future__ import annotations
@@ -153,7 +157,7 @@ class Scheduler:
         chunks += [Chunk(seq, 1) for seq in self._in_turn([seq for seq in decoding if seq.share.group in over], rows)]
         budget = self.config.max_step_tokens - len(chunks)
         if self.speculator is not None and not beside_light:
-            chunks, budget = self._with_drafts(chunks, budget, bool(prefilling))
+            chunks, budget = _with_drafts(self.speculator, chunks, budget, bool(prefilling))
         for seq in _fair_order(prefilling):
             take = min(seq.num_pending, budget, prefill if seq.share.group in over else budget)
             if take <= 0:
@@ -163,16 +167,6 @@ class Scheduler:
             if seq.share.group in over:
                 prefill -= take
         return chunks
-
-    def _with_drafts(self, chunks: list[Chunk], budget: int, prompts_waiting: bool) -> tuple[list[Chunk], int]:
-        """The decode rows with their drafts, and the step's budget after them: drafts take at
-        most half of it while prompts wait for prefill (a guess must not hold a first token up)."""
-        assert self.speculator is not None
-        drafts = self.speculator.drafts([c.seq for c in chunks], budget // 2 if prompts_waiting else budget)
-        if not drafts:
-            return chunks, budget
-        drafted = [Chunk(c.seq, 1, drafts.get(c.seq.seq_id, ())) for c in chunks]
-        return drafted, budget - sum(len(d) for d in drafts.values())
 
     def _light_and_over(self, now: float) -> tuple[set[str], set[str]]:
         """The light tenants, running at most half their weighted part of the batch with requests
@@ -250,6 +244,18 @@ class Scheduler:
         self.kv_reserved -= seq.kv_tokens_needed
         if self.speculator is not None:
             self.speculator.forget(seq)
+
+
+def _with_drafts(
+    speculator: Speculator, chunks: list[Chunk], budget: int, prompts_waiting: bool
+) -> tuple[list[Chunk], int]:
+    """The decode rows with their drafts, and the step's budget after them: drafts take at most
+    half of it while prompts wait for prefill (a guess must not hold a first token up)."""
+    drafts = speculator.drafts([c.seq for c in chunks], budget // 2 if prompts_waiting else budget)
+    if not drafts:
+        return chunks, budget
+    drafted = [Chunk(c.seq, 1, drafts.get(c.seq.seq_id, ())) for c in chunks]
+    return drafted, budget - sum(len(d) for d in drafts.values())
 
 
 def _fair_order(prefilling: list[Sequence]) -> list[Sequence]:
