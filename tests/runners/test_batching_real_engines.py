@@ -118,7 +118,8 @@ async def test_requests_of_one_new_app_arriving_together_compute_its_system_prom
         ]
 
         async def usage(handle):
-            return [e async for e in handle if isinstance(e, Finished)][0].usage
+            finished = [e async for e in handle if isinstance(e, Finished)]
+            return finished[-1].usage
 
         usages = await asyncio.gather(*(usage(h) for h in handles))
     finally:
