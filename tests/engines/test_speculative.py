@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from tokenmill.engines.base import Chunk, DraftCosts
 from tokenmill.engines.sequence import Sequence
 from tokenmill.engines.simulated import SimulatedTokenizer
 from tokenmill.engines.speculative import (
     PAUSE_TOKENS,
+    DraftStats,
     NgramIndex,
     SpeculativeConfig,
     Speculator,
     best_length,
     eligible,
     take_sampled,
+    verify,
 )
 from tokenmill.sampling import OutputGrammar, SamplingParams
 
@@ -49,7 +52,7 @@ def test_the_index_grows_with_the_list_and_never_finds_the_ending_itself():
 
 
 def test_a_draft_never_reaches_past_the_answers_length():
-    speculator = Speculator(SpeculativeConfig(max_draft=8, max_batch=4), row_cost=0.05)
+    speculator = Speculator(SpeculativeConfig(max_draft=8, max_batch=4), DraftCosts(0.05, 32))
     seq = _seq([1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3], max_new=3)
     # a draft kept whole, and the token after it, must fit the 3 tokens the answer may still have
     assert speculator.drafts([seq], budget=100) == {seq.seq_id: (4, 5)}
@@ -57,7 +60,7 @@ def test_a_draft_never_reaches_past_the_answers_length():
 
 
 def test_the_request_sets_its_own_length_and_big_batches_draft_nothing():
-    speculator = Speculator(SpeculativeConfig(max_draft=0, max_batch=2), row_cost=0.05)
+    speculator = Speculator(SpeculativeConfig(max_draft=0, max_batch=2), DraftCosts(0.05, 32))
     prompt = [1, 2, 3, 4, 5, 6, 1, 2, 3]
     off, on = _seq(prompt), _seq(prompt, speculative_tokens=2)
     assert speculator.drafts([off, on], budget=100) == {on.seq_id: (4, 5)}
@@ -85,7 +88,7 @@ def test_the_draft_is_as_long_as_pays_for_the_rows_it_costs():
 
 
 def test_a_sequence_whose_guesses_keep_failing_pauses_and_pauses_longer_each_time():
-    speculator = Speculator(SpeculativeConfig(max_draft=4, max_batch=4), row_cost=0.6)
+    speculator = Speculator(SpeculativeConfig(max_draft=4, max_batch=4), DraftCosts(0.6, 32))
     seq = _seq([1, 2, 3, 1, 2], max_new=1000)
     assert speculator.drafts([seq], 100) == {seq.seq_id: (3,)}  # a new sequence's rate: one guess pays
     speculator.note(seq, drafted=1, kept=0)
@@ -117,3 +120,49 @@ def test_kept_guesses_count_as_computed_and_nothing_is_kept_after_the_end():
     events = take_sampled(short, 1, [5, 6, 7])
     assert short.is_finished and short.token_ids[-2:] == [5, 6] and short.num_generated == 2
     assert events[-1].reason == "length"
+
+
+def test_verification_keeps_guesses_while_they_are_sampled_then_the_sample_after_them():
+    def sampler(samples: list[int]):
+        asked: list[int] = []
+
+        def sample(i: int) -> int:
+            asked.append(i)
+            return samples[i]
+
+        return sample, asked
+
+    sample, asked = sampler([5, 6, 9, 8])
+    assert verify((5, 6, 7), sample, lambda token: False) == [5, 6, 9]  # 7 missed: 9 sampled there
+    assert asked == [0, 1, 2]  # rows after a miss are never sampled
+    sample, asked = sampler([5, 6, 7, 8])
+    assert verify((5, 6, 7), sample, lambda token: False) == [5, 6, 7, 8]  # all kept, and one more
+    sample, asked = sampler([5, 0, 7, 8])
+    assert verify((5, 0, 7), sample, lambda token: token == 0) == [5, 0]  # an end token ends it
+    assert asked == [0, 1]
+
+
+def test_drafts_keep_a_step_within_the_engines_row_limit():
+    few_rows = DraftCosts(0.05, 3, max_step_rows=4)
+    speculator = Speculator(SpeculativeConfig(max_draft=8, max_batch=4), few_rows)
+    one, two = _seq([1, 2, 3, 4, 5, 1, 2, 3]), _seq([1, 2, 3, 4, 5, 1, 2, 3])
+    assert speculator.drafts([one], 100) == {one.seq_id: (4, 5, 1)}  # the engine's 3 guesses
+    drafts = speculator.drafts([one, two], 100)
+    assert sum(len(d) for d in drafts.values()) == 2  # 2 rows + 2 guesses: the limit of 4
+    # a prompt chunk planned after the drafts: the step's guesses are cut to fit beside it
+    prompt = _seq(list(range(10)))
+    prompt.num_computed = 8
+    step = [Chunk(one, 1, (4, 5)), Chunk(prompt, 2)]
+    assert [c.draft for c in speculator.fit(step)] == [(4,), ()]
+    wide = [Chunk(one, 1, (4, 5)), Chunk(prompt, 2), Chunk(two, 2)]
+    assert speculator.fit(wide) == wide  # past the limit without guesses: nothing to keep within
+
+
+def test_the_tally_counts_the_guesses_sent_and_those_kept():
+    speculator = Speculator(SpeculativeConfig(max_draft=4, max_batch=4), DraftCosts(0.05, 32))
+    seq = _seq([1, 2, 3, 4, 5, 1, 2, 3])
+    (chunk,) = speculator.with_drafts([Chunk(seq, 1)], 100)
+    assert chunk.draft == (4, 5, 1, 2)
+    speculator.take(chunk, [4, 5, 9])  # two kept, then 9
+    assert speculator.stats() == DraftStats(drafts=1, draft_tokens=4, accepted_tokens=2)
+    assert seq.token_ids[-3:] == [4, 5, 9] and seq.num_computed == len(seq.token_ids) - 1

@@ -19,7 +19,7 @@ from tests.engines.test_engine_contract import BUILD
 from tokenmill.engines.base import Chunk
 from tokenmill.engines.replica import generate, speculator_for
 from tokenmill.engines.sequence import Sequence, prepare_sequence
-from tokenmill.engines.speculative import SpeculativeConfig, Speculator, take_sampled
+from tokenmill.engines.speculative import SpeculativeConfig, Speculator
 from tokenmill.generation import ChatMessage, GenerationRequest, TextDelta
 from tokenmill.sampling import SamplingParams
 
@@ -59,27 +59,31 @@ def _answer(engine, draft: int, messages=None, prompt=None, **params) -> tuple[l
     request = GenerationRequest("t", SamplingParams(**params), messages=messages, prompt=prompt)
     seq = prepare_sequence(request, engine.tokenizer)
     config = SpeculativeConfig(max_draft=draft, max_batch=4) if draft else None
-    speculator = Speculator(config, engine.draft_row_cost, engine.max_draft_tokens) if config else None
+    speculator = Speculator(config, engine.draft_costs) if config else None
     tokens = _run(engine, seq, speculator)
     return tokens, speculator
 
 
 def _run(engine, seq: Sequence, speculator: Speculator | None) -> list[int]:
-    """replica.generate's loop, with the drafts' tally kept for the test."""
-    engine.add_sequence(seq)
-    try:
-        while not seq.is_finished:
-            chunk = Chunk(seq, min(seq.num_pending, engine.max_chunk_tokens))
-            if speculator is not None and seq.num_pending == 1:
-                chunk = Chunk(seq, 1, speculator.drafts([seq], 64).get(seq.seq_id, ()))
-            (tokens,) = engine.step([chunk])
-            if chunk.draft:
-                speculator.note(seq, len(chunk.draft), len(tokens) - 1)
-            take_sampled(seq, chunk.num_tokens, tokens)
-            _assert_no_cells_past(engine, seq)
-    finally:
-        engine.remove_sequence(seq)
+    """replica.generate's loop, checking the engine's KV cells before every step."""
+    for _ in generate(_Checked(engine), seq, lambda: False, speculator):
+        pass
     return seq.token_ids[seq.num_prompt_tokens :]
+
+
+class _Checked:
+    """The engine, asserting before each step that it holds no cell past what the last one kept."""
+
+    def __init__(self, engine) -> None:
+        self._engine = engine
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
+
+    def step(self, chunks: list[Chunk]) -> list[list[int]]:
+        for chunk in chunks:
+            _assert_no_cells_past(self._engine, chunk.seq)
+        return self._engine.step(chunks)
 
 
 def _assert_no_cells_past(engine, seq: Sequence) -> None:

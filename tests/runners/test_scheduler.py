@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tokenmill.engines.base import DraftCosts
 from tokenmill.engines.sequence import Sequence, SequenceStatus
 from tokenmill.engines.speculative import SpeculativeConfig
 from tokenmill.generation import Finished, Share
@@ -293,7 +294,7 @@ def _quoting(max_new: int = 64, **params) -> Sequence:
 
 def _speculating(max_batch: int = 8, max_step_tokens: int = 64, drafts_up_to: int = 2) -> Scheduler:
     speculative = SpeculativeConfig(max_draft=4, max_batch=drafts_up_to)
-    return Scheduler(SchedulerConfig(max_batch, 10_000, max_step_tokens, speculative=speculative), draft_row_cost=0.05)
+    return Scheduler(SchedulerConfig(max_batch, 10_000, max_step_tokens, speculative=speculative), DraftCosts(0.05, 32))
 
 
 def test_decode_rows_carry_drafts_and_kept_guesses_count_as_computed():

@@ -72,6 +72,17 @@ class Chunk:
 
 
 @dataclass(frozen=True, slots=True)
+class DraftCosts:
+    """What verifying guessed tokens costs one engine (speculative decoding, measured per engine)."""
+
+    row_cost: float = 1.0  # one guessed row, as a fraction of a one-row step (1 or more: never pays)
+    max_tokens: int = 0  # the most guesses it verifies for one sequence in one step
+    # guesses must keep a step whose fed tokens fit in this many rows within it (None: no limit):
+    # past it the engine computes differently (torch: the bf16 weights, not the int4 kernel)
+    max_step_rows: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class SampledLogprobs:
     """What an engine reports with a sampled token when the sequence asked for log-probabilities
     (`engines.logprobs`): the model's log-softmax before any sampling filter."""
@@ -84,11 +95,7 @@ class SampledLogprobs:
 
 class StepEngine(Protocol):
     max_chunk_tokens: int  # the most tokens one chunk may carry
-    # speculative decoding: what one guessed token adds to a one-row step, as a fraction of that
-    # step (measured; 1 or more: guesses never pay, as for an engine that ignores them), and the
-    # most guesses it verifies in one step
-    draft_row_cost: float
-    max_draft_tokens: int
+    draft_costs: DraftCosts  # speculative decoding: what guesses cost this engine
 
     @property
     def tokenizer(self) -> Tokenizer:

@@ -35,8 +35,8 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from tokenmill.engines import logprobs
-from tokenmill.engines.base import Chunk
+from tokenmill.engines import logprobs, speculative
+from tokenmill.engines.base import Chunk, DraftCosts
 from tokenmill.engines.chat_template import ChatTemplate
 from tokenmill.engines.host_cache import HostTier
 from tokenmill.engines.llamacpp_kv import SharedCache, Slots, StreamPerSequence
@@ -252,7 +252,7 @@ class LlamaCppEngine:
         self.max_chunk_tokens = max_step_tokens
         # measured on 2 Zen 5 cores, one sequence at 300 tokens: 9.3 ms a step, +5.6 ms a guess
         # (5 rows 31.6 ms, 9 rows 50.6): a quantized matmul's rows cost nearly a row's arithmetic each
-        self.draft_row_cost, self.max_draft_tokens = 0.6, 16
+        self.draft_costs = DraftCosts(row_cost=0.6, max_tokens=16)
         self._batch = llama_cpp.llama_batch_init(max_step_tokens, 0, 1)
         self._slots = Slots(max_sequences)
         self._rows = RowSampler(self._n_vocab, window, self.tokenizer.eog_ids)
@@ -347,14 +347,14 @@ class LlamaCppEngine:
         return sampled
 
     def _verify(self, chunk: Chunk, first_row: int) -> list[int]:
-        """Sample the rows of `chunk`'s last token and its draft in turn, while each sample is the
-        guess fed after it; then drop the cells of the guesses not kept."""
-        seq, kept = chunk.seq, []
-        for i, guess in enumerate((*chunk.draft, None)):
-            (token,) = self._rows.sample(self._ctx, [(seq, first_row + i)], None, None)
-            kept.append(token)
-            if token != guess or self.tokenizer.is_end_of_generation(token):
-                break
+        """`speculative.verify` over the rows of `chunk`'s last token and its draft; then drop
+        the cells of the guesses not kept."""
+        seq = chunk.seq
+        kept = speculative.verify(
+            chunk.draft,
+            lambda i: self._rows.sample(self._ctx, [(seq, first_row + i)], None, None)[0],
+            self.tokenizer.is_end_of_generation,
+        )
         first_dropped = seq.num_computed + chunk.num_tokens + len(kept) - 1
         llama_cpp.llama_memory_seq_rm(self._memory, self._slots[seq.seq_id], first_dropped, -1)
         return kept

@@ -27,12 +27,12 @@ def generate(
                 return
             chunk = Chunk(seq, min(seq.num_pending, engine.max_chunk_tokens))
             if speculator is not None and seq.num_pending == 1:
-                draft = speculator.drafts([seq], engine.max_chunk_tokens - 1).get(seq.seq_id, ())
-                chunk = Chunk(seq, 1, draft)
+                (chunk,) = speculator.with_drafts([chunk], engine.max_chunk_tokens - 1)
             (tokens,) = engine.step([chunk])
-            if chunk.draft and speculator is not None:
-                speculator.note(seq, len(chunk.draft), len(tokens) - 1)
-            yield from take_sampled(seq, chunk.num_tokens, tokens)
+            if speculator is not None:
+                yield from speculator.take(chunk, tokens)
+            else:
+                yield from take_sampled(seq, chunk.num_tokens, tokens)
     finally:
         engine.remove_sequence(seq)
         if speculator is not None:
@@ -41,4 +41,4 @@ def generate(
 
 def speculator_for(engine: StepEngine, config: SpeculativeConfig | None) -> Speculator | None:
     """The drafting state of one replica's engine (None: speculative decoding is not set up)."""
-    return None if config is None else Speculator(config, engine.draft_row_cost, engine.max_draft_tokens)
+    return None if config is None else Speculator(config, engine.draft_costs)

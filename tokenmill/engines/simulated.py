@@ -34,7 +34,7 @@ from typing import Literal
 import numpy as np
 
 from tokenmill.engines import logprobs
-from tokenmill.engines.base import Chunk, SampledLogprobs
+from tokenmill.engines.base import Chunk, DraftCosts, SampledLogprobs
 from tokenmill.engines.chat_template import written_out
 from tokenmill.engines.prefix_cache import PrefixCacheStats
 from tokenmill.engines.sequence import Sequence
@@ -202,7 +202,7 @@ class SimulatedEngine:
     def remove_sequence(self, seq: Sequence) -> None:
         self._states.pop(seq.seq_id, None)
 
-    draft_row_cost, max_draft_tokens = 1.0, 0  # drafts are ignored: never worth sending
+    draft_costs = DraftCosts()  # drafts are ignored: never worth sending
 
     def step(self, chunks: Seq[Chunk]) -> list[list[int]]:
         """Drafts are ignored (the protocol allows it): one token per finished chunk."""

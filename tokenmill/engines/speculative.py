@@ -22,8 +22,10 @@ the whole step when the batch is big enough that extra rows cost real arithmetic
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from tokenmill.engines.base import Chunk, DraftCosts
 from tokenmill.engines.sequence import Sequence
 from tokenmill.generation import TokenEvent
 
@@ -108,13 +110,12 @@ class Speculator:
 
     How long a draft is follows from what a guessed row costs and how often this sequence's
     guesses are kept: at a rate `a`, k guesses yield 1 + a + ... + a^k tokens for a step that
-    costs 1 + `row_cost` x k (`StepEngine.draft_row_cost`, measured per engine); the best k is
+    costs 1 + `row_cost` x k (the engine's `DraftCosts`, measured per engine); the best k is
     taken. Where no k beats a plain step, the sequence pauses, then tries again from the prior."""
 
-    def __init__(self, config: SpeculativeConfig, row_cost: float = 1.0, max_tokens: int = 32):
+    def __init__(self, config: SpeculativeConfig, costs: DraftCosts):
         self.config = config
-        self.row_cost = row_cost
-        self.max_tokens = max_tokens  # the most guesses the engine verifies in one step
+        self.costs = costs
         self._states: dict[int, _Drafting] = {}
         self.draft_rows = 0  # decode rows that carried guesses, over the speculator's life
         self.drafted = 0  # tokens guessed
@@ -126,23 +127,25 @@ class Speculator:
     def draft_length(self, seq: Sequence) -> int:
         """The most tokens `seq` may have guessed this step (0: none), by its request and its state."""
         wanted = seq.params.speculative_tokens
-        limit = min(self.config.max_draft if wanted is None else wanted, self.max_tokens)
+        limit = min(self.config.max_draft if wanted is None else wanted, self.costs.max_tokens)
         # a draft kept whole, and the token after it, must not pass the answer's length
         limit = min(limit, seq.max_new_tokens - seq.num_generated - 1)
         if limit <= 0 or not eligible(seq):
             return 0
         state = self._states.get(seq.seq_id)
         if state is None:
-            return best_length(PRIOR_RATE, self.row_cost, limit)
+            return best_length(PRIOR_RATE, self.costs.row_cost, limit)
         if seq.num_generated < state.paused_until:
             return 0
-        return best_length(state.rate, self.row_cost, limit)
+        return best_length(state.rate, self.costs.row_cost, limit)
 
     def drafts(self, decoding: list[Sequence], budget: int) -> dict[int, tuple[int, ...]]:
         """A draft for each of `decoding` (sequences whose next step is one decode row) that has a
         guess, using at most `budget` extra tokens in all; none when the batch is too big."""
         if len(decoding) > self.config.max_batch:
             return {}
+        if self.costs.max_step_rows is not None:
+            budget = min(budget, self.costs.max_step_rows - len(decoding))
         drafts: dict[int, tuple[int, ...]] = {}
         for seq in decoding:
             k = min(self.draft_length(seq), budget)
@@ -157,6 +160,35 @@ class Speculator:
                 budget -= len(guess)
         return drafts
 
+    def with_drafts(self, chunks: list[Chunk], budget: int) -> list[Chunk]:
+        """`chunks` (one decode row each) with the drafts `drafts` gives them."""
+        drafts = self.drafts([c.seq for c in chunks], budget)
+        return [Chunk(c.seq, 1, drafts.get(c.seq.seq_id, ())) for c in chunks] if drafts else chunks
+
+    def fit(self, chunks: list[Chunk]) -> list[Chunk]:
+        """A step's chunks with their drafts cut, in order, so that a step whose fed tokens are
+        within the engine's `max_step_rows` stays within it (prompt chunks planned after the drafts
+        can leave less room than the decode rows alone did)."""
+        limit = self.costs.max_step_rows
+        if limit is None:
+            return chunks
+        rows = sum(c.num_tokens for c in chunks)
+        room = limit - rows
+        if rows > limit or sum(len(c.draft) for c in chunks) <= room:
+            return chunks
+        fitted = []
+        for chunk in chunks:
+            take = max(0, min(len(chunk.draft), room))
+            room -= take
+            fitted.append(Chunk(chunk.seq, chunk.num_tokens, chunk.draft[:take]) if take < len(chunk.draft) else chunk)
+        return fitted
+
+    def take(self, chunk: Chunk, tokens: list[int]) -> list[TokenEvent]:
+        """`take_sampled` for a step's chunk, learning from what its draft kept."""
+        if chunk.draft and tokens:
+            self.note(chunk.seq, len(chunk.draft), len(tokens) - 1)
+        return take_sampled(chunk.seq, chunk.num_tokens, tokens)
+
     def note(self, seq: Sequence, drafted: int, kept: int) -> None:
         """`kept` of `drafted` guessed tokens were what the engine sampled."""
         self.draft_rows += 1
@@ -168,7 +200,7 @@ class Speculator:
         # every guess up to the first one missed was a trial
         state.kept = DECAY * state.kept + kept
         state.trials = DECAY * state.trials + min(kept + 1, drafted)
-        if best_length(state.rate, self.row_cost, self.max_tokens) == 0:
+        if best_length(state.rate, self.costs.row_cost, self.costs.max_tokens) == 0:
             state.paused_until = seq.num_generated + state.pause
             state.pause = min(2 * state.pause, MAX_PAUSE_TOKENS)
             state.kept, state.trials = PRIOR_RATE * PRIOR_TRIALS, PRIOR_TRIALS  # afresh after the pause
@@ -206,6 +238,19 @@ def eligible(seq: Sequence) -> bool:
         and params.prompt_logprobs is None
         and seq.num_generated >= params.min_tokens
     )
+
+
+def verify(draft: tuple[int, ...], sample: Callable[[int], int], is_end: Callable[[int], bool]) -> list[int]:
+    """The tokens a step yields for a row carrying `draft`: `sample(i)` samples the row after
+    the last token fed (0) or after guess i, in turn, while each sample is the next guess (and
+    not an end token); the samples taken are the guesses kept, then the token after them."""
+    kept: list[int] = []
+    for i, guess in enumerate((*draft, None)):
+        token = sample(i)
+        kept.append(token)
+        if token != guess or is_end(token):
+            break
+    return kept
 
 
 def take_sampled(seq: Sequence, num_fed: int, tokens: list[int]) -> list[TokenEvent]:

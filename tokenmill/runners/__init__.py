@@ -55,12 +55,13 @@ def _build(settings: Settings) -> Runner:
         from tokenmill.runners.restarts import RestartPolicy
         from tokenmill.runners.scheduler import SchedulerConfig
 
+        spec = engine_spec(settings)
         config = SchedulerConfig(
             max_batch=settings.max_batch,
             kv_tokens=settings.kv_budget(),
             max_step_tokens=settings.max_step_tokens,
             over_share_rows=settings.over_share_rows,
-            speculative=engine_spec(settings).speculative,
+            speculative=spec.speculative,
         )
         policy = RestartPolicy(settings.engine_restart_limit, settings.engine_restart_window)
         if settings.engine_process:
@@ -68,9 +69,9 @@ def _build(settings: Settings) -> Runner:
 
             tokenizer = functools.partial(build_tokenizer, settings)
             return EngineProcessRunner(
-                engine_spec(settings), config, name, tokenizer, policy, settings.log_level.upper(), settings.gc_freeze
+                spec, config, name, tokenizer, policy, settings.log_level.upper(), settings.gc_freeze
             )
         from tokenmill.runners.batching import BatchingRunner
 
-        return BatchingRunner(functools.partial(build_engine, engine_spec(settings)), config, name, policy)
+        return BatchingRunner(functools.partial(build_engine, spec), config, name, policy)
     raise ValueError(f"unknown mode {settings.mode!r}")

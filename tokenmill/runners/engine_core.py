@@ -48,7 +48,7 @@ class StepReport:
 class EngineCore:
     def __init__(self, engine: StepEngine, config: SchedulerConfig):
         self.engine = engine
-        self.scheduler = Scheduler(config, engine.draft_row_cost, engine.max_draft_tokens)
+        self.scheduler = Scheduler(config, engine.draft_costs)
         self._sequences: dict[int, Sequence] = {}
         self._settled: list[int] = []  # left since the last report (aborts between steps)
 

@@ -21,6 +21,7 @@ import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from tokenmill.engines.base import StepEngine, Tokenizer
 from tokenmill.engines.prefix_cache import PrefixCacheStats
@@ -46,43 +47,41 @@ class ExecutorRunner(Runner):
         self._speculative = speculative
         self.model_name = model_name
         self._engine_factory = engine_factory
-        self._replicas = replicas
+        self._replica_count = replicas
         workers = threads or replicas  # async: exactly one thread per engine; sync: a bigger blocking pool
         self._pool = ThreadPoolExecutor(max_workers=max(workers, replicas), thread_name_prefix="tokenmill-worker")
-        self._engines: list[StepEngine] = []
-        self._speculators: dict[int, Speculator | None] = {}  # id(engine) -> its drafting state
-        self._idle: queue.SimpleQueue[StepEngine] = queue.SimpleQueue()
+        self._replicas: list[_Replica] = []
+        self._idle: queue.SimpleQueue[_Replica] = queue.SimpleQueue()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        loads = [loop.run_in_executor(self._pool, self._engine_factory) for _ in range(self._replicas)]
-        self._engines = list(await asyncio.gather(*loads))
-        for engine in self._engines:
-            self._speculators[id(engine)] = speculator_for(engine, self._speculative)
-            self._idle.put(engine)
+        loads = [loop.run_in_executor(self._pool, self._engine_factory) for _ in range(self._replica_count)]
+        engines = await asyncio.gather(*loads)
+        self._replicas = [_Replica(engine, speculator_for(engine, self._speculative)) for engine in engines]
+        for replica in self._replicas:
+            self._idle.put(replica)
 
     async def stop(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self._pool.shutdown, True)
-        for engine in self._engines:
-            engine.close()
-        self._engines.clear()
+        for replica in self._replicas:
+            replica.engine.close()
+        self._replicas.clear()
 
     def stats(self) -> RunnerStats:
-        running = min(self._in_flight, self._replicas)
-        caches = [engine.prefix_cache_stats() for engine in self._engines]
+        running = min(self._in_flight, self._replica_count)
+        caches = [replica.engine.prefix_cache_stats() for replica in self._replicas]
+        drafting = [replica.speculator.stats() for replica in self._replicas if replica.speculator is not None]
         return RunnerStats(
             running=running,
             waiting=self._in_flight - running,
             kv_tokens_used=0,
             kv_tokens_capacity=0,
             prefix_cache=PrefixCacheStats.total(caches),
-            speculative=functools.reduce(
-                DraftStats.plus, (s.stats() for s in self._speculators.values() if s is not None), DraftStats()
-            ),
+            speculative=functools.reduce(DraftStats.plus, drafting, DraftStats()),
         )
 
     def request_tokenizer(self) -> Tokenizer:
-        return self._engines[0].tokenizer
+        return self._replicas[0].engine.tokenizer
 
     async def submit(self, request: GenerationRequest) -> RequestHandle:
         seq = self.prepare(request)
@@ -100,10 +99,10 @@ class ExecutorRunner(Runner):
         cancelled: threading.Event,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
-        engine = self._idle.get()
+        replica = self._idle.get()
         outcome: Finished | Exception | None = None  # None: aborted, the consumer has left
         try:
-            for event in generate(engine, seq, cancelled.is_set, self._speculators[id(engine)]):
+            for event in generate(replica.engine, seq, cancelled.is_set, replica.speculator):
                 if isinstance(event, Finished):
                     outcome = event
                 else:
@@ -112,7 +111,7 @@ class ExecutorRunner(Runner):
             log.exception("generation failed for %s", seq.request_id)
             outcome = error
         finally:
-            self._idle.put(engine)  # free the replica before anyone hears the request ended
+            self._idle.put(replica)  # free the replica before anyone hears the request ended
             _deliver(loop, self._settle, handle, outcome)
 
     def _settle(self, handle: RequestHandle, outcome: Finished | Exception | None) -> None:
@@ -122,6 +121,12 @@ class ExecutorRunner(Runner):
             handle.put(outcome)
         elif outcome is not None:
             handle.fail(outcome)
+
+
+@dataclass(frozen=True, slots=True)
+class _Replica:
+    engine: StepEngine
+    speculator: Speculator | None  # the engine's own drafting state
 
 
 def _deliver(loop: asyncio.AbstractEventLoop, callback, *args) -> None:

@@ -25,7 +25,7 @@ times. The others behind it in the queue are not held up.
 
 Speculative decoding (engines/speculative.py): with `speculative` set, decode rows carry the
 `Speculator`'s guesses while the batch is small and no light tenant is about; `postprocess` takes
-the guesses the engine kept as computed tokens (`take_sampled`).
+the guesses the engine kept as computed tokens (`Speculator.take`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tokenmill.engines.base import Chunk
+from tokenmill.engines.base import Chunk, DraftCosts
 from tokenmill.engines.prefix_cache import shared_length
 from tokenmill.engines.sequence import Sequence, SequenceStatus
 from tokenmill.engines.speculative import SpeculativeConfig, Speculator, take_sampled
@@ -64,8 +64,8 @@ class StepOutcome:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, draft_row_cost: float = 1.0, max_draft_tokens: int = 32):
-        """`draft_row_cost`, `max_draft_tokens`: the engine's (StepEngine), for speculative decoding."""
+    def __init__(self, config: SchedulerConfig, draft_costs: DraftCosts | None = None):
+        """`draft_costs`: the engine's (StepEngine), for speculative decoding."""
         self.config = config
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -74,9 +74,7 @@ class Scheduler:
         self._rotation = 0  # where the over-share decode rows' turns go on from
         # tenant group -> (when it last ran, its weight, whether its requests then got places at once)
         self._recent: dict[str, tuple[float, float, bool]] = {}
-        self.speculator = (
-            Speculator(config.speculative, draft_row_cost, max_draft_tokens) if config.speculative else None
-        )
+        self.speculator = Speculator(config.speculative, draft_costs or DraftCosts()) if config.speculative else None
 
     # -- queries
     def fits_at_all(self, seq: Sequence) -> bool:
@@ -157,7 +155,10 @@ class Scheduler:
         chunks += [Chunk(seq, 1) for seq in self._in_turn([seq for seq in decoding if seq.share.group in over], rows)]
         budget = self.config.max_step_tokens - len(chunks)
         if self.speculator is not None and not beside_light:
-            chunks, budget = _with_drafts(self.speculator, chunks, budget, bool(prefilling))
+            # while prompts wait for prefill, drafts take at most half the budget (a guess must
+            # not hold a first token up)
+            chunks = self.speculator.with_drafts(chunks, budget // 2 if prefilling else budget)
+            budget -= sum(len(c.draft) for c in chunks)
         for seq in _fair_order(prefilling):
             take = min(seq.num_pending, budget, prefill if seq.share.group in over else budget)
             if take <= 0:
@@ -166,7 +167,7 @@ class Scheduler:
             budget -= take
             if seq.share.group in over:
                 prefill -= take
-        return chunks
+        return self.speculator.fit(chunks) if self.speculator is not None else chunks
 
     def _light_and_over(self, now: float) -> tuple[set[str], set[str]]:
         """The light tenants, running at most half their weighted part of the batch with requests
@@ -208,9 +209,10 @@ class Scheduler:
         finished: list[Sequence] = []
         for chunk, tokens in zip(chunks, sampled, strict=True):
             seq = chunk.seq
-            if chunk.draft and self.speculator is not None:
-                self.speculator.note(seq, len(chunk.draft), len(tokens) - 1)
-            seq_events = take_sampled(seq, chunk.num_tokens, tokens)
+            if self.speculator is not None:
+                seq_events = self.speculator.take(chunk, tokens)
+            else:
+                seq_events = take_sampled(seq, chunk.num_tokens, tokens)
             if not tokens:
                 continue
             events.append((seq, seq_events))
@@ -244,18 +246,6 @@ class Scheduler:
         self.kv_reserved -= seq.kv_tokens_needed
         if self.speculator is not None:
             self.speculator.forget(seq)
-
-
-def _with_drafts(
-    speculator: Speculator, chunks: list[Chunk], budget: int, prompts_waiting: bool
-) -> tuple[list[Chunk], int]:
-    """The decode rows with their drafts, and the step's budget after them: drafts take at most
-    half of it while prompts wait for prefill (a guess must not hold a first token up)."""
-    drafts = speculator.drafts([c.seq for c in chunks], budget // 2 if prompts_waiting else budget)
-    if not drafts:
-        return chunks, budget
-    drafted = [Chunk(c.seq, 1, drafts.get(c.seq.seq_id, ())) for c in chunks]
-    return drafted, budget - sum(len(d) for d in drafts.values())
 
 
 def _fair_order(prefilling: list[Sequence]) -> list[Sequence]:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from tokenmill.engines import logprobs
-from tokenmill.engines.base import Chunk, SampledLogprobs
+from tokenmill.engines import logprobs, speculative
+from tokenmill.engines.base import Chunk, DraftCosts, SampledLogprobs
 from tokenmill.engines.host_cache import HostTier
 from tokenmill.engines.prefix_cache import HOLDERS, PrefixCacheStats, PrefixIndex
 from tokenmill.engines.prefix_tiers import PrefixCache
@@ -98,7 +98,7 @@ class TorchEngine:
         # on the few-rows (int4) kernel, 90 ms with 4 (bf16 weights): guesses stay on that kernel.
         # Without it (fp32, CUDA) the figure is a guess, not a measurement.
         few_rows = self.model.four_bit_rows
-        self.draft_row_cost, self.max_draft_tokens = (0.15, few_rows - 1) if few_rows > 1 else (0.5, 8)
+        self.draft_costs = DraftCosts(0.15, few_rows - 1, few_rows) if few_rows > 1 else DraftCosts(0.5, 8)
         self._constrained: Constrained | None = None
         # the prefix cache (engines/prefix_cache.py decides what to keep): a cached prompt holds
         # references to its blocks in the KV cache, given up when a running sequence needs them
@@ -140,7 +140,6 @@ class TorchEngine:
     def step(self, chunks: Seq[Chunk]) -> list[list[int]]:
         if sum(c.num_tokens + len(c.draft) for c in chunks) > self.max_chunk_tokens:
             raise ValueError("a step may carry at most max_chunk_tokens tokens")
-        chunks = self._within_the_few_rows_kernel(chunks)
         for chunk in chunks:
             self.cache.ensure(chunk.seq.seq_id, chunk.seq.num_computed + chunk.num_tokens + len(chunk.draft))
         # decode rows (one token each) go first: the model attends them as one batch
@@ -169,32 +168,14 @@ class TorchEngine:
                 by_seq[seq.seq_id] = [token]
         return [by_seq.get(c.seq.seq_id, []) if c.completes_sequence_input else [] for c in chunks]
 
-    def _within_the_few_rows_kernel(self, chunks: Seq[Chunk]) -> Seq[Chunk]:
-        """Drafts cut so that a step the few-rows (int4) kernel would run without them still runs
-        on it: past it, projections take the bf16 weights, which are not the same arithmetic (the
-        guesses would then change the answer) and cost more than the rows they save."""
-        rows = sum(c.num_tokens for c in chunks)
-        room = self.model.four_bit_rows - rows
-        if rows > self.model.four_bit_rows or sum(len(c.draft) for c in chunks) <= room:
-            return chunks
-        fitted = []
-        for chunk in chunks:
-            take = max(0, min(len(chunk.draft), room))
-            room -= take
-            fitted.append(Chunk(chunk.seq, chunk.num_tokens, chunk.draft[:take]) if take < len(chunk.draft) else chunk)
-        return fitted
-
     def _verify(self, chunk: Chunk, rows: torch.Tensor) -> list[int]:
-        """Sample `rows` (the last token fed, then each guess) in turn while each sample is the next
-        guess. The cells of guesses not kept need no clearing: nothing reads past a sequence's
-        length, and the next step writes over them."""
-        seq, kept = chunk.seq, []
-        for i, guess in enumerate((*chunk.draft, None)):
-            (token,) = self.sampler.sample(rows[i : i + 1], [seq])
-            kept.append(token)
-            if token != guess or self.tokenizer.is_end_of_generation(token):
-                break
-        return kept
+        """`speculative.verify` over `rows` (the last token fed, then each guess). The cells of
+        guesses not kept need no clearing: nothing reads past a sequence's length, and the next
+        step writes over them."""
+        seq = chunk.seq
+        return speculative.verify(
+            chunk.draft, lambda i: self.sampler.sample(rows[i : i + 1], [seq])[0], self.tokenizer.is_end_of_generation
+        )
 
     def prefix_cache_stats(self) -> PrefixCacheStats:
         return self._prefix.stats() if self._prefix is not None else PrefixCacheStats()
