@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 
 import httpx
 import pytest
@@ -60,6 +60,82 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("--long"):
         os.environ["TOKENMILL_LONG"] = "1"
+    _pin_to_this_workers_cores()
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto` (pyproject's addopts): two workers per usable core (affinity and cgroup quota, as
+    the server counts them), at most 8 (each loads its own models). A worker pinned to one core
+    runs its engines on one thread, which spins at no barrier, so two share a core as any two
+    processes do; while one waits on a server, a timeout or a sleep, the other computes."""
+    from tokenmill.cpus import available_cpus
+
+    return min(8, 2 * available_cpus())
+
+
+# The modules that take longest, started first: a long module started last would run on alone
+# while the other workers sit idle (`--dist loadfile` hands modules out in collection order).
+# Only the order of the run changes; every module is independent of the others.
+LONGEST_FIRST = (
+    "tests/e2e/test_openai_surface.py",
+    "tests/engines/test_engine_contract.py",
+    "tests/deploy/test_ray_serve.py",
+    "tests/engines/test_torch.py",
+    "tests/engines/test_speculative_engines.py",
+    "tests/e2e/test_responses_sdk.py",
+    "tests/runners/test_prefix_cache_pressure.py",
+    "tests/reliability/test_drain_and_disconnects.py",
+    "tests/server/test_errors.py",
+    "tests/e2e/test_anthropic_sdk.py",
+    "tests/e2e/test_shutdown_and_disconnect.py",
+    "tests/reliability/test_fuzz_schema.py",
+    "tests/test_code_quality.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+
+
+def _pin_to_this_workers_cores() -> None:
+    """Under pytest-xdist, each worker runs on its own share of the cores, and so do the servers
+    and engines it starts (they inherit the affinity and size their threads by it): llama.cpp's
+    threads meet at spinning barriers, and two workers' engines on the same cores slow each other
+    down many times over (tests/reliability/test_noisy_neighbour.py)."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker is None or count < 2:
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    index = int(worker.removeprefix("gw"))
+    if count >= len(cpus):  # a core each, taken in turn
+        share = [cpus[index % len(cpus)]]
+    else:
+        share = cpus[index * len(cpus) // count : (index + 1) * len(cpus) // count]
+    _set_affinity(share)
+
+
+@contextmanager
+def unpinned() -> Iterator[None]:
+    """Every core for what starts inside (a Ray cluster's dozen processes, polling one another, crawl
+    on a single shared core), then this worker's share again."""
+    share = os.sched_getaffinity(0)
+    _set_affinity(_ALL_CPUS)
+    try:
+        yield
+    finally:
+        _set_affinity(share)
+
+
+_ALL_CPUS = os.sched_getaffinity(0)  # before any pinning: conftest is imported first
+
+
+def _set_affinity(cpus) -> None:
+    for thread in os.listdir("/proc/self/task"):  # every thread already running, not only this one
+        try:
+            os.sched_setaffinity(int(thread), cpus)
+        except ProcessLookupError:  # it ended meanwhile
+            pass
 
 
 def _skips_fail() -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from tokenmill.cpus import available_cpus
 from tokenmill.engines.model_files import default_model_path
 from tokenmill.engines.replica import generate
 from tokenmill.engines.sequence import prepare_sequence
@@ -23,7 +24,7 @@ def _llamacpp(prefix_cache_tokens: int = 0, host_cache_bytes: int = 0):
     return LlamaCppEngine(
         default_model_path(),
         context_window=2048,
-        threads=2,
+        threads=available_cpus(),
         prefix_cache=prefix_cache_tokens > 0,
         prefix_cache_tokens=prefix_cache_tokens,
         host_cache_bytes=host_cache_bytes,
@@ -38,7 +39,7 @@ def _llamacpp_streams(prefix_cache_tokens: int = 0, host_cache_bytes: int = 0):
         default_model_path(),
         context_window=2048,
         max_sequences=4,
-        threads=2,
+        threads=available_cpus(),
         prefix_cache=prefix_cache_tokens > 0,
         prefix_cache_tokens=prefix_cache_tokens,
         host_cache_bytes=host_cache_bytes,
@@ -53,7 +54,7 @@ def _torch(prefix_cache_tokens: int = 0, dtype: str = "bfloat16", host_cache_byt
     return TorchEngine(
         default_model_path(),
         context_window=2048,
-        threads=2,
+        threads=available_cpus(),
         prefix_cache_tokens=prefix_cache_tokens,
         dtype=dtype,
         host_cache_bytes=host_cache_bytes,

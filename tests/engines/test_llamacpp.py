@@ -6,6 +6,7 @@ import llama_cpp
 import pytest
 
 from tests.engines.test_engine_contract import PROMPTS, complete
+from tokenmill.cpus import available_cpus
 from tokenmill.engines.llamacpp import LlamaCppEngine, portable_llama
 from tokenmill.engines.model_files import default_model_path
 from tokenmill.engines.replica import generate
@@ -16,7 +17,7 @@ from tokenmill.sampling import SamplingParams
 
 @pytest.fixture(scope="module")
 def engine():
-    engine = LlamaCppEngine(default_model_path(), context_window=2048, threads=2)
+    engine = LlamaCppEngine(default_model_path(), context_window=2048, threads=available_cpus())
     yield engine
     engine.close()
 
@@ -26,7 +27,9 @@ def test_greedy_output_equals_llama_cpp_llama(engine):
     # two kernels round differently, so the reference is built with the same attention kernel.
     # Its weights sit in plain CPU buffers, as the engine's do (the AMX buffers crash some Xeons).
     with portable_llama():
-        reference = llama_cpp.Llama(str(default_model_path()), n_ctx=2048, n_threads=2, flash_attn=True, verbose=False)
+        reference = llama_cpp.Llama(
+            str(default_model_path()), n_ctx=2048, n_threads=available_cpus(), flash_attn=True, verbose=False
+        )
     try:
         for prompt in PROMPTS:
             expected = reference.create_completion(prompt, max_tokens=32, temperature=0)["choices"][0]["text"]
@@ -56,7 +59,9 @@ def test_prefix_cache_reuses_a_shared_prompt_start_without_changing_output(engin
     reused = engine.prefix_cache_stats().hit_tokens - before
     shared_prefix = engine.tokenizer.encode(engine.tokenizer.render_chat((system,)))
     assert reused >= len(shared_prefix) - 1  # at least the template and system turn were not recomputed
-    fresh_engine = LlamaCppEngine(default_model_path(), context_window=2048, threads=2, prefix_cache=False)
+    fresh_engine = LlamaCppEngine(
+        default_model_path(), context_window=2048, threads=available_cpus(), prefix_cache=False
+    )
     try:
         fresh_text, _ = complete(fresh_engine, messages=second, temperature=0, max_tokens=24)
         assert fresh_engine.prefix_cache_stats().hit_tokens == 0
@@ -132,10 +137,15 @@ def test_logprobs_equal_llama_cpp_llamas():
     here), and this test compares to four decimals."""
     from tests.engines.test_engine_contract import _logprobs_of
 
-    engine = LlamaCppEngine(default_model_path(), context_window=2048, threads=2, prefix_cache=False)
+    engine = LlamaCppEngine(default_model_path(), context_window=2048, threads=available_cpus(), prefix_cache=False)
     with portable_llama():
         reference = llama_cpp.Llama(
-            str(default_model_path()), n_ctx=2048, n_threads=2, flash_attn=True, verbose=False, logits_all=True
+            str(default_model_path()),
+            n_ctx=2048,
+            n_threads=available_cpus(),
+            flash_attn=True,
+            verbose=False,
+            logits_all=True,
         )
     try:
         for prompt in PROMPTS:
@@ -162,11 +172,20 @@ def test_prompt_logprobs_equal_llama_cpp_llamas_logits(step_tokens):
     from tests.engines.test_engine_contract import _scored
 
     engine = LlamaCppEngine(
-        default_model_path(), context_window=2048, threads=2, prefix_cache=False, max_step_tokens=step_tokens
+        default_model_path(),
+        context_window=2048,
+        threads=available_cpus(),
+        prefix_cache=False,
+        max_step_tokens=step_tokens,
     )
     with portable_llama():
         reference = llama_cpp.Llama(
-            str(default_model_path()), n_ctx=2048, n_threads=2, flash_attn=True, verbose=False, logits_all=True
+            str(default_model_path()),
+            n_ctx=2048,
+            n_threads=available_cpus(),
+            flash_attn=True,
+            verbose=False,
+            logits_all=True,
         )
     try:
         seq, prompt, _ = _scored(engine, max_tokens=0, prompt_logprobs=3)

@@ -8,6 +8,7 @@ import pytest
 from tests.engines.near_ties import NEAR_TIE_LOGITS
 from tests.engines.test_engine_contract import PROMPTS
 from tokenmill.config import Settings
+from tokenmill.cpus import available_cpus
 from tokenmill.engines.base import Chunk
 from tokenmill.engines.llamacpp import LlamaCppEngine
 from tokenmill.engines.llamacpp_kv import Slots
@@ -32,7 +33,7 @@ def _engine(kv_streams: bool, max_sequences: int = 4, prefix_cache: bool = False
         context_window=512,
         max_sequences=max_sequences,
         kv_tokens=2048,
-        threads=2,
+        threads=available_cpus(),
         max_step_tokens=256,
         prefix_cache=prefix_cache,
         kv_streams=kv_streams,

@@ -7,6 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from tests.engines.near_ties import assert_exact_up_to_a_near_tie, first_divergence
+from tokenmill.cpus import available_cpus
 from tokenmill.engines.base import Chunk
 from tokenmill.engines.model_files import default_model_path
 from tokenmill.engines.sequence import Sequence, prepare_sequence
@@ -59,7 +60,9 @@ def greedy_batched(engine: TorchEngine, prompts: list[str], tokens: int, join_ev
 
 def test_greedy_tokens_equal_transformers_generate_alone_and_batched(reference):
     """fp32 arithmetic is the same on every x86 CPU: the tokens must be exactly transformers' own."""
-    engine = TorchEngine(default_model_path(), context_window=1024, threads=2, max_sequences=8, dtype="float32")
+    engine = TorchEngine(
+        default_model_path(), context_window=1024, threads=available_cpus(), max_sequences=8, dtype="float32"
+    )
     assert engine.model.four_bit_rows == 0  # fp32 activations: the dense weights (the int4 kernel is slower)
     expected = []
     for prompt in PROMPTS:
@@ -77,7 +80,9 @@ def test_bf16_greedy_tokens_follow_the_fp32_model_up_to_a_near_tie(reference, ho
     """bf16 rounds differently on AVX-512 and AMX, and with the rows in a step: held to the fp32
     model by the near-tie rule of tests/engines/near_ties.py, alone, in one batch, and joining a
     batch that is already decoding (chunked prefill mixed into decode steps)."""
-    engine = TorchEngine(default_model_path(), context_window=1024, threads=2, max_sequences=8, dtype="bfloat16")
+    engine = TorchEngine(
+        default_model_path(), context_window=1024, threads=available_cpus(), max_sequences=8, dtype="bfloat16"
+    )
     # the engine's default on a CPU: few-row steps read the file's 4-bit blocks (a CPU kernel: none on CUDA)
     assert engine.model.four_bit_rows == (4 if engine.device.type == "cpu" else 0)
     tokens = 2 * TOKENS
@@ -92,7 +97,9 @@ def test_bf16_greedy_tokens_follow_the_fp32_model_up_to_a_near_tie(reference, ho
 
 
 def test_the_near_tie_rule_fails_a_token_the_model_ranks_clearly_lower(reference):
-    engine = TorchEngine(default_model_path(), context_window=1024, threads=2, max_sequences=1, dtype="float32")
+    engine = TorchEngine(
+        default_model_path(), context_window=1024, threads=available_cpus(), max_sequences=1, dtype="float32"
+    )
     ids = engine.tokenizer.encode(PROMPTS[0])
     good = greedy_batched(engine, [PROMPTS[0]], 8)[0]
     assert first_divergence(reference, ids, good) is None
@@ -230,7 +237,9 @@ def test_batch_sampler_draws_follow_the_distribution():
 
 
 def test_abort_mid_prefill_frees_the_slot_and_others_continue():
-    engine = TorchEngine(default_model_path(), context_window=1024, threads=2, max_sequences=2, max_step_tokens=8)
+    engine = TorchEngine(
+        default_model_path(), context_window=1024, threads=available_cpus(), max_sequences=2, max_step_tokens=8
+    )
     make = lambda prompt: prepare_sequence(
         GenerationRequest("r", SamplingParams(temperature=0, max_tokens=4), prompt=prompt), engine.tokenizer
     )
@@ -249,7 +258,7 @@ def test_abort_mid_prefill_frees_the_slot_and_others_continue():
 def test_logprobs_match_transformers_log_softmax(reference):
     from tests.engines.test_engine_contract import _logprobs_of
 
-    engine = TorchEngine(default_model_path(), context_window=1024, threads=2)
+    engine = TorchEngine(default_model_path(), context_window=1024, threads=available_cpus())
     chosen_diffs, top_diffs, same_ids = [], [], []
     for prompt in PROMPTS:
         seq, entries = _logprobs_of(engine, prompt, temperature=0, max_tokens=12, ignore_eos=True, logprobs=5)
@@ -271,7 +280,9 @@ def test_logprobs_match_transformers_log_softmax(reference):
 def test_a_sequence_joins_and_leaves_after_the_cache_has_grown():
     """Blocks are taken inside step() (inference mode); adding and removing sequences later touches
     the cache in place, which torch refuses outside inference mode (a crash at concurrency)."""
-    engine = TorchEngine(default_model_path(), context_window=1024, threads=2, max_sequences=2, max_step_tokens=512)
+    engine = TorchEngine(
+        default_model_path(), context_window=1024, threads=available_cpus(), max_sequences=2, max_step_tokens=512
+    )
     make = lambda prompt, n: prepare_sequence(
         GenerationRequest("r", SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), prompt=prompt),
         engine.tokenizer,
@@ -294,7 +305,7 @@ def test_a_request_needing_the_whole_cache_takes_the_cached_prompts_blocks():
     engine = TorchEngine(
         default_model_path(),
         context_window=1024,
-        threads=2,
+        threads=available_cpus(),
         max_sequences=1,
         kv_tokens=4 * BLOCK,
         prefix_cache_tokens=1024,
@@ -324,7 +335,9 @@ def test_prompt_logprobs_match_transformers_log_softmax(reference, step_tokens):
     """Each prompt token scored by the logits one position before it, in one step or in chunks of 7."""
     from tests.engines.test_engine_contract import _scored
 
-    engine = TorchEngine(default_model_path(), context_window=1024, threads=2, max_step_tokens=step_tokens)
+    engine = TorchEngine(
+        default_model_path(), context_window=1024, threads=available_cpus(), max_step_tokens=step_tokens
+    )
     seq, prompt, _ = _scored(engine, max_tokens=0, prompt_logprobs=5)
     tokens = seq.token_ids[: seq.num_prompt_tokens]
     with torch.inference_mode():
