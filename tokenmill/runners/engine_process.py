@@ -33,7 +33,6 @@ from tokenmill.engines.base import Tokenizer
 from tokenmill.engines.sequence import Sequence
 from tokenmill.errors import EngineFailure
 from tokenmill.runners.batch_front import BatchFront
-from tokenmill.runners.children import child_processes
 from tokenmill.runners.engine_core import StepReport
 from tokenmill.runners.engine_worker import (
     AbortSequence,
@@ -87,7 +86,7 @@ class EngineProcessRunner(BatchFront):
         self._tokenizer_factory = tokenizer_factory
         self._log_level = log_level
         self._freeze_heap = freeze_heap
-        self._context = child_processes()
+        self._context = multiprocessing.get_context("spawn")
         self._engine: _EngineProcess | None = None
         self._tokenizer_instance: Tokenizer | None = None
         self._stopping = False

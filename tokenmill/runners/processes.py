@@ -25,7 +25,6 @@ from tokenmill.engines.base import Tokenizer
 from tokenmill.errors import EngineFailure
 from tokenmill.generation import GenerationRequest
 from tokenmill.runners.base import RequestHandle, Runner, RunnerStats
-from tokenmill.runners.children import child_processes
 from tokenmill.runners.process_worker import (
     Abort,
     Done,
@@ -59,7 +58,7 @@ class ProcessRunner(Runner):
         self._spec = engine_spec(settings)  # threads: each process gets its share of the usable CPUs
         self._replicas = settings.replicas
         self._policy = RestartPolicy(settings.engine_restart_limit, settings.engine_restart_window)
-        self._context = child_processes()
+        self._context = multiprocessing.get_context("spawn")
         self._job_ids = itertools.count()
         self._workers: list[_Worker] = []
         self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
