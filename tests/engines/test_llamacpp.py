@@ -22,14 +22,20 @@ def engine():
     engine.close()
 
 
+def _reference(**options) -> llama_cpp.Llama:
+    """llama-cpp-python's own Llama on the default model, as the engine is set up: the same
+    threads and attention kernel, its weights in plain CPU buffers (see the greedy test)."""
+    with portable_llama():
+        return llama_cpp.Llama(
+            str(default_model_path()), n_ctx=2048, n_threads=available_cpus(), flash_attn=True, verbose=False, **options
+        )
+
+
 def test_greedy_output_equals_llama_cpp_llama(engine):
     # Llama() defaults flash attention off; this llama.cpp enables it on CPU ('auto'), and the
     # two kernels round differently, so the reference is built with the same attention kernel.
     # Its weights sit in plain CPU buffers, as the engine's do (the AMX buffers crash some Xeons).
-    with portable_llama():
-        reference = llama_cpp.Llama(
-            str(default_model_path()), n_ctx=2048, n_threads=available_cpus(), flash_attn=True, verbose=False
-        )
+    reference = _reference()
     try:
         for prompt in PROMPTS:
             expected = reference.create_completion(prompt, max_tokens=32, temperature=0)["choices"][0]["text"]
@@ -138,15 +144,7 @@ def test_logprobs_equal_llama_cpp_llamas():
     from tests.engines.test_engine_contract import _logprobs_of
 
     engine = LlamaCppEngine(default_model_path(), context_window=2048, threads=available_cpus(), prefix_cache=False)
-    with portable_llama():
-        reference = llama_cpp.Llama(
-            str(default_model_path()),
-            n_ctx=2048,
-            n_threads=available_cpus(),
-            flash_attn=True,
-            verbose=False,
-            logits_all=True,
-        )
+    reference = _reference(logits_all=True)
     try:
         for prompt in PROMPTS:
             expected = reference.create_completion(prompt, max_tokens=12, temperature=0, logprobs=5)["choices"][0]
@@ -178,15 +176,7 @@ def test_prompt_logprobs_equal_llama_cpp_llamas_logits(step_tokens):
         prefix_cache=False,
         max_step_tokens=step_tokens,
     )
-    with portable_llama():
-        reference = llama_cpp.Llama(
-            str(default_model_path()),
-            n_ctx=2048,
-            n_threads=available_cpus(),
-            flash_attn=True,
-            verbose=False,
-            logits_all=True,
-        )
+    reference = _reference(logits_all=True)
     try:
         seq, prompt, _ = _scored(engine, max_tokens=0, prompt_logprobs=3)
         tokens = seq.token_ids[: seq.num_prompt_tokens]
