@@ -104,7 +104,7 @@ def _pin_to_this_workers_cores() -> None:
     threads meet at spinning barriers, and two workers' engines on the same cores slow each other
     down many times over (tests/reliability/test_noisy_neighbour.py)."""
     worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if worker is None or count < 2:
+    if worker is None or count < 2 or _ALL_CPUS is None:  # no affinity to set off Linux: not pinned
         return
     cpus = sorted(os.sched_getaffinity(0))
     index = int(worker.removeprefix("gw"))
@@ -119,6 +119,9 @@ def _pin_to_this_workers_cores() -> None:
 def unpinned() -> Iterator[None]:
     """Every core for what starts inside (a Ray cluster's dozen processes, polling one another, crawl
     on a single shared core), then this worker's share again."""
+    if _ALL_CPUS is None:
+        yield
+        return
     share = os.sched_getaffinity(0)
     _set_affinity(_ALL_CPUS)
     try:
@@ -127,7 +130,8 @@ def unpinned() -> Iterator[None]:
         _set_affinity(share)
 
 
-_ALL_CPUS = os.sched_getaffinity(0)  # before any pinning: conftest is imported first
+# before any pinning (conftest is imported first); None where the OS has no affinity calls
+_ALL_CPUS = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
 
 
 def _set_affinity(cpus) -> None:
