@@ -106,7 +106,7 @@ def _pin_to_this_workers_cores() -> None:
     worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if worker is None or count < 2 or _ALL_CPUS is None:  # no affinity to set off Linux: not pinned
         return
-    cpus = sorted(os.sched_getaffinity(0))
+    cpus = sorted(_ALL_CPUS)
     index = int(worker.removeprefix("gw"))
     if count >= len(cpus):  # a core each, taken in turn
         share = [cpus[index % len(cpus)]]

@@ -32,15 +32,14 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def ray_url():
     port = _free_port()
-    with unpinned():  # the cluster's processes (and the replicas they start) get every core
+    with unpinned():  # the cluster's processes get every core, and so do the actors they start
         ray.init(
             num_cpus=2, include_dashboard=False, address="local", log_to_driver=False, _node_ip_address="127.0.0.1"
         )
     try:
-        with unpinned():
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
-            settings = Settings(mode="async", threads=1, context_window=1024, max_queue=8)
-            serve.run(build_application(settings, RayOptions(num_replicas=2)), name="tokenmill", route_prefix="/")
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        settings = Settings(mode="async", threads=1, context_window=1024, max_queue=8)
+        serve.run(build_application(settings, RayOptions(num_replicas=2)), name="tokenmill", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()

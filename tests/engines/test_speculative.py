@@ -161,8 +161,8 @@ def test_drafts_keep_a_step_within_the_engines_row_limit():
 def test_the_tally_counts_the_guesses_sent_and_those_kept():
     speculator = Speculator(SpeculativeConfig(max_draft=4, max_batch=4), DraftCosts(0.05, 32))
     seq = _seq([1, 2, 3, 4, 5, 1, 2, 3])
-    (chunk,) = speculator.with_drafts([Chunk(seq, 1)], 100)
-    assert chunk.draft == (4, 5, 1, 2)
+    (chunk,), guessed = speculator.with_drafts([Chunk(seq, 1)], 100)
+    assert chunk.draft == (4, 5, 1, 2) and guessed == 4
     speculator.take(chunk, [4, 5, 9])  # two kept, then 9
     assert speculator.stats() == DraftStats(drafts=1, draft_tokens=4, accepted_tokens=2)
     assert seq.token_ids[-3:] == [4, 5, 9] and seq.num_computed == len(seq.token_ids) - 1

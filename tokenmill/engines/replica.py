@@ -27,7 +27,7 @@ def generate(
                 return
             chunk = Chunk(seq, min(seq.num_pending, engine.max_chunk_tokens))
             if speculator is not None and seq.num_pending == 1:
-                (chunk,) = speculator.with_drafts([chunk], engine.max_chunk_tokens - 1)
+                (chunk,), _ = speculator.with_drafts([chunk], engine.max_chunk_tokens - 1)
             (tokens,) = engine.step([chunk])
             if speculator is not None:
                 yield from speculator.take(chunk, tokens)

@@ -160,10 +160,14 @@ class Speculator:
                 budget -= len(guess)
         return drafts
 
-    def with_drafts(self, chunks: list[Chunk], budget: int) -> list[Chunk]:
-        """`chunks` (one decode row each) with the drafts `drafts` gives them."""
+    def with_drafts(self, chunks: list[Chunk], budget: int) -> tuple[list[Chunk], int]:
+        """`chunks` (one decode row each) with the drafts `drafts` gives them, and how many tokens
+        those guess in all (0: `chunks` as they were)."""
         drafts = self.drafts([c.seq for c in chunks], budget)
-        return [Chunk(c.seq, 1, drafts.get(c.seq.seq_id, ())) for c in chunks] if drafts else chunks
+        if not drafts:
+            return chunks, 0
+        guessed = sum(len(draft) for draft in drafts.values())
+        return [Chunk(c.seq, 1, drafts.get(c.seq.seq_id, ())) for c in chunks], guessed
 
     def fit(self, chunks: list[Chunk]) -> list[Chunk]:
         """A step's chunks with their drafts cut, in order, so that a step whose fed tokens are

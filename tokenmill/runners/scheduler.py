@@ -154,11 +154,12 @@ class Scheduler:
         chunks = [Chunk(seq, 1) for seq in decoding if seq.share.group not in over]
         chunks += [Chunk(seq, 1) for seq in self._in_turn([seq for seq in decoding if seq.share.group in over], rows)]
         budget = self.config.max_step_tokens - len(chunks)
+        guessed = 0
         if self.speculator is not None and not beside_light:
             # while prompts wait for prefill, drafts take at most half the budget (a guess must
             # not hold a first token up)
-            chunks = self.speculator.with_drafts(chunks, budget // 2 if prefilling else budget)
-            budget -= sum(len(c.draft) for c in chunks)
+            chunks, guessed = self.speculator.with_drafts(chunks, budget // 2 if prefilling else budget)
+            budget -= guessed
         for seq in _fair_order(prefilling):
             take = min(seq.num_pending, budget, prefill if seq.share.group in over else budget)
             if take <= 0:
@@ -167,7 +168,8 @@ class Scheduler:
             budget -= take
             if seq.share.group in over:
                 prefill -= take
-        return self.speculator.fit(chunks) if self.speculator is not None else chunks
+        # only a step that carries guesses has any to cut (most steps carry none)
+        return self.speculator.fit(chunks) if guessed and self.speculator is not None else chunks
 
     def _light_and_over(self, now: float) -> tuple[set[str], set[str]]:
         """The light tenants, running at most half their weighted part of the batch with requests
